@@ -1,0 +1,79 @@
+"""The one model configuration: a frozen dataclass that can express DeepSeek-V3/V2, Qwen3/Qwen2 and Llama 3."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE context extension. `kind` is one of "linear", "ntk" (dynamic-free NTK-aware base change), "yarn", "llama3"."""
+
+    kind: str
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    # YaRN (Peng et al. 2023): the correction range in rotations, and the attention temperature.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    # Llama 3.1 frequency-dependent scaling.
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one decoder-only transformer.
+
+    Attention is "gqa" (Llama/Qwen: num_kv_heads, head_dim, optional q/k RMSNorm) or "mla" (DeepSeek: q_lora_rank,
+    kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim). Layers below `first_k_dense` use a dense SwiGLU MLP
+    of width `mlp_dim`; the rest use DeepSeekMoE when `num_experts > 0`.
+    """
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    attention: str = "gqa"
+    # GQA
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    qk_norm: bool = False
+    attention_bias: bool = False
+    # MLA
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # Positions
+    rope_theta: float = 10000.0
+    rope_layout: str = "rotate_half"  # "rotate_half" (transformers, Qwen, Llama) or "interleaved" (DeepSeek reference)
+    rope_scaling: Optional[RopeScaling] = None
+    max_position_embeddings: int = 4096
+    sliding_window: Optional[int] = None
+    # Mixture of experts
+    num_experts: int = 0
+    num_experts_per_token: int = 0
+    num_shared_experts: int = 0
+    moe_mlp_dim: int = 0
+    first_k_dense: int = 0
+    router_score: str = "sigmoid"  # "sigmoid" (DeepSeek-V3) or "softmax" (V2, Qwen-MoE, Mixtral)
+    num_expert_groups: int = 1
+    topk_groups: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    # Multi-token prediction depth (DeepSeek-V3 uses 1).
+    mtp_depth: int = 0
+    # Misc
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    dtype: str = "float32"  # compute dtype; softmax, norms and logits stay float32
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
