@@ -28,12 +28,13 @@ import pathlib
 from typing import Any
 
 import grain
+from absl import flags as absl_flags
 import ml_collections
 import numpy as np
 
 from jaxopd.data import sources
 from jaxopd.data.fim import TokenizeDocument
-from jaxopd.data.tokenizer import DEFAULT_FIM_TOKENS, load_tokenizer
+from jaxopd.data.tokenizer import DEFAULT_FIM_TOKENS, Tokenizer, load_tokenizer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKING_KINDS = ("best_fit", "concat")
@@ -87,10 +88,11 @@ class DataIterator:
     documents_in_split, documents_per_host, documents_dropped_by_sharding.
     """
 
-    def __init__(self, dataset: grain.IterDataset, stats: dict[str, int], *, batch_size: int, seq_len: int,
-                 pad_id: int, num_batches: int | None):
-        self._dataset, self._iterator = dataset, iter(dataset)
-        self.stats, self.batch_size, self.seq_len, self.pad_id = stats, batch_size, seq_len, pad_id
+    def __init__(self, dataset: grain.IterDataset, stats: dict[str, int], *, tokenizer: Tokenizer, batch_size: int,
+                 seq_len: int, num_batches: int | None):
+        self._iterator = iter(dataset)
+        self.stats, self.tokenizer, self.batch_size, self.seq_len = stats, tokenizer, batch_size, seq_len
+        self.pad_id = tokenizer.pad_id
         self.num_batches, self._produced, self._exhausted = num_batches, 0, False
 
     def __iter__(self):
@@ -242,11 +244,14 @@ def make_pipeline(data_config: ml_collections.ConfigDict, *, seq_len: int, batch
     dataset = documents.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
                                                           prefetch_buffer_size=max(16, data_config.read_threads * 8)))
     if data_config.num_workers > 0:
+        # grain's worker start reads absl flags; outside an absl app (pytest, notebooks) use their defaults.
+        if not absl_flags.FLAGS.is_parsed():
+            absl_flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))
     # Empty documents are counted, then dropped: they have no token to train on.
     dataset = dataset.map(_CountDocuments(stats)).filter(lambda document: len(document["tokens"]) > 0)
     dataset = _pack(dataset, data_config.packing, seq_len=seq_len, buffer_size=data_config.packing_buffer,
                     pad_id=tokenizer.pad_id)
     dataset = dataset.batch(batch_size)
-    return DataIterator(dataset, stats, batch_size=batch_size, seq_len=seq_len, pad_id=tokenizer.pad_id,
+    return DataIterator(dataset, stats, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
                         num_batches=num_batches)
