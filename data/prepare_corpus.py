@@ -25,13 +25,12 @@ MAX_FILE_BYTES = 150_000
 
 
 def stdlib_files(root: pathlib.Path) -> list[pathlib.Path]:
-    files = [
+    return [
         path for path in sorted(root.rglob("*.py"))
         if not set(path.relative_to(root).parts[:-1]) & EXCLUDED_DIRS
         and not path.relative_to(root).parts[0].startswith("config-")
         and path.stat().st_size <= MAX_FILE_BYTES
     ]
-    return files
 
 
 def main() -> None:
