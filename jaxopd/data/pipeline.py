@@ -80,8 +80,11 @@ def _resolve_paths(paths: str) -> list[str]:
     return [resolve_path(p) for p in paths.split(",") if p]
 
 
-class DataIterator:
+class DataIterator(grain.DatasetIterator):
     """Iterator over Batch-contract dicts, with checkpointable state and counts of what it has seen.
+
+    A grain DatasetIterator, so orbax saves it with `grain.checkpoint.CheckpointSave(iterator)` (one JSON file per
+    process). A state restores only into a pipeline built with the same config, process_count and num_workers.
 
     `stats` (counts since this iterator was created or restored, not saved in the state): documents_read,
     documents_empty, documents_invalid_utf8, documents_fim, tokens_read, padding_batches, and the constants
@@ -91,12 +94,10 @@ class DataIterator:
     def __init__(self, dataset: grain.IterDataset, stats: dict[str, int], *, tokenizer: Tokenizer, batch_size: int,
                  seq_len: int, num_batches: int | None):
         self._iterator = iter(dataset)
+        super().__init__(self._iterator)
         self.stats, self.tokenizer, self.batch_size, self.seq_len = stats, tokenizer, batch_size, seq_len
         self.pad_id = tokenizer.pad_id
         self.num_batches, self._produced, self._exhausted = num_batches, 0, False
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self.num_batches is not None and self._produced >= self.num_batches:
@@ -133,12 +134,6 @@ class DataIterator:
     def set_state(self, state: dict[str, Any]) -> None:
         self._iterator.set_state(state["grain"])
         self._produced, self._exhausted = state["produced"], state["exhausted"]
-
-    def close(self) -> None:
-        """Stops worker processes (also done at garbage collection)."""
-        close = getattr(self._iterator, "close", None)
-        if close is not None:
-            close()
 
 
 class _CountDocuments:
