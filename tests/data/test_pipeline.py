@@ -217,3 +217,18 @@ def test_orbax_grain_checkpoint_handler_round_trip(tmp_path):
     expected = take(iterator, 2)
     restored = grain.checkpoint.CheckpointHandler().restore(epath.Path(tmp_path), make())
     assert_same_batches(take(restored, 2), expected)
+
+
+def test_checkpoint_resume_with_worker_processes():
+    config = default_data_config()
+    config.update(fim_rate=0.5, read_threads=1, num_workers=2)
+    make = lambda: make_pipeline(config, seq_len=64, batch_size=2, seed=4, process_index=0, process_count=1)
+    iterator = make()
+    take(iterator, 4)
+    state = json.loads(json.dumps(iterator.get_state()))
+    expected = take(iterator, 4)
+    iterator.close()
+    restored = make()
+    restored.set_state(state)
+    assert_same_batches(take(restored, 4), expected)
+    restored.close()
