@@ -7,6 +7,8 @@ Public API (pure functions on arrays and Python numbers; no Flax, no configs):
       -> (expert_ids [..., top_k] int32, weights [..., top_k] float32, scores [..., experts] float32)
   moe_experts(x [tokens, d], expert_ids [tokens, k], weights [tokens, k],
               w_gate [experts, d, f], w_up [experts, d, f], w_down [experts, f, d]) -> [tokens, d]
+  moe_experts_expert_parallel(<moe_experts args>, *, mesh, expert_axis="expert",
+                              token_axes=("data", "fsdp", "expert")) -> [tokens, d]   (shard_map over experts)
   expert_load(expert_ids [..., k], num_experts, mask [...] | None = None) -> [experts] float32
   update_balance_bias(bias [experts], load [experts], rate) -> [experts]
   sequence_balance_loss(scores [batch, seq, experts], expert_ids [batch, seq, k], segment_ids [batch, seq] | None)
@@ -24,6 +26,8 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
 # transformers' DeepseekV3TopkRouter adds this to the top-k sum before normalizing, so an all-zero row stays finite.
 _NORMALIZE_EPS = 1e-20
@@ -134,22 +138,94 @@ def moe_experts(
             f"expert weights w_gate {w_gate.shape}, w_up {w_up.shape}, w_down {w_down.shape} must be "
             f"[experts, d={d}, f], [experts, d, f], [experts, f, d]"
         )
-    k = expert_ids.shape[1]
-    flat_ids = expert_ids.reshape(-1)
-    order = jnp.argsort(flat_ids, stable=True)  # sorted slot -> flat (token, slot) index
-    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
+    return _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, first_expert=0)
+
+
+def _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, first_expert):
+    """Experts `[first_expert, first_expert + w_gate.shape[0])` applied to their (token, slot) pairs; pairs routed
+    to other experts contribute zero. `[tokens, d]` float32-combined, in x's dtype."""
+    tokens, d = x.shape
+    num_local, k = w_gate.shape[0], expert_ids.shape[1]
+    flat_ids = expert_ids.reshape(-1) - first_expert
+    # Other experts' pairs go to a trailing bucket: after the stable sort they sit past sum(group_sizes).
+    flat_ids = jnp.where((flat_ids >= 0) & (flat_ids < num_local), flat_ids, num_local)
+    order = jnp.argsort(flat_ids, stable=True)  # sorted row -> flat (token, slot) index
+    group_sizes = jnp.bincount(flat_ids, length=num_local).astype(jnp.int32)
     x_sorted_MxD = x[order // k]
 
     gate_MxF = jax.lax.ragged_dot(x_sorted_MxD, w_gate, group_sizes, preferred_element_type=jnp.float32)
     up_MxF = jax.lax.ragged_dot(x_sorted_MxD, w_up, group_sizes, preferred_element_type=jnp.float32)
     hidden_MxF = (jax.nn.silu(gate_MxF) * up_MxF).astype(x.dtype)
     out_sorted_MxD = jax.lax.ragged_dot(hidden_MxF, w_down, group_sizes, preferred_element_type=jnp.float32)
+    # ragged_dot leaves rows outside every group unspecified; zero them explicitly.
+    in_group_M = jnp.arange(order.shape[0]) < group_sizes.sum()
+    out_sorted_MxD = jnp.where(in_group_M[:, None], out_sorted_MxD, 0.0)
 
     # Unsort with the inverse permutation (a gather, whose gradient is a scatter) and weight the k slots.
     inverse_order = jnp.argsort(order)
     out_TxKxD = out_sorted_MxD[inverse_order].reshape(tokens, k, d)
     out_TxD = jnp.einsum("tkd,tk->td", out_TxKxD, weights.astype(jnp.float32))
     return out_TxD.astype(x.dtype)
+
+
+def moe_experts_expert_parallel(
+    x: jax.Array,
+    expert_ids: jax.Array,
+    weights: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    *,
+    mesh: jax.sharding.Mesh,
+    expert_axis: str = "expert",
+    token_axes: tuple[str, ...] = ("data", "fsdp", "expert"),
+) -> jax.Array:
+    """`moe_experts` with the experts sharded over the mesh axis `expert_axis` (expert parallelism, via shard_map).
+
+    Tokens are sharded over those of `token_axes` that the mesh has; each device holds experts
+    `[i * E/n, (i+1) * E/n)` for its index i along `expert_axis`. When tokens are sharded over `expert_axis` too,
+    each device all-gathers the tokens of its expert group, runs its own experts on the pairs routed to them, and a
+    reduce-scatter sums the partial outputs back to the token owners; otherwise a psum does. Dropless, with static
+    shapes and no capacity factor; it moves every token to every expert shard (all-gather rather than a ragged
+    all-to-all), trading bandwidth for simplicity.
+
+    Args/returns as `moe_experts`; `tokens` must divide by the product of the token axes' sizes, `experts` by the
+    size of `expert_axis`.
+    """
+    if expert_axis not in mesh.shape:
+        raise ValueError(f"expert_axis={expert_axis!r} is not a mesh axis; the mesh has {tuple(mesh.shape)}")
+    num_experts, num_shards = w_gate.shape[0], mesh.shape[expert_axis]
+    if num_experts % num_shards:
+        raise ValueError(f"num_experts={num_experts} must divide by the {expert_axis!r} mesh axis size {num_shards}")
+    token_axes = tuple(a for a in token_axes if a in mesh.shape)
+    token_shards = int(np.prod([mesh.shape[a] for a in token_axes]))
+    if x.shape[0] % token_shards:
+        raise ValueError(f"tokens={x.shape[0]} must divide by the token axes {token_axes} total size {token_shards}")
+    tokens_over_experts = expert_axis in token_axes
+    token_spec = P(token_axes or None)
+    expert_spec = P(expert_axis)
+
+    def local(x, expert_ids, weights, w_gate, w_up, w_down):
+        if tokens_over_experts:
+            x, expert_ids, weights = (
+                jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x, expert_ids, weights)
+            )
+        else:
+            # Mark the replicated tokens as varying over the expert axis so the transpose psums their cotangent
+            # over expert shards (jax 0.10.2 returned a wrong x gradient without it, see the tests).
+            x, weights = jax.lax.pcast((x, weights), expert_axis, to="varying")
+        first_expert = jax.lax.axis_index(expert_axis) * w_gate.shape[0]
+        out = _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, first_expert)
+        if tokens_over_experts:
+            return jax.lax.psum_scatter(out, expert_axis, tiled=True)
+        return jax.lax.psum(out, expert_axis)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(token_spec,) * 3 + (expert_spec,) * 3,
+        out_specs=token_spec,
+    )(x, expert_ids, weights, w_gate, w_up, w_down)
 
 
 def expert_load(expert_ids: jax.Array, num_experts: int, mask: Optional[jax.Array] = None) -> jax.Array:

@@ -82,6 +82,36 @@ def test_moe_experts_keeps_bfloat16_inputs_close_to_float32():
     np.testing.assert_allclose(np.asarray(got, np.float32), _numpy_moe(x, ids, weights, *w), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize(
+    "mesh_shape, token_axes",
+    [((2, 4), ("data", "expert")), ((2, 4), ("data",)), ((1, 8), ("expert",))],
+    ids=["tokens-over-data-and-expert", "tokens-over-data-only", "expert-8"],
+)
+def test_expert_parallel_equals_single_device(mesh_shape, token_axes):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets XLA_FLAGS for 8 CPU devices)")
+    mesh = jax.make_mesh(mesh_shape, ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rng = np.random.default_rng(12)
+    tokens = 16
+    x = rng.normal(size=(tokens, D)).astype(np.float32)
+    ids = _distinct_ids(rng, tokens, E, K)
+    weights = rng.uniform(size=(tokens, K)).astype(np.float32)
+    w = _expert_weights(13)
+    probe = rng.normal(size=(tokens, D)).astype(np.float32)
+
+    def loss(fn, *args):
+        out = fn(args[0], ids, *args[1:])
+        return jnp.sum(out * probe), out
+
+    parallel = lambda x, ids, *a: moe.moe_experts_expert_parallel(x, ids, *a, mesh=mesh, token_axes=token_axes)
+    argnums = (0, 1, 2, 3, 4)
+    grads, out = jax.jit(jax.grad(lambda *a: loss(parallel, *a), argnums=argnums, has_aux=True))(x, weights, *w)
+    want_grads, _ = jax.grad(lambda *a: loss(moe.moe_experts, *a), argnums=argnums, has_aux=True)(x, weights, *w)
+    np.testing.assert_allclose(np.asarray(out), _numpy_moe(x, ids, weights, *w), rtol=1e-5, atol=1e-5)
+    for name, g, r in zip(("x", "weights", "w_gate", "w_up", "w_down"), grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 def _logit(p):
     p = np.asarray(p, np.float64)
     return np.log(p / (1 - p)).astype(np.float32)
@@ -283,5 +313,9 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="bias"):
         moe.route(logits, np.zeros(7, np.float32), top_k=2)
     w = _expert_weights(0)
+    mesh = jax.make_mesh((1, 1), ("data", "expert"), devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="expert_axis='experts'"):
+        moe.moe_experts_expert_parallel(np.zeros((4, D), np.float32), np.zeros((4, 2), np.int32),
+                                        np.zeros((4, 2)), *w, mesh=mesh, expert_axis="experts")
     with pytest.raises(ValueError, match="expert weights"):
         moe.moe_experts(np.zeros((4, D + 1), np.float32), np.zeros((4, 2), np.int32), np.zeros((4, 2)), *w)
