@@ -205,3 +205,65 @@ def test_mla_shape_errors_name_the_argument():
     with pytest.raises(ValueError, match="w_uk"):
         mla_absorbed_decode(**inputs, q_segment_ids=ids, kv_segment_ids=kv_ids, q_positions=ids,
                             kv_positions=kv_ids, scale=1.0)
+
+
+@pytest.mark.parametrize("mla_fn", [mla_naive, mla_absorbed_decode], ids=["naive", "absorbed"])
+def test_mla_kernels_compose_to_transformers_deepseek_v3_attention(mla_fn):
+    """rms_norm + interleaved YaRN rope + MLA on two packed documents == transformers' DeepseekV3Attention on each
+    document alone. Pins the weight layouts (w_uk/w_uv from kv_b_proj) and both YaRN temperatures."""
+    import torch
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+
+    from jaxopd.kernels.layers import rms_norm
+    from jaxopd.kernels.rope import apply_rope, rope_frequencies, yarn_softmax_scale_factor
+    from jaxopd.model.config import RopeScaling
+
+    d_model, q_lora, theta = 16, 12, 10000.0
+    scaling = RopeScaling(kind="yarn", factor=4.0, original_max_position_embeddings=32, mscale=1.0,
+                          mscale_all_dim=0.8)
+    config = DeepseekV3Config(
+        hidden_size=d_model, num_attention_heads=HEADS, num_key_value_heads=HEADS, q_lora_rank=q_lora,
+        kv_lora_rank=RANK, qk_nope_head_dim=NOPE, qk_rope_head_dim=ROPE, v_head_dim=VDIM, rope_interleave=True,
+        max_position_embeddings=128, attention_bias=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": theta, "factor": scaling.factor,
+                         "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 0.8})
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    layer = hf.DeepseekV3Attention(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for norm in (layer.q_a_layernorm, layer.kv_a_layernorm):
+            norm.weight.uniform_(0.5, 1.5)
+    rotary = hf.DeepseekV3RotaryEmbedding(config)
+    weights = {name: p.detach().numpy() for name, p in layer.named_parameters()}
+
+    lengths = (5, 4)
+    rng = np.random.default_rng(9)
+    x = _random(rng, 1, sum(lengths), d_model)
+    expected = []
+    for start, n in zip(np.cumsum((0,) + lengths[:-1]), lengths):
+        doc = torch.from_numpy(x[:, start:start + n])
+        causal = torch.triu(torch.full((n, n), float("-inf")), 1)[None, None]
+        with torch.no_grad():
+            out, _ = layer(doc, rotary(doc, torch.arange(n)[None]), causal)
+        expected.append(out.numpy())
+    expected = np.concatenate(expected, axis=1)
+
+    segment_ids = jnp.asarray(np.repeat(np.arange(1, len(lengths) + 1), lengths)[None], jnp.int32)
+    positions = jnp.asarray(np.concatenate([np.arange(n) for n in lengths])[None], jnp.int32)
+    inv_freq, rope_scale = rope_frequencies(ROPE, theta, scaling)
+    eps = config.rms_norm_eps
+    q_BxTxF = rms_norm(x @ weights["q_a_proj.weight"].T, jnp.asarray(weights["q_a_layernorm.weight"]), eps)
+    q_BxTxHxD = (q_BxTxF @ weights["q_b_proj.weight"].T).reshape(1, -1, HEADS, NOPE + ROPE)
+    compressed = x @ weights["kv_a_proj_with_mqa.weight"].T
+    latent = rms_norm(compressed[..., :RANK], jnp.asarray(weights["kv_a_layernorm.weight"]), eps)
+    k_rope = apply_rope(jnp.asarray(compressed[..., None, RANK:]), positions, inv_freq, "interleaved", rope_scale)
+    up_HxFxC = weights["kv_b_proj.weight"].reshape(HEADS, NOPE + VDIM, RANK)
+    out = mla_fn(
+        q_BxTxHxD[..., :NOPE], apply_rope(q_BxTxHxD[..., NOPE:], positions, inv_freq, "interleaved", rope_scale),
+        latent, k_rope[:, :, 0], jnp.asarray(up_HxFxC[:, :NOPE].transpose(2, 0, 1)),
+        jnp.asarray(up_HxFxC[:, NOPE:].transpose(2, 0, 1)), q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+        q_positions=positions, kv_positions=positions,
+        scale=(NOPE + ROPE) ** -0.5 * yarn_softmax_scale_factor(scaling))
+    ours = np.asarray(out).reshape(1, sum(lengths), HEADS * VDIM) @ weights["o_proj.weight"].T
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
