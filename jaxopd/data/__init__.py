@@ -1,0 +1,1 @@
+from jaxopd.data.packing import BestFitPackDataset, ConcatThenSplitDataset, pack_best_fit
