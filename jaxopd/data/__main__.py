@@ -3,7 +3,7 @@
 The config file's get_config() must have `data` (see default_data_config), `seq_len`, `batch_size` and `seed`;
 overrides work as in training (`--config.data.fim_rate=0.5`). Runs one epoch of the train split on this host (or
 `--max_batches`) and prints tokens/s, packing efficiency, documents cut, rows vs the lower bound
-ceil(tokens / seq_len), the skipped/empty/invalid counts, and two decoded rows with their segment boundaries.
+ceil(token pairs / seq_len), the skipped/empty/invalid counts, and two decoded rows with their segment boundaries.
 """
 
 from __future__ import annotations
@@ -47,25 +47,20 @@ def render_tokens(tokenizer: Tokenizer, token_ids: Iterable[int], special: set[i
 
 
 def collect_stats(iterator: DataIterator, max_batches: int | None = None) -> dict:
-    """Consumes the iterator and measures the packed rows. Documents cut: first pieces (starting with BOS) that do
-    not end with EOS, so it needs data.add_bos."""
-    tokenizer = iterator.tokenizer
-    totals = dict.fromkeys(["batches", "rows", "real_tokens", "slots", "segments", "documents_cut"], 0)
+    """Consumes the iterator: batches, rows holding data, real (non-padding) slots, all slots, two example rows."""
+    totals = dict.fromkeys(["batches", "rows", "real_slots", "slots"], 0)
     examples = []
     start = time.perf_counter()
     for batch in iterator:
-        segment_ids, tokens = batch["segment_ids"], batch["tokens"]
+        segment_ids = batch["segment_ids"]
         totals["batches"] += 1
         totals["rows"] += int(segment_ids.any(axis=1).sum())
-        totals["real_tokens"] += int((segment_ids != 0).sum())
+        totals["real_slots"] += int((segment_ids != 0).sum())
         totals["slots"] += segment_ids.size
-        for row in range(len(tokens)):
+        for row in range(len(segment_ids)):
             spans = segment_spans(segment_ids[row])
-            totals["segments"] += len(spans)
-            totals["documents_cut"] += sum(
-                tokens[row, s] == tokenizer.bos_id and tokens[row, e - 1] != tokenizer.eos_id for _, s, e in spans)
             if len(examples) < 2 and len(spans) > 1:
-                examples.append((tokens[row], spans))
+                examples.append((batch["tokens"][row], batch["targets"][row], spans))
         if max_batches is not None and totals["batches"] >= max_batches:
             break
     totals["seconds"] = time.perf_counter() - start
@@ -74,29 +69,30 @@ def collect_stats(iterator: DataIterator, max_batches: int | None = None) -> dic
 
 
 def print_stats(iterator: DataIterator, totals: dict, seq_len: int, show_chars: int) -> None:
-    tokenizer, stats = iterator.tokenizer, iterator.stats
-    lower_bound = math.ceil(totals["real_tokens"] / seq_len)
+    tokenizer, stats, packing = iterator.tokenizer, iterator.stats, iterator.packing_stats
+    lower_bound = math.ceil(totals["real_slots"] / seq_len)
     seconds = max(totals["seconds"], 1e-9)
     print(f"batches {totals['batches']}  rows {totals['rows']}  seq_len {seq_len}  time {seconds:.2f} s")
     print(f"tokens/s (documents tokenized, FIM, packed, batched): {stats['tokens_read'] / seconds:,.0f}")
-    print(f"packing efficiency (non-padding fraction): {totals['real_tokens'] / max(totals['slots'], 1):.4f}")
-    print(f"rows produced {totals['rows']} vs lower bound ceil({totals['real_tokens']} / {seq_len}) = "
-          f"{lower_bound} ({totals['rows'] / max(lower_bound, 1) - 1:+.2%})")
-    cut = totals["documents_cut"] if tokenizer.bos_id is not None else "unknown (needs data.add_bos)"
-    print(f"documents: read {stats['documents_read']}  cut {cut}  FIM {stats['documents_fim']}  pieces in rows "
-          f"{totals['segments']}")
-    print(f"skipped empty {stats['documents_empty']}  invalid UTF-8 (replaced) {stats['documents_invalid_utf8']}  "
-          f"left out by host sharding {stats['documents_dropped_by_sharding']}  padding batches "
-          f"{stats['padding_batches']}")
+    print(f"packing efficiency (non-padding fraction): {totals['real_slots'] / max(totals['slots'], 1):.4f}")
+    # A slot holds one (input, target) pair: a document of L tokens fills L - 1 slots.
+    print(f"rows produced {totals['rows']} vs lower bound ceil({totals['real_slots']} / {seq_len}) = "
+          f"{lower_bound} ({totals['rows'] / max(lower_bound, 1) - 1:+.2%}; token pairs / seq_len)")
+    print(f"documents: read {stats['documents_read']}  cut {packing['documents_cut']}  FIM {stats['documents_fim']}  "
+          f"pieces {packing['pieces']}")
+    print(f"skipped empty {stats['documents_empty']}  skipped under 2 tokens {packing['documents_skipped']}  "
+          f"invalid UTF-8 (replaced) {stats['documents_invalid_utf8']}  left out by host sharding "
+          f"{stats['documents_dropped_by_sharding']}  padding batches {stats['padding_batches']}")
     special = {i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i is not None}
     special |= {i for i in map(tokenizer.token_to_id, tokenizer.fim_tokens) if i is not None}
-    for number, (tokens, spans) in enumerate(totals["examples"]):
+    for number, (tokens, targets, spans) in enumerate(totals["examples"]):
         print(f"\n=== row {number}: {len(spans)} segments ===")
         for segment, start, end in spans:
-            text = render_tokens(tokenizer, tokens[start:end], special)
+            # The piece's tokens are its inputs plus the last target.
+            text = render_tokens(tokenizer, [*tokens[start:end], targets[end - 1]], special)
             if len(text) > 2 * show_chars:
                 text = f"{text[:show_chars]}\n  [... {len(text) - 2 * show_chars} characters ...]\n{text[-show_chars:]}"
-            print(f"--- segment {segment}: tokens [{start}, {end}) ---\n{text}")
+            print(f"--- segment {segment}: slots [{start}, {end}) ---\n{text}")
 
 
 def main(argv) -> None:

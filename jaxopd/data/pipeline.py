@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxopd.data import sources
 from jaxopd.data.fim import TokenizeDocument
+from jaxopd.data.packing import BestFitPackDataset, ConcatThenSplitDataset
 from jaxopd.data.tokenizer import DEFAULT_FIM_TOKENS, Tokenizer, load_tokenizer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -88,14 +89,17 @@ class DataIterator(grain.DatasetIterator):
 
     `stats` (counts since this iterator was created or restored, not saved in the state): documents_read,
     documents_empty, documents_invalid_utf8, documents_fim, tokens_read, padding_batches, and the constants
-    documents_in_split, documents_per_host, documents_dropped_by_sharding.
+    documents_in_split, documents_per_host, documents_dropped_by_sharding. `packing_stats` (the packer's counts,
+    saved in the state): documents, documents_skipped (under 2 tokens), documents_cut, pieces, rows, loss_tokens,
+    padding_tokens.
     """
 
-    def __init__(self, dataset: grain.IterDataset, stats: dict[str, int], *, tokenizer: Tokenizer, batch_size: int,
-                 seq_len: int, num_batches: int | None):
+    def __init__(self, dataset: grain.IterDataset, stats: dict[str, int], packing_stats: dict[str, int], *,
+                 tokenizer: Tokenizer, batch_size: int, seq_len: int, num_batches: int | None):
         self._iterator = iter(dataset)
         super().__init__(self._iterator)
-        self.stats, self.tokenizer, self.batch_size, self.seq_len = stats, tokenizer, batch_size, seq_len
+        self.stats, self.packing_stats = stats, packing_stats
+        self.tokenizer, self.batch_size, self.seq_len = tokenizer, batch_size, seq_len
         self.pad_id = tokenizer.pad_id
         self.num_batches, self._produced, self._exhausted = num_batches, 0, False
 
@@ -178,22 +182,6 @@ def _document_dataset(data_config, *, seed: int, process_index: int, process_cou
     return documents.map_with_index(lambda position, document: (position // per_host, *document))
 
 
-def _pack(documents: grain.IterDataset, kind: str, *, seq_len: int, buffer_size: int, pad_id: int
-          ) -> grain.IterDataset:
-    """Documents {"tokens": [length]} -> Batch-contract rows of length seq_len."""
-    # Provisional: grain's concat-then-split for both kinds, until jaxopd/data/packing.py lands.
-    packed = grain.experimental.ConcatThenSplitIterDataset(documents, length_struct={"tokens": seq_len})
-
-    def to_contract(row):
-        tokens, segment_ids = row["tokens"].astype(np.int32), row["tokens_segment_ids"].astype(np.int32)
-        same = np.append((segment_ids[1:] == segment_ids[:-1]) & (segment_ids[1:] != 0), False)
-        targets = np.where(same, np.append(tokens[1:], pad_id), pad_id).astype(np.int32)
-        return {"tokens": tokens, "targets": targets, "segment_ids": segment_ids,
-                "positions": row["tokens_positions"].astype(np.int32), "loss_mask": same.astype(np.float32)}
-
-    return packed.map(to_contract)
-
-
 def make_pipeline(data_config: ml_collections.ConfigDict, *, seq_len: int, batch_size: int, seed: int,
                   process_index: int | None = None, process_count: int | None = None, split: str = "train",
                   num_batches: int | None = None) -> DataIterator:
@@ -232,6 +220,7 @@ def make_pipeline(data_config: ml_collections.ConfigDict, *, seq_len: int, batch
                                data_config.tokenizer_kind)
     tokenize = TokenizeDocument(tokenizer, seed=seed, fim_rate=data_config.fim_rate, fim_mode=data_config.fim_mode,
                                 add_bos=data_config.add_bos)
+    packing_stats: dict[str, int] = {}
     stats = dict.fromkeys(["documents_read", "documents_empty", "documents_invalid_utf8", "documents_fim",
                            "tokens_read", "padding_batches"], 0)
     documents = _document_dataset(data_config, seed=seed, process_index=process_index, process_count=process_count,
@@ -245,8 +234,11 @@ def make_pipeline(data_config: ml_collections.ConfigDict, *, seq_len: int, batch
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))
     # Empty documents are counted, then dropped: they have no token to train on.
     dataset = dataset.map(_CountDocuments(stats)).filter(lambda document: len(document["tokens"]) > 0)
-    dataset = _pack(dataset, data_config.packing, seq_len=seq_len, buffer_size=data_config.packing_buffer,
-                    pad_id=tokenizer.pad_id)
+    if data_config.packing == "best_fit":
+        dataset = BestFitPackDataset(dataset, seq_len=seq_len, buffer_size=data_config.packing_buffer,
+                                     pad_id=tokenizer.pad_id, stats=packing_stats)
+    else:
+        dataset = ConcatThenSplitDataset(dataset, seq_len=seq_len, pad_id=tokenizer.pad_id, stats=packing_stats)
     dataset = dataset.batch(batch_size)
-    return DataIterator(dataset, stats, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
+    return DataIterator(dataset, stats, packing_stats, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
                         num_batches=num_batches)

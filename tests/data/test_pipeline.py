@@ -26,14 +26,30 @@ def assert_same_batches(first, second):
             np.testing.assert_array_equal(a[key], b[key])
 
 
-def segments_of(batches):
-    """Token lists of every (row, segment) run, in order."""
+def pieces_of(batches):
+    """(inputs, targets) token lists of every (row, segment) run, in row order."""
     pieces = []
     for batch in batches:
-        for tokens, segment_ids in zip(batch["tokens"], batch["segment_ids"]):
+        for tokens, targets, segment_ids in zip(batch["tokens"], batch["targets"], batch["segment_ids"]):
             for segment in range(1, segment_ids.max() + 1):
-                pieces.append(tokens[segment_ids == segment].tolist())
+                where = segment_ids == segment
+                pieces.append((tokens[where].tolist(), targets[where].tolist()))
     return pieces
+
+
+def documents_in_order(batches, eos):
+    """Documents rebuilt from pieces read in order: inputs laid end to end, closed by the final target EOS."""
+    documents, current = [], []
+    for inputs, targets in pieces_of(batches):
+        current += inputs
+        if targets[-1] == eos:
+            documents.append(current + [eos])
+            current = []
+    return documents
+
+
+def decoded_documents(batches, tokenizer) -> list[str]:
+    return [tokenizer.decode(document[1:-1]) for document in documents_in_order(batches, tokenizer.eos_id)]
 
 
 @pytest.mark.parametrize("packing", ["best_fit", "concat"])
@@ -46,16 +62,17 @@ def test_batches_follow_the_contract(tokenizer, packing):
             key: ((4, 64), np.dtype(dtype)) for key, dtype in KEYS.items()}
         for row in range(4):
             tokens, targets, segment_ids, positions, loss_mask = (batch[key][row] for key in KEYS)
-            for i in range(64):
-                same_next = i + 1 < 64 and segment_ids[i] != 0 and segment_ids[i + 1] == segment_ids[i]
-                assert loss_mask[i] == float(same_next)
-                if same_next:
-                    assert targets[i] == tokens[i + 1] and positions[i + 1] == positions[i] + 1
-                if i == 0 or segment_ids[i] != segment_ids[i - 1]:
-                    assert segment_ids[i] in (0, (segment_ids[i - 1] + 1 if i else 1))
-                    if tokens[i] == tokenizer.bos_id:
-                        assert positions[i] == 0  # a document starts at position 0
-            assert (segment_ids[np.argmax(segment_ids == 0):] == 0).all() or segment_ids.all()
+            # Every slot is one (input, target) pair of one document: loss on all of them, none on padding.
+            np.testing.assert_array_equal(loss_mask, (segment_ids != 0).astype(np.float32))
+            assert (segment_ids[:np.count_nonzero(segment_ids)] > 0).all()  # padding only at the end
+            for segment in range(1, segment_ids.max() + 1):
+                where = np.flatnonzero(segment_ids == segment)
+                start, end = where[0], where[-1] + 1
+                np.testing.assert_array_equal(where, np.arange(start, end))  # contiguous, numbered in order
+                np.testing.assert_array_equal(positions[start:end], np.arange(end - start))
+                np.testing.assert_array_equal(targets[start:end - 1], tokens[start + 1:end])
+                if targets[end - 1] != tokenizer.eos_id:  # a cut piece runs to the end of the row
+                    assert end == 64
 
 
 def write_bad_corpus(tmp_path, tokenizer, seq_len):
@@ -77,30 +94,18 @@ def test_bad_documents_are_packed_exactly_and_counted(tmp_path, tokenizer, packi
     batches = list(iterator)
     expected = [[tokenizer.bos_id, *tokenizer.encode(d.decode("utf-8", "replace")), tokenizer.eos_id]
                 for d in documents if d]
-    # Every token of every non-empty document appears exactly once, and nothing else does.
-    produced = collections.Counter(t for piece in segments_of(batches) for t in piece)
-    assert produced == collections.Counter(t for doc in expected for t in doc)
-    pieces = segments_of(batches)
-    if packing == "best_fit":  # a document that fits a row is never cut
-        for doc in expected:
-            if len(doc) <= seq_len:
-                assert doc in pieces
-    if packing == "concat":  # in order: the concatenation splits back into the documents at EOS
-        stream = [t for piece in pieces for t in piece]
-        assert sorted(map(tuple, split_after(stream, tokenizer.eos_id))) == sorted(map(tuple, expected))
+    # Every (input, target) pair of every non-empty document appears exactly once, and nothing else does.
+    produced = collections.Counter(pair for inputs, targets in pieces_of(batches) for pair in zip(inputs, targets))
+    assert produced == collections.Counter(pair for doc in expected for pair in zip(doc[:-1], doc[1:]))
+    if packing == "best_fit":  # a document that fits a row is one piece
+        whole = [inputs + targets[-1:] for inputs, targets in pieces_of(batches)]
+        assert all(doc in whole for doc in expected if len(doc) - 1 <= seq_len)
+    else:  # in order: the pieces lay the documents end to end
+        assert sorted(documents_in_order(batches, tokenizer.eos_id)) == sorted(expected)
     stats = iterator.stats
     assert (stats["documents_read"], stats["documents_empty"], stats["documents_invalid_utf8"]) == (7, 2, 1)
     assert stats["tokens_read"] == sum(map(len, expected))
-
-
-def split_after(stream, eos):
-    documents, current = [], []
-    for token in stream:
-        current.append(token)
-        if token == eos:
-            documents.append(current)
-            current = []
-    return documents
+    assert iterator.packing_stats["documents"] == 5 and iterator.packing_stats["documents_cut"] >= 1
 
 
 def test_bad_settings_are_clear_errors(tmp_path, tokenizer):
@@ -118,10 +123,11 @@ def test_bad_settings_are_clear_errors(tmp_path, tokenizer):
 
 def test_checkpoint_resumes_with_the_next_batch_mid_buffer():
     config = default_data_config()
-    config.update(fim_rate=0.5, read_threads=1)
+    config.update(fim_rate=0.5, read_threads=1, packing_buffer=200)
     make = lambda: make_pipeline(config, seq_len=64, batch_size=2, seed=3, process_index=0, process_count=1)
     iterator = make()
-    emitted = sum(int((b["segment_ids"] != 0).sum()) for b in take(iterator, 5))
+    # Tokens emitted: one per (input, target) pair, plus at most the last target of each row.
+    emitted = sum(int((b["segment_ids"] != 0).sum() + b["segment_ids"].any(axis=1).sum()) for b in take(iterator, 5))
     # Documents the packer has pulled but not yet emitted: the checkpoint falls inside its buffer.
     assert iterator.stats["tokens_read"] > emitted
     state = json.loads(json.dumps(iterator.get_state()))  # as the trainer stores it
@@ -133,7 +139,7 @@ def test_checkpoint_resumes_with_the_next_batch_mid_buffer():
 
 def test_same_batches_across_runs_and_worker_counts():
     config = default_data_config()
-    config.update(fim_rate=0.5, read_threads=1)
+    config.update(fim_rate=0.5, read_threads=1, packing_buffer=64)
     run = lambda seed, workers: take(make_pipeline(_with(config, num_workers=workers), seq_len=64, batch_size=2,
                                                    seed=seed, process_index=0, process_count=1), 8)
     reference = run(0, 0)
@@ -146,12 +152,6 @@ def _with(config, **overrides):
     copy = config.copy_and_resolve_references()
     copy.update(overrides)
     return copy
-
-
-def decoded_documents(batches, tokenizer) -> list[str]:
-    """Texts of the documents in a pass: the pieces in order, split after each EOS, without BOS/EOS."""
-    stream = [t for piece in segments_of(batches) for t in piece]
-    return [tokenizer.decode(document[1:-1]) for document in split_after(stream, tokenizer.eos_id)]
 
 
 def test_host_shards_are_disjoint_and_yield_equal_batch_counts(tmp_path, tokenizer):
@@ -192,7 +192,7 @@ def test_eval_split_is_held_out_and_fixed(tmp_path, tokenizer):
 
 def test_stats_cli_reports_packing_numbers():
     command = [sys.executable, "-m", "jaxopd.data", "--config=tests/data/stats_config.py", "--stats",
-               "--config.seq_len=128", "--config.data.num_epochs=1", "--show_chars=40"]
+               "--config.seq_len=128", "--max_batches=300", "--show_chars=40"]
     output = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=True).stdout
     rows, tokens, seq_len, bound = map(int, re.search(
         r"rows produced (\d+) vs lower bound ceil\((\d+) / (\d+)\) = (\d+)", output).groups())
@@ -200,8 +200,9 @@ def test_stats_cli_reports_packing_numbers():
     batches = int(re.search(r"batches (\d+)", output).group(1))
     efficiency = float(re.search(r"non-padding fraction\): ([\d.]+)", output).group(1))
     assert efficiency == pytest.approx(tokens / (batches * 4 * 128), abs=1e-4)
-    assert re.search(r"skipped empty \d+ +invalid UTF-8 \(replaced\) 0", output)
-    assert output.count("=== row") == 2 and "--- segment 2" in output and "<s>" in output
+    assert re.search(r"skipped empty \d+ +skipped under 2 tokens 0 +invalid UTF-8 \(replaced\) 0", output)
+    assert int(re.search(r"cut (\d+)", output).group(1)) > 0
+    assert output.count("=== row") == 2 and "--- segment 2" in output and "</s>" in output
 
 
 def test_orbax_grain_checkpoint_handler_round_trip(tmp_path):
@@ -221,7 +222,7 @@ def test_orbax_grain_checkpoint_handler_round_trip(tmp_path):
 
 def test_checkpoint_resume_with_worker_processes():
     config = default_data_config()
-    config.update(fim_rate=0.5, read_threads=1, num_workers=2)
+    config.update(fim_rate=0.5, read_threads=1, num_workers=2, packing_buffer=64)
     make = lambda: make_pipeline(config, seq_len=64, batch_size=2, seed=4, process_index=0, process_count=1)
     iterator = make()
     take(iterator, 4)
