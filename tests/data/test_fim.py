@@ -28,7 +28,7 @@ def test_exact_token_order(tokenizer, mode):
             expected = [bos, begin, *prefix, hole, *suffix, end, *middle, eos]
         else:  # FIM paper SPM variant: <PRE> <SUF> suffix <MID> prefix middle <EOT>
             expected = [bos, begin, hole, *suffix, end, *prefix, *middle, eos]
-        output = transform((0, index, DOCUMENT.encode()))
+        output = transform.map((0, index, DOCUMENT.encode()))
         assert output["fim"] and output["tokens"].dtype == np.int32
         assert output["tokens"].tolist() == expected
 
@@ -56,33 +56,33 @@ def test_round_trip_on_real_documents(tokenizer, mode):
         texts = [json.loads(line)["text"] for _, line in zip(range(25), f)]
     transform = TokenizeDocument(tokenizer, seed=3, fim_rate=1.0, fim_mode=mode)
     for index, text in enumerate(texts + ["x", "é", "ab"]):
-        tokens = transform((0, index, text.encode()))["tokens"].tolist()
+        tokens = transform.map((0, index, text.encode()))["tokens"].tolist()
         assert undo_fim(tokens, tokenizer, mode) == text
 
 
 def test_rate_matches_fraction_and_is_deterministic(tokenizer):
     transform = TokenizeDocument(tokenizer, seed=11, fim_rate=0.1)
-    flags = [transform((0, index, b"abc def"))["fim"] for index in range(3000)]
+    flags = [transform.map((0, index, b"abc def"))["fim"] for index in range(3000)]
     # Binomial(3000, 0.1): standard deviation 0.0055; 5 sigma.
     assert abs(np.mean(flags) - 0.1) < 0.0275
     again = TokenizeDocument(tokenizer, seed=11, fim_rate=0.1)
-    assert flags == [again((0, index, b"abc def"))["fim"] for index in range(3000)]
-    other_epoch = [again((1, index, b"abc def"))["fim"] for index in range(3000)]
+    assert flags == [again.map((0, index, b"abc def"))["fim"] for index in range(3000)]
+    other_epoch = [again.map((1, index, b"abc def"))["fim"] for index in range(3000)]
     assert flags != other_epoch
-    assert not any(TokenizeDocument(tokenizer, seed=11, fim_rate=0.0)((0, i, b"abc"))["fim"] for i in range(100))
+    assert not any(TokenizeDocument(tokenizer, seed=11, fim_rate=0.0).map((0, i, b"abc"))["fim"] for i in range(100))
 
 
 def test_plain_document_framing_and_flags(tokenizer):
     transform = TokenizeDocument(tokenizer, seed=0, fim_rate=0.0, add_bos=False)
-    output = transform((0, 5, DOCUMENT.encode()))
+    output = transform.map((0, 5, DOCUMENT.encode()))
     assert output["tokens"].tolist() == tokenizer.encode(DOCUMENT) + [tokenizer.eos_id]
     assert output["index"] == 5 and not output["fim"] and not output["empty"]
-    empty = transform((0, 6, b""))
+    empty = transform.map((0, 6, b""))
     assert empty["empty"] and empty["tokens"].shape == (0,)
 
 
 def test_invalid_utf8_is_replaced_and_flagged(tokenizer):
-    output = TokenizeDocument(tokenizer, seed=0, fim_rate=1.0)((0, 0, b"ab\xff\xfecd"))
+    output = TokenizeDocument(tokenizer, seed=0, fim_rate=1.0).map((0, 0, b"ab\xff\xfecd"))
     assert output["invalid_utf8"]
     assert undo_fim(output["tokens"].tolist(), tokenizer, "psm") == "ab\ufffd\ufffdcd"
 

@@ -233,3 +233,10 @@ def test_checkpoint_resume_with_worker_processes():
     restored.set_state(state)
     assert_same_batches(take(restored, 4), expected)
     restored.close()
+
+
+def test_process_defaults_come_from_jax():
+    config = default_data_config()
+    config.update(read_threads=1, packing_buffer=32)
+    explicit = take(make_pipeline(config, seq_len=32, batch_size=2, seed=0, process_index=0, process_count=1), 2)
+    assert_same_batches(take(make_pipeline(config, seq_len=32, batch_size=2, seed=0), 2), explicit)
