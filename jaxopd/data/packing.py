@@ -158,14 +158,16 @@ class _PackingIterator(grain.DatasetIterator):
                 return tokens, len(tokens) - 1
             self.stats["documents_skipped"] += 1
 
-    def _emit(self, pieces: Sequence[tuple[np.ndarray, int, int]]) -> dict[str, np.ndarray]:
-        row = _make_row(pieces, self.seq_len, self.pad_id)
+    def _count_row(self, pieces: Sequence[tuple[np.ndarray, int, int]]) -> None:
         used = sum(num_pairs for _, _, num_pairs in pieces)
         self.stats["rows"] += 1
         self.stats["pieces"] += len(pieces)
         self.stats["loss_tokens"] += used
         self.stats["padding_tokens"] += self.seq_len - used
-        return row
+
+    def _emit(self, pieces: Sequence[tuple[np.ndarray, int, int]]) -> dict[str, np.ndarray]:
+        self._count_row(pieces)
+        return _make_row(pieces, self.seq_len, self.pad_id)
 
 
 class _BestFitIterator(_PackingIterator):
@@ -232,7 +234,7 @@ class _BestFitIterator(_PackingIterator):
         if state["rows_emitted"]:
             self._fill_and_pack()
             for _ in range(state["rows_emitted"]):
-                self._emit(self._rows[self._rows_emitted])  # counted again, as when they were first emitted
+                self._count_row(self._rows[self._rows_emitted])  # counted as when they were first emitted
                 self._rows_emitted += 1
 
 
