@@ -194,19 +194,32 @@ HAND_DOCUMENTS = [[10, 11, 12], [20, 21, 22, 23, 24, 25], [30, 31]]  # 2, 5 and 
 
 def test_best_fit_rows_hand_made():
     # seq_len 4: pieces A(2), B[0:4](4), B[4:5](1), C(1); BFD: B4 -> row 0 full; A -> row 1; B1, C -> row 1.
-    rows = _rows(BestFitPackDataset(_dataset(HAND_DOCUMENTS), seq_len=4, buffer_size=100, pad_id=PAD))
+    rows = _rows(BestFitPackDataset(_dataset(HAND_DOCUMENTS), seq_len=4, buffer_size=100, pad_id=PAD, shuffle_seed=None))
     _expect_rows(rows, [([20, 21, 22, 23], [21, 22, 23, 24], [1, 1, 1, 1], [0, 1, 2, 3]),
                         ([10, 11, 24, 30], [11, 12, 25, 31], [1, 1, 2, 3], [0, 1, 0, 0])])
     # seq_len 5: B fits whole in row 0; A and C share row 1 with two padding slots.
-    rows = _rows(BestFitPackDataset(_dataset(HAND_DOCUMENTS), seq_len=5, buffer_size=100, pad_id=PAD))
+    rows = _rows(BestFitPackDataset(_dataset(HAND_DOCUMENTS), seq_len=5, buffer_size=100, pad_id=PAD, shuffle_seed=None))
     _expect_rows(rows, [([20, 21, 22, 23, 24], [21, 22, 23, 24, 25], [1, 1, 1, 1, 1], [0, 1, 2, 3, 4]),
                         ([10, 11, 30, PAD, PAD], [11, 12, 31, PAD, PAD], [1, 1, 2, 0, 0], [0, 1, 0, 0, 0])])
     # buffer_size 1: each document is packed alone (B's two pieces fill the buffer together).
-    rows = _rows(BestFitPackDataset(_dataset(HAND_DOCUMENTS), seq_len=4, buffer_size=1, pad_id=PAD))
+    rows = _rows(BestFitPackDataset(_dataset(HAND_DOCUMENTS), seq_len=4, buffer_size=1, pad_id=PAD, shuffle_seed=None))
     _expect_rows(rows, [([10, 11, PAD, PAD], [11, 12, PAD, PAD], [1, 1, 0, 0], [0, 1, 0, 0]),
                         ([20, 21, 22, 23], [21, 22, 23, 24], [1, 1, 1, 1], [0, 1, 2, 3]),
                         ([24, PAD, PAD, PAD], [25, PAD, PAD, PAD], [1, 0, 0, 0], [0, 0, 0, 0]),
                         ([30, PAD, PAD, PAD], [31, PAD, PAD, PAD], [1, 0, 0, 0], [0, 0, 0, 0])])
+
+
+def test_best_fit_row_shuffle_is_a_seeded_permutation():
+    documents = _random_documents(np.random.default_rng(5), 200, 16)
+
+    def row_keys(shuffle_seed):
+        dataset = BestFitPackDataset(_dataset(documents), seq_len=16, buffer_size=50, shuffle_seed=shuffle_seed)
+        return [tuple(row["tokens"]) + tuple(row["segment_ids"]) for row in dataset]
+
+    in_bin_order, seed_0, seed_1 = row_keys(None), row_keys(0), row_keys(1)
+    assert sorted(seed_0) == sorted(in_bin_order) == sorted(seed_1)
+    assert seed_0 != in_bin_order and seed_0 != seed_1
+    assert row_keys(0) == seed_0
 
 
 def test_concat_then_split_rows_hand_made():
