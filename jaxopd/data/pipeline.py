@@ -235,8 +235,10 @@ def make_pipeline(data_config: ml_collections.ConfigDict, *, seq_len: int, batch
     # Empty documents are counted, then dropped: they have no token to train on.
     dataset = dataset.map(_CountDocuments(stats)).filter(lambda document: len(document["tokens"]) > 0)
     if data_config.packing == "best_fit":
+        # Best-fit emits a buffer's rows length-sorted; the packer reshuffles them with this seed.
         dataset = BestFitPackDataset(dataset, seq_len=seq_len, buffer_size=data_config.packing_buffer,
-                                     pad_id=tokenizer.pad_id, stats=packing_stats)
+                                     pad_id=tokenizer.pad_id, shuffle_seed=seed if data_config.shuffle else None,
+                                     stats=packing_stats)
     else:
         dataset = ConcatThenSplitDataset(dataset, seq_len=seq_len, pad_id=tokenizer.pad_id, stats=packing_stats)
     dataset = dataset.batch(batch_size)
