@@ -240,3 +240,28 @@ def test_process_defaults_come_from_jax():
     config.update(read_threads=1, packing_buffer=32)
     explicit = take(make_pipeline(config, seq_len=32, batch_size=2, seed=0, process_index=0, process_count=1), 2)
     assert_same_batches(take(make_pipeline(config, seq_len=32, batch_size=2, seed=0), 2), explicit)
+
+
+def test_every_source_kind_gives_the_same_batches(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    texts = [f"def f{i}():\n    return {i} * 'é'\n" * (i % 5 + 1) for i in range(30)]
+    (tmp_path / "docs.txt").write_text("\f".join(texts))
+    pq.write_table(pa.table({"text": texts}), tmp_path / "docs.parquet", row_group_size=7)
+    writer = ArrayRecordWriter(str(tmp_path / "docs.array_record"), "group_size:1")
+    for text in texts:
+        writer.write(text.encode())
+    writer.close()
+    configs = {
+        "text": data_config(tmp_path / "docs.txt", source="text", separator="\f"),
+        "jsonl": data_config(write_jsonl(tmp_path / "docs.jsonl", texts)),
+        "parquet": data_config(tmp_path / "docs.parquet", source="parquet"),
+        "array_record": data_config(tmp_path / "docs.array_record", source="array_record"),
+    }
+    runs = {kind: take(make_pipeline(_with(config, fim_rate=0.5, eval_fraction=0.1, packing_buffer=16), seq_len=48, batch_size=2,
+                                     seed=1, process_index=0, process_count=1), 6)
+            for kind, config in configs.items()}
+    for kind in ("text", "parquet", "array_record"):
+        assert_same_batches(runs[kind], runs["jsonl"])
