@@ -68,3 +68,8 @@ def test_hf_backend_behind_the_same_interface(tmp_path):
 def test_missing_tokenizer_path_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="data.tokenizer"):
         load_tokenizer(tmp_path / "nope.model")
+
+
+def test_too_small_vocabulary_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size=20"):
+        tokenizer_lib.train_sentencepiece([CODE], tmp_path / "m.model", vocab_size=20)
