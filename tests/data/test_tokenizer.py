@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 
@@ -67,3 +68,9 @@ def test_missing_tokenizer_path_is_a_clear_error(tmp_path):
 def test_too_small_vocabulary_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="vocab_size=20"):
         tokenizer_lib.train_sentencepiece([CODE], tmp_path / "m.model", vocab_size=20)
+
+
+def test_hf_backend_without_tokenizers_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ImportError, match=r"jaxopd\[hf\]"):
+        HFTokenizer(tmp_path)
