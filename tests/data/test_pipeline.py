@@ -268,8 +268,8 @@ def test_every_source_kind_gives_the_same_batches(tmp_path):
         "parquet": data_config(tmp_path / "docs.parquet", source="parquet"),
         "array_record": data_config(tmp_path / "docs.array_record", source="array_record"),
     }
-    runs = {kind: take(make_pipeline(_with(config, fim_rate=0.5, eval_fraction=0.1, packing_buffer=16), seq_len=48, batch_size=2,
-                                     seed=1, process_index=0, process_count=1), 6)
+    runs = {kind: take(make_pipeline(_with(config, fim_rate=0.5, eval_fraction=0.1, packing_buffer=16), seq_len=48,
+                                     batch_size=2, seed=1, process_index=0, process_count=1), 6)
             for kind, config in configs.items()}
     for kind in ("text", "parquet", "array_record"):
         assert_same_batches(runs[kind], runs["jsonl"])
