@@ -146,7 +146,9 @@ def chunked_cross_entropy(
 def token_logprobs(
     hidden: Array, unembed: Array, tokens: Array, *, chunk_size: int, temperature: float = 1.0
 ) -> Array:
-    """log softmax(hidden @ unembed / temperature) at `tokens`: [batch, seq, d], [d, vocab], [batch, seq] -> [batch, seq].
+    """log softmax(hidden @ unembed / temperature) at `tokens`.
+
+    hidden [batch, seq, d], unembed [d, vocab], tokens [batch, seq] int -> [batch, seq] float32.
 
     Used to score sampled tokens under the student (with gradient) and the teacher (without).
     """
@@ -174,7 +176,9 @@ def forward_kl(student_logits: Array, teacher_logits: Array, *, temperature: flo
     return reverse_kl(teacher_logits, student_logits, temperature=temperature)
 
 
-def generalized_jsd(student_logits: Array, teacher_logits: Array, *, beta: float = 0.5, temperature: float = 1.0) -> Array:
+def generalized_jsd(
+    student_logits: Array, teacher_logits: Array, *, beta: float = 0.5, temperature: float = 1.0
+) -> Array:
     """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 1), TRL's beta convention.
 
     With M = beta * pi_teacher + (1 - beta) * pi_student:

@@ -274,15 +274,15 @@ def test_chunked_divergence_matches_float64_and_gradient_matches_unchunked(diver
     def chunked(sh, su, th, tu):
         return losses.chunked_divergence(sh, su, th, tu, chunk_size=3, **kwargs)
 
-    np.testing.assert_allclose(chunked(*map(f32, (s_hidden, s_unembed, t_hidden, t_unembed))), want, rtol=1e-4, atol=1e-6)
+    inputs = tuple(map(f32, (s_hidden, s_unembed, t_hidden, t_unembed)))
+    np.testing.assert_allclose(chunked(*inputs), want, rtol=1e-4, atol=1e-6)
 
     mask = f32(rng.random((B, T)) > 0.3)
     by_name = {"reverse_kl": losses.reverse_kl, "forward_kl": losses.forward_kl}
     full = lambda s, t: by_name[divergence](s, t, temperature=temperature) if divergence in by_name else (
         losses.generalized_jsd(s, t, beta=beta, temperature=temperature))
     unchunked = lambda sh, su: jnp.sum(mask * full(sh @ su, f32(t_hidden) @ f32(t_unembed)))
-    grads = jax.grad(lambda *a: jnp.sum(mask * chunked(*a)), argnums=(0, 1, 2, 3))(
-        *map(f32, (s_hidden, s_unembed, t_hidden, t_unembed)))
+    grads = jax.grad(lambda *a: jnp.sum(mask * chunked(*a)), argnums=(0, 1, 2, 3))(*inputs)
     ref = jax.grad(unchunked, argnums=(0, 1))(f32(s_hidden), f32(s_unembed))
     np.testing.assert_allclose(grads[0], ref[0], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(grads[1], ref[1], rtol=1e-4, atol=1e-6)
