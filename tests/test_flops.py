@@ -1,8 +1,11 @@
 """Analytic parameter / FLOP counts against hand-listed parameter shapes and DeepSeek's published model sizes."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxopd.model
 from jaxopd import flops
 from jaxopd.model.config import ModelConfig
 
@@ -99,6 +102,16 @@ def test_count_params_matches_hand_listed_shapes(name):
     assert set(got) == set(want)
     for key in want:
         assert got[key] == want[key], (key, got[key], want[key])
+
+
+@pytest.mark.skipif(not hasattr(jaxopd.model, "Transformer"), reason="jaxopd.model.Transformer has not landed yet")
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_count_params_total_equals_model_param_tree(name):
+    config = CONFIGS[name]
+    model = jaxopd.model.Transformer(config)
+    init = lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+    leaves = jax.tree.leaves(jax.eval_shape(init, jax.random.key(0)))
+    assert flops.count_params(config)["total"] == sum(int(np.prod(leaf.shape)) for leaf in leaves)
 
 
 def test_deepseek_v3_matches_published_671b_total_37b_activated():
