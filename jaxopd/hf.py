@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxopd.hf_config import config_from_hf, config_to_hf
-from jaxopd.hf_mapping import Entry, ignorable, param_entries, shared_copies
+from jaxopd.hf_mapping import Entry, ignorable, join_parts, param_entries, shared_copies
 
 if TYPE_CHECKING:
     from jaxopd.model import Transformer
@@ -73,6 +73,7 @@ class _Checkpoint:
                 with safe_open(file, framework="np") as handle:
                     self.file_of.update({name: file for name in handle.keys()})
         self._handles: dict[Path, Any] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
         self.quantized = {name[: -len("_scale_inv")] for name in self.file_of if name.endswith("_scale_inv")}
 
     def _handle(self, file: Path) -> Any:
@@ -88,25 +89,26 @@ class _Checkpoint:
         if name not in handle.keys():
             raise ValueError(f"tensor {name!r} is listed in {self.where} but missing from {file}")
         if handle.get_slice(name).get_dtype() == "F8_E4M3":
-            return _read_float8(file, name)  # numpy has no float8 type for safetensors to hand back
+            return self._read_float8(file, name)  # numpy has no float8 type for safetensors to hand back
         return handle.get_tensor(name)
+
+    def _read_float8(self, file: Path, name: str) -> np.ndarray:
+        # safetensors layout: 8-byte little-endian header size, JSON header, then raw little-endian tensor bytes.
+        if file not in self._headers:
+            with open(file, "rb") as stream:
+                header_size = int.from_bytes(stream.read(8), "little")
+                self._headers[file] = (8 + header_size, json.loads(stream.read(header_size)))
+        data_start, header = self._headers[file]
+        begin, _ = header[name]["data_offsets"]
+        shape = header[name]["shape"]
+        data = np.fromfile(file, dtype=ml_dtypes.float8_e4m3fn, count=math.prod(shape), offset=data_start + begin)
+        return data.reshape(shape)
 
     def read(self, name: str, block: Sequence[int]) -> np.ndarray:
         """The tensor `name`, dequantized to float32 if the checkpoint stores `name + "_scale_inv"` beside it."""
         if name in self.quantized:
             return dequantize_fp8_blockwise(self._raw(name), self._raw(name + "_scale_inv"), block)
         return self._raw(name)
-
-
-def _read_float8(file: Path, name: str) -> np.ndarray:
-    # safetensors layout: 8-byte little-endian header size, JSON header, then raw little-endian tensor bytes.
-    with open(file, "rb") as stream:
-        header_size = int.from_bytes(stream.read(8), "little")
-        info = json.loads(stream.read(header_size))[name]
-    begin, _ = info["data_offsets"]
-    count = math.prod(info["shape"])
-    data = np.fromfile(file, dtype=ml_dtypes.float8_e4m3fn, count=count, offset=8 + header_size + begin)
-    return data.reshape(info["shape"])
 
 
 def _lookup(tree: dict, path: tuple[str, ...]) -> Any:
@@ -169,6 +171,7 @@ def load_hf(path: str | os.PathLike, dtype: str = "bfloat16", mesh: Optional[jax
         raise ValueError("load_hf: mesh given without rules; pass the logical axis rules that map parameter axes "
                          "(embed, mlp, experts, ...) to mesh axes")
     hf_config = json.loads((path / "config.json").read_text())
+    dtype = jnp.dtype(dtype).name
     config = config_from_hf(hf_config).replace(dtype=dtype, param_dtype=dtype)
     checkpoint = _Checkpoint(path)
     mtp_prefix = f"model.layers.{config.num_layers}."
@@ -257,7 +260,7 @@ def save_hf(model: "Transformer", params: dict, path: str | os.PathLike, max_sha
       dtype: stored dtype ("bfloat16", "float32"); defaults to `model.config.param_dtype`.
     """
     config = model.config
-    dtype = dtype or config.param_dtype
+    dtype = jnp.dtype(dtype or config.param_dtype).name
     np_dtype = np.dtype(jnp.dtype(dtype))
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -272,17 +275,18 @@ def save_hf(model: "Transformer", params: dict, path: str | os.PathLike, max_sha
     copies: dict[str, list[str]] = {}
     for copy, source in shared_copies(config).items():
         copies.setdefault(source, []).append(copy)
-    parts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    parts: dict[str, list[tuple[Entry, np.ndarray]]] = {}
     for entry in entries:
-        value = np.asarray(jax.device_get(_lookup(params, entry.path))).astype(np_dtype)
+        value = np.asarray(jax.device_get(_lookup(params, entry.path)))
+        if value.dtype == jnp.dtype(config.param_dtype):  # parameters the model keeps in float32 stay float32
+            value = value.astype(np_dtype)
         for index in np.ndindex(entry.names.shape):
             name = entry.names[index]
-            parts.setdefault(name, []).append((entry.part_start, entry.to_hf(value[index])))
+            parts.setdefault(name, []).append((entry, entry.to_hf(value[index])))
             parts_left[name] -= 1
             if parts_left[name]:
                 continue
-            pieces = [piece for _, piece in sorted(parts.pop(name), key=lambda item: item[0])]
-            tensor = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=entry.part_axis)
+            tensor = join_parts(parts.pop(name))
             for stored_name in [name, *copies.get(name, [])]:
                 writer.add(stored_name, tensor)
     writer.finish()

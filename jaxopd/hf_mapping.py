@@ -20,6 +20,18 @@ from jaxopd.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
+class Part:
+    """A block of output rows of a Hugging Face linear weight that several of our parameters share: the weight's
+    `[out, in]` rows viewed as `[groups, size]` (e.g. `[heads, nope + v]` for MLA's kv_b_proj), this parameter
+    being rows `[:, start:stop]`."""
+
+    groups: int
+    size: int
+    start: int
+    stop: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Entry:
     """One parameter of ours.
 
@@ -27,7 +39,7 @@ class Entry:
     names: Hugging Face tensor names, array of the shape of our stacked leading axes ([] or [experts]).
     layout: "linear" (HF [out, in] -> ours [in..., out...]; `in_ndim` leading axes of ours form `in`),
       "vector" (any shape <-> 1-D), or "table" (same 2-D layout, e.g. embeddings).
-    part: (axis, start, stop) of the HF tensor this parameter is, when the tensor is shared with other entries.
+    part: set when this parameter is only a `Part` of a linear weight.
     fill: value to use when the tensor is absent (parameters the source architecture does not have).
     """
 
@@ -35,37 +47,42 @@ class Entry:
     names: np.ndarray
     layout: str
     in_ndim: int = 1
-    part: Optional[tuple[int, int, int]] = None
+    part: Optional[Part] = None
     fill: Optional[float] = None
-
-    @property
-    def part_axis(self) -> int:
-        return self.part[0] if self.part else 0
-
-    @property
-    def part_start(self) -> int:
-        return self.part[1] if self.part else 0
 
     def to_ours(self, hf_tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """One slice of our parameter, `shape` without the stacked axes, from one Hugging Face tensor."""
         if self.part:
-            axis, start, stop = self.part
-            hf_tensor = np.take(hf_tensor, np.arange(start, stop), axis=axis)
+            p = self.part
+            if hf_tensor.ndim != 2 or hf_tensor.shape[0] != p.groups * p.size:
+                raise ValueError(f"tensor {self.names.flat[0]!r} has shape {hf_tensor.shape}; config.json implies "
+                                 f"{p.groups * p.size} rows")
+            rows = hf_tensor.reshape(p.groups, p.size, -1)[:, p.start:p.stop]
+            hf_tensor = rows.reshape(-1, hf_tensor.shape[1])
         if self.layout == "linear":
             hf_tensor = hf_tensor.T
         if math.prod(hf_tensor.shape) != math.prod(shape):
-            raise ValueError(f"tensor {self.names.flat[0]!r}{' part ' + str(self.part) if self.part else ''} has shape "
-                             f"{hf_tensor.shape}, which does not fit parameter {'/'.join(self.path)} of shape {shape} "
-                             "implied by config.json")
+            raise ValueError(f"tensor {self.names.flat[0]!r} has shape {hf_tensor.shape}, which does not fit parameter "
+                             f"{'/'.join(self.path)} of shape {shape} implied by config.json")
         return hf_tensor.reshape(shape)
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
-        """The inverse of `to_ours` for one slice (its part only, when `part` is set)."""
+        """The inverse of `to_ours` for one slice; for a `Part`, its rows as `[groups, stop - start, in]`."""
         if self.layout == "linear":
-            return ours.reshape(math.prod(ours.shape[: self.in_ndim]), -1).T
+            weight = ours.reshape(math.prod(ours.shape[: self.in_ndim]), -1).T
+            return weight.reshape(self.part.groups, -1, weight.shape[1]) if self.part else weight
         if self.layout == "vector":
             return ours.reshape(-1)
         return ours
+
+
+def join_parts(parts: list[tuple[Entry, np.ndarray]]) -> np.ndarray:
+    """One Hugging Face tensor from the `to_hf` outputs of all the entries that share it."""
+    if len(parts) == 1 and parts[0][0].part is None:
+        return parts[0][1]
+    ordered = [piece for _, piece in sorted(parts, key=lambda item: item[0].part.start)]
+    joined = np.concatenate(ordered, axis=1)
+    return joined.reshape(-1, joined.shape[-1])
 
 
 def _one(path: tuple[str, ...], name: str, layout: str, **kwargs) -> Entry:
