@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxopd.hf_config import config_from_hf, config_to_hf
-from jaxopd.hf_mapping import Entry, ignorable, join_parts, param_entries, shared_copies
+from jaxopd.hf_mapping import Entry, ignorable, param_entries, shared_copies
 
 if TYPE_CHECKING:
     from jaxopd.model import Transformer
@@ -267,26 +267,20 @@ def save_hf(model: "Transformer", params: dict, path: str | os.PathLike, max_sha
     (path / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2))
     params = nn.unbox(params)
     writer = _ShardWriter(path, max_shard_size)
-    entries = param_entries(config)
-    parts_left: dict[str, int] = {}
-    for entry in entries:
-        for name in entry.names.flat:
-            parts_left[name] = parts_left.get(name, 0) + 1
     copies: dict[str, list[str]] = {}
     for copy, source in shared_copies(config).items():
         copies.setdefault(source, []).append(copy)
-    parts: dict[str, list[tuple[Entry, np.ndarray]]] = {}
-    for entry in entries:
+    for entry in param_entries(config):
         value = np.asarray(jax.device_get(_lookup(params, entry.path)))
+        if entry.fill is not None and np.all(value == entry.fill):
+            continue  # a parameter the target architecture lacks, still at its neutral value
+        if entry.fill is not None:
+            raise ValueError(f"save_hf: {'/'.join(entry.path)} is not {entry.fill} everywhere, but "
+                             f"{config_to_hf(config, dtype)['model_type']} has no such tensor")
         if value.dtype == jnp.dtype(config.param_dtype):  # parameters the model keeps in float32 stay float32
             value = value.astype(np_dtype)
         for index in np.ndindex(entry.names.shape):
-            name = entry.names[index]
-            parts.setdefault(name, []).append((entry, entry.to_hf(value[index])))
-            parts_left[name] -= 1
-            if parts_left[name]:
-                continue
-            tensor = join_parts(parts.pop(name))
-            for stored_name in [name, *copies.get(name, [])]:
+            tensor = entry.to_hf(value[index])
+            for stored_name in [entry.names[index], *copies.get(entry.names[index], [])]:
                 writer.add(stored_name, tensor)
     writer.finish()

@@ -3,8 +3,7 @@
 One `Entry` per parameter of ours. Hugging Face stores `nn.Linear` weights as `[out, in]`; we store kernels as
 `[in..., out...]` with heads split out (`[d_model, heads, head_dim]`), and stack routed experts into `[experts, ...]`.
 An entry's `names` array has the shape of our stacked leading axes (`[experts]` for expert weights, `[]` otherwise);
-each name fills one slice. A Hugging Face tensor split between two of our parameters (MLA's `kv_b_proj` holds the
-no-rope keys and the values) gives two entries with the same names and different `part`s.
+each name fills one slice.
 """
 
 from __future__ import annotations
@@ -20,18 +19,6 @@ from jaxopd.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Part:
-    """A block of output rows of a Hugging Face linear weight that several of our parameters share: the weight's
-    `[out, in]` rows viewed as `[groups, size]` (e.g. `[heads, nope + v]` for MLA's kv_b_proj), this parameter
-    being rows `[:, start:stop]`."""
-
-    groups: int
-    size: int
-    start: int
-    stop: int
-
-
-@dataclasses.dataclass(frozen=True)
 class Entry:
     """One parameter of ours.
 
@@ -39,7 +26,6 @@ class Entry:
     names: Hugging Face tensor names, array of the shape of our stacked leading axes ([] or [experts]).
     layout: "linear" (HF [out, in] -> ours [in..., out...]; `in_ndim` leading axes of ours form `in`),
       "vector" (any shape <-> 1-D), or "table" (same 2-D layout, e.g. embeddings).
-    part: set when this parameter is only a `Part` of a linear weight.
     fill: value to use when the tensor is absent (parameters the source architecture does not have).
     """
 
@@ -47,18 +33,10 @@ class Entry:
     names: np.ndarray
     layout: str
     in_ndim: int = 1
-    part: Optional[Part] = None
     fill: Optional[float] = None
 
     def to_ours(self, hf_tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """One slice of our parameter, `shape` without the stacked axes, from one Hugging Face tensor."""
-        if self.part:
-            p = self.part
-            if hf_tensor.ndim != 2 or hf_tensor.shape[0] != p.groups * p.size:
-                raise ValueError(f"tensor {self.names.flat[0]!r} has shape {hf_tensor.shape}; config.json implies "
-                                 f"{p.groups * p.size} rows")
-            rows = hf_tensor.reshape(p.groups, p.size, -1)[:, p.start:p.stop]
-            hf_tensor = rows.reshape(-1, hf_tensor.shape[1])
         if self.layout == "linear":
             hf_tensor = hf_tensor.T
         if math.prod(hf_tensor.shape) != math.prod(shape):
@@ -67,22 +45,12 @@ class Entry:
         return hf_tensor.reshape(shape)
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
-        """The inverse of `to_ours` for one slice; for a `Part`, its rows as `[groups, stop - start, in]`."""
+        """The inverse of `to_ours` for one slice."""
         if self.layout == "linear":
-            weight = ours.reshape(math.prod(ours.shape[: self.in_ndim]), -1).T
-            return weight.reshape(self.part.groups, -1, weight.shape[1]) if self.part else weight
+            return ours.reshape(math.prod(ours.shape[: self.in_ndim]), -1).T
         if self.layout == "vector":
             return ours.reshape(-1)
         return ours
-
-
-def join_parts(parts: list[tuple[Entry, np.ndarray]]) -> np.ndarray:
-    """One Hugging Face tensor from the `to_hf` outputs of all the entries that share it."""
-    if len(parts) == 1 and parts[0][0].part is None:
-        return parts[0][1]
-    ordered = [piece for _, piece in sorted(parts, key=lambda item: item[0].part.start)]
-    joined = np.concatenate(ordered, axis=1)
-    return joined.reshape(-1, joined.shape[-1])
 
 
 def _one(path: tuple[str, ...], name: str, layout: str, **kwargs) -> Entry:
@@ -110,20 +78,16 @@ def _attention_entries(config: ModelConfig, ours: tuple[str, ...], hf: str) -> l
             entries += [_one(ours + ("q_norm", "scale"), f"{hf}.q_norm.weight", "vector"),
                         _one(ours + ("k_norm", "scale"), f"{hf}.k_norm.weight", "vector")]
         return entries
-    heads, nope, rope, v = config.num_heads, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
     if config.q_lora_rank is None:
         entries = [_one(ours + ("q",), f"{hf}.q_proj.weight", "linear")]
     else:
         entries = [_one(ours + ("q_a",), f"{hf}.q_a_proj.weight", "linear"),
                    _one(ours + ("q_a_norm", "scale"), f"{hf}.q_a_layernorm.weight", "vector"),
                    _one(ours + ("q_b",), f"{hf}.q_b_proj.weight", "linear")]
-    kv_a = f"{hf}.kv_a_proj_with_mqa.weight"
-    kv_b = f"{hf}.kv_b_proj.weight"
-    del heads, nope, rope, v
     return entries + [
-        _one(ours + ("kv_a",), kv_a, "linear"),
+        _one(ours + ("kv_a",), f"{hf}.kv_a_proj_with_mqa.weight", "linear"),
         _one(ours + ("kv_a_norm", "scale"), f"{hf}.kv_a_layernorm.weight", "vector"),
-        _one(ours + ("kv_b",), kv_b, "linear"),
+        _one(ours + ("kv_b",), f"{hf}.kv_b_proj.weight", "linear"),
         _one(ours + ("o",), f"{hf}.o_proj.weight", "linear", in_ndim=2),
     ]
 

@@ -12,7 +12,6 @@ from safetensors.torch import save_file as save_torch_file
 
 from jaxopd.hf import _Checkpoint, _ShardWriter, dequantize_fp8_blockwise
 from jaxopd.hf_config import config_from_hf, config_to_hf
-from jaxopd.hf_mapping import Entry, Part, join_parts
 from jaxopd.model.config import RopeScaling
 
 DEEPSEEK_V3 = {
@@ -159,17 +158,3 @@ def test_index_naming_a_tensor_its_shard_lacks_is_reported(tmp_path):
     with pytest.raises(ValueError, match="tensor 'b' is listed in .* but missing from .*model-00001-of-00001"):
         _Checkpoint(tmp_path).read("b", (128, 128))
 
-
-def test_split_linear_weight_round_trips():
-    """MLA's kv_b_proj [heads * (nope + v), rank] shared by a keys and a values parameter [rank, heads, nope|v]."""
-    heads, nope, v, rank = 3, 4, 5, 6
-    weight = np.random.default_rng(0).normal(size=(heads * (nope + v), rank))
-    per_head = weight.reshape(heads, nope + v, rank)
-    name = np.array("kv_b_proj.weight", dtype=object)
-    keys = Entry(("w_uk",), name, "linear", part=Part(heads, nope + v, 0, nope))
-    values = Entry(("w_uv",), name, "linear", part=Part(heads, nope + v, nope, nope + v))
-    w_uk, w_uv = keys.to_ours(weight, (rank, heads, nope)), values.to_ours(weight, (rank, heads, v))
-    np.testing.assert_array_equal(w_uk, per_head[:, :nope].transpose(2, 0, 1))
-    np.testing.assert_array_equal(w_uv, per_head[:, nope:].transpose(2, 0, 1))
-    joined = join_parts([(values, values.to_hf(w_uv)), (keys, keys.to_hf(w_uk))])
-    np.testing.assert_array_equal(joined, weight)

@@ -15,6 +15,9 @@ from safetensors.torch import save_file as save_torch_file
 import jaxopd
 from jaxopd.hf import _Checkpoint
 
+# transformers' save_pretrained keeps num_nextn_predict_layers=1 but drops the MTP weights; test_mtp_* covers that.
+pytestmark = pytest.mark.filterwarnings("ignore:config.json asks for 1 multi-token-prediction")
+
 VOCAB, SEQ, ORIGINAL_CONTEXT = 96, 24, 16  # SEQ > ORIGINAL_CONTEXT exercises the RoPE extension
 TOLERANCE = 1e-4
 YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=ORIGINAL_CONTEXT,
@@ -170,7 +173,11 @@ def test_fp8_checkpoint_matches_transformers_on_dequantized_weights(tmp_path):
                                      "weight_block_size": [128, 128]}
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
 
-    reference.load_state_dict({n: torch.from_numpy(t) for n, t in tensors.items()}, strict=False)
+    # transformers reads the float64-dequantized weights from a plain float32 copy of the checkpoint.
+    randomized(deepseek_v3(q_lora_rank=24)).save_pretrained(tmp_path / "dequantized")
+    save_file(tensors, tmp_path / "dequantized" / "model.safetensors", metadata={"format": "pt"})
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dequantized", attn_implementation="eager",
+                                                                  dtype=torch.float32).eval()
     tokens, mask = padded_batch()
     model, params = jaxopd.load_hf(tmp_path / "hf", dtype="float32")
     error = max_error_on_real_tokens(jaxopd_logits(model, params, tokens, mask), hf_logits(reference, tokens, mask), mask)
