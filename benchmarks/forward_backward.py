@@ -69,7 +69,7 @@ def main() -> None:
         logits = torch_model(input_ids=torch_inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch_targets.flatten())
         loss.backward()
-        return loss
+        return loss.detach()
 
     jax_loss, torch_loss = float(jax_step()), float(torch_step())
     if abs(jax_loss - torch_loss) > 1e-3 * max(1.0, abs(torch_loss)):
