@@ -158,3 +158,12 @@ def test_index_naming_a_tensor_its_shard_lacks_is_reported(tmp_path):
     with pytest.raises(ValueError, match="tensor 'b' is listed in .* but missing from .*model-00001-of-00001"):
         _Checkpoint(tmp_path).read("b", (128, 128))
 
+
+
+def test_dynamic_rope_loads_as_static_ntk_with_a_warning():
+    hf = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "max_position_embeddings": 128, "rope_theta": 10000.0,
+          "rope_scaling": {"type": "dynamic", "factor": 2.0}}
+    with pytest.warns(UserWarning, match="static NTK"):
+        config = config_from_hf(hf)
+    assert (config.rope_scaling.kind, config.rope_scaling.factor) == ("ntk", 2.0)

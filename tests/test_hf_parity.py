@@ -278,3 +278,24 @@ def test_checkpoint_reader_sees_every_shard(tmp_path):
     checkpoint = _Checkpoint(tmp_path / "hf")
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert set(checkpoint.file_of) == set(index["weight_map"])
+
+
+def test_bfloat16_load_and_save(tmp_path):
+    """bfloat16 loading rounds each float32 weight once (router and expert bias stay float32); save_hf in bfloat16
+    writes exactly those values, which transformers and load_hf read back."""
+    import jax
+
+    randomized(deepseek_v3(q_lora_rank=24), seed=9).save_pretrained(tmp_path / "hf")
+    _, exact = jaxopd.load_hf(tmp_path / "hf", dtype="float32")
+    model, params = jaxopd.load_hf(tmp_path / "hf", dtype=jnp.bfloat16)
+    for (path, leaf), exact_leaf in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(exact)):
+        keep_float32 = path[-1].key in ("router", "expert_bias")
+        assert leaf.dtype == (jnp.float32 if keep_float32 else jnp.bfloat16), jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(exact_leaf).astype(leaf.dtype))
+
+    jaxopd.save_hf(model, params, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["dtype"] == "bfloat16"
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.bfloat16)
+    _, reloaded = jaxopd.load_hf(tmp_path / "ours", dtype="bfloat16")
+    for leaf, reloaded_leaf in zip(jax.tree.leaves(params), jax.tree.leaves(reloaded)):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(reloaded_leaf))
