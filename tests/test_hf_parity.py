@@ -204,16 +204,50 @@ def _with_mtp_layer(path, num_layers):
     return tensors
 
 
-def test_mtp_module_loads_and_saves_unchanged(tmp_path):
+def _transformers_mtp_hidden(reference, tensors, tokens):
+    """Depth-1 MTP output by transformers' own `MtpLayer` (DeepSeek-V3's decoder layer and RMSNorm; embedding half
+    first), fed the main model's final-norm hidden states and the next token's embedding; `[b, t - 1, d]`."""
+    from transformers.modeling_layers import MtpLayer
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+
+    config, layer = reference.config, reference.config.num_hidden_layers
+    mtp = MtpLayer(config, DeepseekV3DecoderLayer, DeepseekV3RMSNorm, layer).float().eval()
+    prefix, experts = f"model.layers.{layer}.", range(config.n_routed_experts)
+    stacked = {
+        "mtp_block.mlp.experts.gate_up_proj": np.stack([np.concatenate(
+            [tensors[f"{prefix}mlp.experts.{e}.gate_proj.weight"], tensors[f"{prefix}mlp.experts.{e}.up_proj.weight"]])
+            for e in experts]),
+        "mtp_block.mlp.experts.down_proj": np.stack([tensors[f"{prefix}mlp.experts.{e}.down_proj.weight"] for e in experts]),
+    }
+    state = {"post_norm.weight": tensors[prefix + "shared_head.norm.weight"], **stacked}
+    for name, tensor in tensors.items():
+        short = name[len(prefix):]
+        if name.startswith(prefix) and ".experts." not in name and not short.startswith(("shared_head", "embed_tokens")):
+            state[short if short.split(".")[0] in ("enorm", "hnorm", "eh_proj") else "mtp_block." + short] = tensor
+    mtp.load_state_dict({name: torch.from_numpy(np.asarray(t)) for name, t in state.items()}, strict=True)
+    input_ids = torch.from_numpy(tokens)
+    length = tokens.shape[1] - 1
+    with torch.no_grad():
+        hidden = reference.model(input_ids=input_ids).last_hidden_state[:, :length]
+        next_embeddings = reference.model.embed_tokens(input_ids[:, 1:])
+        positions = torch.arange(length)[None].expand(tokens.shape[0], -1)
+        causal = torch.full((length, length), float("-inf")).triu(1)[None, None]
+        return mtp(next_embeddings, hidden, reference.model.rotary_emb(hidden, positions), causal, positions, None).numpy()
+
+
+def test_mtp_module_matches_transformers_mtp_layer_and_saves_unchanged(tmp_path):
     config = deepseek_v3(q_lora_rank=24)
-    randomized(config).save_pretrained(tmp_path / "hf")
+    reference = randomized(config)
+    reference.save_pretrained(tmp_path / "hf")
     written = _with_mtp_layer(tmp_path / "hf", config.num_hidden_layers)
     model, params = jaxopd.load_hf(tmp_path / "hf", dtype="float32")
     assert model.config.mtp_depth == 1
-    tokens, mask = padded_batch()
-    features = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), segment_ids=jnp.asarray(mask, jnp.int32),
-                           positions=jnp.broadcast_to(jnp.arange(SEQ, dtype=jnp.int32), tokens.shape), method="features")
-    assert len(features.mtp_hidden) == 1 and np.isfinite(np.asarray(features.mtp_hidden[0])).all()
+    tokens = np.random.default_rng(2).integers(0, VOCAB, (2, SEQ))
+    features = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), method="features")
+    expected = _transformers_mtp_hidden(reference, written, tokens)
+    error = float(np.abs(np.asarray(features.mtp_hidden[0])[:, : SEQ - 1] - expected).max())
+    print(f"deepseek_v3 MTP: max |hidden error| jaxopd vs transformers MtpLayer = {error:.2e}")
+    assert error <= TOLERANCE
 
     jaxopd.save_hf(model, params, tmp_path / "ours")
     saved = _single_file(tmp_path / "ours")
