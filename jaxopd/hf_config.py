@@ -79,7 +79,7 @@ def _rope_from_hf(hf: dict, model_type: str) -> tuple[float, Optional[RopeScalin
 
 def _moe_from_hf(hf: dict, model_type: str) -> dict:
     num_experts = hf.get("n_routed_experts") or 0
-    if not num_experts:
+    if not num_experts or hf.get("first_k_dense_replace", 0) >= hf["num_hidden_layers"]:
         return dict(first_k_dense=hf["num_hidden_layers"])
     if hf.get("moe_layer_freq", 1) != 1:
         raise _fail(model_type, "moe_layer_freq", hf["moe_layer_freq"],
@@ -249,9 +249,10 @@ def config_to_hf(config: ModelConfig, dtype: str) -> dict:
         v_head_dim=config.v_head_dim,
         attention_bias=False,
         first_k_dense_replace=config.first_k_dense if config.num_experts else config.num_layers,
-        n_routed_experts=config.num_experts or None,
-        num_experts_per_tok=config.num_experts_per_token or None,
-        n_shared_experts=config.num_shared_experts or None,
+        # A dense MLA model is a DeepSeek config whose dense prefix covers every layer (transformers wants ints).
+        n_routed_experts=config.num_experts or 1,
+        num_experts_per_tok=config.num_experts_per_token or 1,
+        n_shared_experts=config.num_shared_experts,
         moe_intermediate_size=config.moe_mlp_dim or config.mlp_dim,
         routed_scaling_factor=config.routed_scaling_factor,
         norm_topk_prob=config.norm_topk_prob,

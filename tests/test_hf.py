@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch_file
 
@@ -67,10 +68,14 @@ def test_gqa_configs(model_type, qk_norm, bias):
     assert config.rope_scaling.original_max_position_embeddings == 32 and config.rope_scaling.factor == 8.0
 
 
-@pytest.mark.parametrize("hf", [DEEPSEEK_V3, {**DEEPSEEK_V3, "q_lora_rank": 24, "rope_interleave": False}])
+@pytest.mark.parametrize("hf", [DEEPSEEK_V3, {**DEEPSEEK_V3, "q_lora_rank": 24, "rope_interleave": False},
+                                {**DEEPSEEK_V3, "first_k_dense_replace": 3}])
 def test_config_round_trips_through_hf(hf):
     config = config_from_hf(hf)
-    assert config_from_hf(config_to_hf(config, "float32")) == config
+    written = config_to_hf(config, "float32")
+    assert config_from_hf(written) == config
+    transformers_config = transformers.AutoConfig.for_model(**written)  # transformers accepts what we write
+    assert transformers_config.num_hidden_layers == config.num_layers
 
 
 @pytest.mark.parametrize("change,message", [
