@@ -18,12 +18,11 @@ def _forward(config, params, tokens, segment_ids, positions):
 
 @functools.partial(jax.jit, static_argnames="config")
 def _decode(config, params, tokens, positions, segment_ids, cache, cache_index):
-    return Transformer(config).apply(
-        {"params": params}, tokens, positions, segment_ids, cache, cache_index, method="decode"
-    )
+    return Transformer(config).apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids,
+                                     cache=cache, cache_index=cache_index, method="decode")
 
 
-@pytest.mark.parametrize("name", ["mla_moe", "mla_direct_q", "gqa"])
+@pytest.mark.parametrize("name", ["mla_moe", "gqa"])
 def test_prefill_then_steps_equal_full_forward_with_left_padding(name):
     config = CONFIGS[name]
     params = init_params(config)
@@ -48,6 +47,19 @@ def test_prefill_then_steps_equal_full_forward_with_left_padding(name):
                                    err_msg=f"slots [{begin}, {end})")
     np.testing.assert_array_equal(cache["segment_ids"][:, :total], segment_ids)
     assert not np.asarray(cache["segment_ids"][:, total:]).any()
+
+
+def test_decode_positions_default_to_cache_slots():
+    config = CONFIGS["gqa"]
+    params = init_params(config)
+    tokens = random_tokens(config, (2, 6))
+    full = Transformer(config).apply({"params": params}, tokens)
+    decode = jax.jit(functools.partial(Transformer(config).apply, method="decode"))
+    cache = init_cache(config, 2, 8, "float32")
+    prompt_logits, cache = decode({"params": params}, tokens[:, :4], cache=cache, cache_index=jnp.int32(0))
+    step_logits, cache = decode({"params": params}, tokens[:, 4:5], cache=cache, cache_index=jnp.int32(4))
+    np.testing.assert_allclose(prompt_logits, full[:, :4], atol=5e-5)
+    np.testing.assert_allclose(step_logits, full[:, 4:5], atol=5e-5)
 
 
 def test_mla_cache_holds_only_latent_and_rope_key():

@@ -21,7 +21,7 @@ def _apply(config, params, tokens, segment_ids=None, positions=None, method="__c
     return Transformer(config).apply({"params": params}, tokens, segment_ids, positions, method=method)
 
 
-def test_shapes_and_dtypes(config):
+def test_shapes_dtypes_and_logits_from_hidden(config):
     config = config.replace(dtype="bfloat16")
     params = init_params(config)
     tokens = random_tokens(config, (2, 7))
@@ -38,6 +38,9 @@ def test_shapes_and_dtypes(config):
         name = jax.tree_util.keystr(path)
         want = jnp.float32 if ("router" in name or "expert_bias" in name) else jnp.dtype(config.param_dtype)
         assert leaf.dtype == want, name
+    # Losses chunk hidden @ unembedding instead of materializing logits: both must agree.
+    head = np.asarray(unembedding(params, config).astype(jnp.bfloat16), np.float64)
+    np.testing.assert_allclose(logits, np.asarray(features.hidden, np.float64) @ head, rtol=1e-4, atol=1e-4)
 
 
 def test_params_carry_only_contract_logical_axes(config):
@@ -49,21 +52,15 @@ def test_params_carry_only_contract_logical_axes(config):
         assert set(leaf.names) <= ALLOWED_PARAM_AXES, leaf.names
 
 
-def test_hidden_times_unembedding_equals_logits(config):
-    params = init_params(config)
-    tokens = random_tokens(config, (2, 5))
-    hidden = _apply(config, params, tokens, method="features").hidden
-    expected = np.asarray(hidden, np.float64) @ np.asarray(unembedding(params, config), np.float64)
-    np.testing.assert_allclose(_apply(config, params, tokens), expected, rtol=1e-5, atol=1e-5)
-
-
 def test_default_positions_restart_per_segment():
     segment_ids = jnp.array([[0, 0, 1, 1, 1, 2, 2, 3], [1, 1, 1, 1, 2, 2, 0, 0]])
     expected = [[0, 1, 0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1, 0, 1]]
     np.testing.assert_array_equal(default_positions(segment_ids), expected)
 
 
-def test_packed_documents_equal_separate_runs(config):
+@pytest.mark.parametrize("name", ["mla_moe", "mla_direct_q", "gqa"])
+def test_packed_documents_equal_separate_runs(name):
+    config = CONFIGS[name]
     params = init_params(config)
     lengths, row = (5, 3, 4), 14  # packed into one row: 12 tokens + 2 padding
     docs = [random_tokens(config, (n,), seed=10 + i) for i, n in enumerate(lengths)]
@@ -83,17 +80,15 @@ def test_packed_documents_equal_separate_runs(config):
 
 def test_mtp_depth_k_at_position_i_reads_token_i_plus_k():
     """mtp_hidden[k-1][:, i] (predicting token i+k+1) depends on tokens <= i+k and on nothing later."""
-    config = MLA_MOE
+    config, seq, changed_at = MLA_MOE, 8, 5
     params = init_params(config)
-    tokens = random_tokens(config, (1, 10))
-    changed_at = 6
-    other = tokens.at[0, changed_at].set((tokens[0, changed_at] + 1) % config.vocab_size)
-    before = _apply(config, params, tokens, method="features")
-    after = _apply(config, params, other, method="features")
-    moved = lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(-1)[0] > 1e-6
-    np.testing.assert_array_equal(moved(before.hidden, after.hidden), np.arange(10) >= changed_at)
-    for depth, (a, b) in enumerate(zip(before.mtp_hidden, after.mtp_hidden), start=1):
-        np.testing.assert_array_equal(moved(a, b), np.arange(10) >= changed_at - depth)
+    tokens = random_tokens(config, (1, seq))
+    tokens = jnp.concatenate([tokens, tokens.at[0, changed_at].set((tokens[0, changed_at] + 1) % config.vocab_size)])
+    features = _apply(config, params, tokens, jnp.ones_like(tokens), method="features")
+    moved = lambda h: np.abs(np.asarray(h[0]) - np.asarray(h[1])).max(-1) > 1e-6
+    np.testing.assert_array_equal(moved(features.hidden), np.arange(seq) >= changed_at)
+    for depth, hidden in enumerate(features.mtp_hidden, start=1):
+        np.testing.assert_array_equal(moved(hidden), np.arange(seq) >= changed_at - depth)
 
 
 def test_mtp_ignores_the_next_document():
@@ -101,11 +96,11 @@ def test_mtp_ignores_the_next_document():
     config = MLA_MOE
     params = init_params(config)
     tokens = random_tokens(config, (1, 8))
-    segment_ids = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2]])
-    a = _apply(config, params, tokens, segment_ids=segment_ids, method="features")
-    b = _apply(config, params, tokens.at[0, 4:].set(3), segment_ids=segment_ids, method="features")
-    for depth_a, depth_b in zip(a.mtp_hidden, b.mtp_hidden):
-        np.testing.assert_array_equal(depth_a[0, :4], depth_b[0, :4])
+    tokens = jnp.concatenate([tokens, tokens.at[0, 4:].set(3)])
+    segment_ids = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2]] * 2)
+    features = _apply(config, params, tokens, segment_ids, method="features")
+    for hidden in features.mtp_hidden:
+        np.testing.assert_array_equal(hidden[0, :4], hidden[1, :4])
 
 
 def test_moe_load_counts_real_tokens_and_bias_takes_no_gradient():
