@@ -78,15 +78,17 @@ def _attention_splash(q, k, v, q_segment_ids, kv_segment_ids, scale, sliding_win
 
     Its mask is causal by array index (a LocalMask for a sliding window) and-ed with segment equality, so it equals our
     rule only when positions are the offsets of tokens inside their document (the batch contract: positions restart
-    at 0 and go up by 1). Positions are not read. On CPU it runs in Pallas interpret mode (slow: tests only); on TPU
-    blocks must be multiples of 128 (its lane width); the sequence is padded to a multiple of them. Padding rows (segment 0) attend among
-    themselves inside the kernel, which needs no empty row, and are zeroed after.
+    at 0 and go up by 1). Positions are not read. On CPU it runs in Pallas interpret mode (slow: tests only). Blocks
+    must be multiples of 128 (the TPU lane width); the sequence is padded to a multiple of them. Padding rows
+    (segment 0) attend among themselves inside the kernel, which needs no empty row, and are zeroed after.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-    original_len = seq_len = q.shape[1]
-    heads = q.shape[2]
+    if jax.default_backend() not in ("tpu", "cpu"):
+        raise ValueError(f"attention implementation='splash' is a TPU kernel (CPU runs its interpreter, for tests); on "
+                         f"{jax.default_backend()} use 'cudnn' or 'blockwise'")
+    seq_len, heads = q.shape[1], q.shape[2]
     if block_q % 128 or block_kv % 128:
         raise ValueError(f"attention implementation='splash': block_q={block_q} and block_kv={block_kv} must be "
                          "multiples of 128 (the TPU lane width the kernel tiles by)")
@@ -94,14 +96,15 @@ def _attention_splash(q, k, v, q_segment_ids, kv_segment_ids, scale, sliding_win
     block_q, block_kv = min(block_q, lane_len), min(block_kv, lane_len)
     tile = math.lcm(block_q, block_kv)
     padded_len = -(-seq_len // tile) * tile
-    # Tail padding gets segment 0; padded rows then see only padded keys (causally, so never an empty row).
-    pad_len = lambda x: jnp.pad(x, [(0, 0), (0, padded_len - seq_len)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-    q, k, v, q_segment_ids, kv_segment_ids = map(pad_len, (q, k, v, q_segment_ids, kv_segment_ids))
-    seq_len = padded_len
+
+    def pad_to_tiles(x):  # tail padding gets segment 0, so padded rows see only padded keys (never an empty row)
+        return jnp.pad(x, [(0, 0), (0, padded_len - seq_len)] + [(0, 0)] * (x.ndim - 2))
+
+    q, k, v, q_segment_ids, kv_segment_ids = map(pad_to_tiles, (q, k, v, q_segment_ids, kv_segment_ids))
     if sliding_window is None:
-        head_mask = splash_mask.CausalMask((seq_len, seq_len))
+        head_mask = splash_mask.CausalMask((padded_len, padded_len))
     else:
-        head_mask = splash_mask.LocalMask((seq_len, seq_len), window_size=(sliding_window - 1, 0), offset=0)
+        head_mask = splash_mask.LocalMask((padded_len, padded_len), window_size=(sliding_window - 1, 0), offset=0)
     block_sizes = splash.BlockSizes(
         block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q, block_kv_dkv=block_kv,
         block_kv_dkv_compute=block_kv, block_q_dq=block_q, block_kv_dq=block_kv)
@@ -117,7 +120,7 @@ def _attention_splash(q, k, v, q_segment_ids, kv_segment_ids, scale, sliding_win
         jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
         q_segment_ids, kv_segment_ids)
     out_BxTxHxV = jnp.where((q_segment_ids != 0)[:, :, None, None], jnp.swapaxes(out_BxHxTxV, 1, 2), 0)
-    return out_BxTxHxV[:, :original_len].astype(q.dtype)
+    return out_BxTxHxV[:, :seq_len].astype(q.dtype)
 
 
 def attention(

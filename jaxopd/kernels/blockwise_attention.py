@@ -9,7 +9,7 @@ FlashAttention-2 (Dao 2023, Alg. 1 and 2):
   row logsumexp m + log l.
 - backward (custom_vjp): each [block_q, block_kv] tile of probabilities is recomputed as exp(logits - logsumexp);
   with delta = rowsum(d_out * out), d_logits = p * (d_out v^T - delta). An outer scan over key blocks accumulates
-  dk, dv; its inner scan over query blocks emits dq contributions that the outer scan sums.
+  dk, dv; its inner scan over query blocks adds each tile's dq into one float32 dq buffer.
 So the residuals kept between forward and backward are q, k, v, out and logsumexp: O(len), not O(q_len * kv_len).
 
 Tiles whose mask is all false (future keys under causality, other documents, beyond the sliding window, padding) are
@@ -121,11 +121,12 @@ def _blockwise_backward(scale, sliding_window, residuals, d_out_blocks):
         k_BxSxKxD, v_BxSxKxV, kv_segment_ids, kv_positions = key_inputs
 
         def query_block_step(carry, query_inputs):
-            q_BxQxKxGxD, d_out_BxQxKxGxV, logsumexp_BxQxKxG, delta_BxQxKxG, q_segment_ids, q_positions = query_inputs
+            index, q_BxQxKxGxD, d_out_BxQxKxGxV, logsumexp_BxQxKxG, delta_BxQxKxG, q_segment_ids, q_positions = (
+                query_inputs)
             mask_BxQxS = _attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
 
             def tile_grads(carry):
-                dk_BxSxKxD, dv_BxSxKxV = carry
+                dq_blocks, dk_BxSxKxD, dv_BxSxKxV = carry
                 logits_BxQxKxGxS, visible = _tile_logits(q_BxQxKxGxD, k_BxSxKxD, mask_BxQxS, scale)
                 probs_BxQxKxGxS = jnp.where(visible, jnp.exp(logits_BxQxKxGxS - logsumexp_BxQxKxG[..., None]), 0.0)
                 dv_BxSxKxV += jnp.einsum("bqkgs,bqkgv->bskv", probs_BxQxKxGxS.astype(d_out_BxQxKxGxV.dtype),
@@ -137,18 +138,16 @@ def _blockwise_backward(scale, sliding_window, residuals, d_out_blocks):
                                           preferred_element_type=jnp.float32)
                 dk_BxSxKxD += jnp.einsum("bqkgs,bqkgd->bskd", d_logits_BxQxKxGxS.astype(q_BxQxKxGxD.dtype),
                                          q_BxQxKxGxD, preferred_element_type=jnp.float32)
-                return (dk_BxSxKxD, dv_BxSxKxV), dq_BxQxKxGxD
+                # Added into the one float32 dq buffer in place (a loop carry), rather than stacked per key block.
+                return dq_blocks.at[index].add(dq_BxQxKxGxD), dk_BxSxKxD, dv_BxSxKxV
 
-            def skip(carry):
-                return carry, jnp.zeros(q_BxQxKxGxD.shape, jnp.float32)
+            return lax.cond(mask_BxQxS.any(), tile_grads, lambda carry: carry, carry), None
 
-            return lax.cond(mask_BxQxS.any(), tile_grads, skip, carry)
-
-        init = (jnp.zeros(k_BxSxKxD.shape, jnp.float32), jnp.zeros(v_BxSxKxV.shape, jnp.float32))
-        (dk_BxSxKxD, dv_BxSxKxV), dq_contributions = lax.scan(
-            query_block_step, init,
-            (q_blocks, d_out_blocks, logsumexp_blocks, delta_blocks, q_segment_blocks, q_position_blocks))
-        return dq_blocks + dq_contributions, (dk_BxSxKxD, dv_BxSxKxV)
+        init = (dq_blocks, jnp.zeros(k_BxSxKxD.shape, jnp.float32), jnp.zeros(v_BxSxKxV.shape, jnp.float32))
+        (dq_blocks, dk_BxSxKxD, dv_BxSxKxV), _ = lax.scan(
+            query_block_step, init, (jnp.arange(q_blocks.shape[0]), q_blocks, d_out_blocks, logsumexp_blocks,
+                                     delta_blocks, q_segment_blocks, q_position_blocks))
+        return dq_blocks, (dk_BxSxKxD, dv_BxSxKxV)
 
     dq_blocks, (dk_blocks, dv_blocks) = lax.scan(
         key_block_grads, jnp.zeros(q_blocks.shape, jnp.float32),
