@@ -174,11 +174,13 @@ def blockwise_attention(
     block_q: int = 512,
     block_kv: int = 512,
 ) -> jnp.ndarray:
-    """Attention with peak memory O(block_q * block_kv) per head instead of O(q_len * kv_len), in both directions.
+    """Attention whose memory, forward and backward, is O(len) buffers plus one [block_q, block_kv] tile per head,
+    instead of the [q_len, kv_len] float32 logits per head of the "xla" path.
 
     Arguments and result as `attention.attention` (which validates them; use it with implementation="blockwise"),
     plus the tile size: block_q queries by block_kv keys (each clipped to its length; lengths need not be multiples,
-    the tail is padded with segment id 0). Larger tiles mean fewer loop steps and more memory per step.
+    the tail is padded with segment id 0). Larger tiles mean fewer loop steps and more memory per step. Reverse-mode
+    differentiable (custom_vjp); forward-mode (jvp) is not defined.
 
     Returns:
       `[batch, q_len, heads, value_dim]` in q.dtype.
