@@ -121,6 +121,23 @@ def test_bfloat16_inputs_keep_dtype_and_match_xla():
         assert np.abs(got - want).max() <= 0.03 * np.abs(want).max()
 
 
+def test_fully_masked_tiles_are_skipped_not_read():
+    """NaN values in the last key block: causality masks them for every query before it, and a tile that was
+    computed anyway would turn them into NaN (0 * NaN). So finite results there show the tiles were skipped."""
+    rng = np.random.default_rng(10)
+    segment_ids, positions = _packed_batch([(32,)], 32)
+    q, k, v = _random(rng, 1, 32, 2, 8), _random(rng, 1, 32, 2, 8), _random(rng, 1, 32, 2, 8)
+    v[:, 24:] = np.nan
+    out, grads = _run("blockwise", q, k, v, segment_ids, segment_ids, positions, positions, scale=0.3, block_q=8,
+                      block_kv=8)
+    expected = _reference(q, k, np.nan_to_num(v), segment_ids, segment_ids, positions, positions, 0.3)
+    np.testing.assert_allclose(np.asarray(out)[:, :24], expected[:, :24], rtol=1e-5, atol=1e-5)
+    assert np.isnan(np.asarray(out)[:, 24:]).all()
+    # dq of the early queries and dv of the early keys only involve skipped tiles besides finite ones (dk does not:
+    # the late queries' NaN output reaches every key they see).
+    assert np.isfinite(np.asarray(grads[0])[:, :24]).all() and np.isfinite(np.asarray(grads[2])[:, :24]).all()
+
+
 def test_mla_naive_blockwise_equals_xla():
     rng = np.random.default_rng(8)
     heads, nope, rope, rank, v_dim = 3, 8, 4, 10, 6
