@@ -169,6 +169,24 @@ def test_forward_backward_never_holds_a_seq_by_seq_array():
     assert _fwd_bwd_temp_bytes("blockwise", seq_len, block_q=128, block_kv=128) < logits_bytes / 8
 
 
+def test_batch_sharded_over_devices_communicates_once():
+    """With the batch split over 8 devices, the skip decisions must not all-reduce once per tile inside the loops:
+    the compiled gradient holds a single all-reduce (of the [q_blocks, kv_blocks] visibility table)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    shape = jax.ShapeDtypeStruct((8, 64, 2, 8), jnp.float32, sharding=rows)
+    ids = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=rows)
+
+    def loss(q, k, v, segment_ids, positions):
+        return jnp.sum(attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
+                                 kv_positions=positions, scale=0.3, implementation="blockwise", block_q=16,
+                                 block_kv=16))
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape, ids, ids).compile().as_text()
+    all_reduces = [line for line in hlo.splitlines() if " all-reduce(" in line or " all-reduce-start(" in line]
+    assert len(all_reduces) == 1 and "pred[4,4]" in all_reduces[0], all_reduces
+
+
 def test_splash_route_in_interpret_mode_matches_float64_and_xla_gradients():
     """Pallas splash attention run by the Pallas interpreter on CPU: packed documents, GQA, a sliding window, a
     length (200) padded up to its 128-wide tiles."""
