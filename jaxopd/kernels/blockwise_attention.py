@@ -34,11 +34,12 @@ from jaxopd.kernels.attention import _attention_mask
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-def _to_blocks(x: jnp.ndarray, block: int, fill: int = 0) -> jnp.ndarray:
-    """`[batch, len, ...]` -> `[num_blocks, batch, block, ...]`, padding len up to a multiple of block with fill."""
+def _to_blocks(x: jnp.ndarray, block: int) -> jnp.ndarray:
+    """`[batch, len, ...]` -> `[num_blocks, batch, block, ...]`, zero-padding len up to a multiple of block (for
+    segment ids, zero is padding: the added queries see nothing and the added keys are seen by nothing)."""
     batch, length = x.shape[:2]
     num_blocks = -(-length // block)
-    x = jnp.pad(x, [(0, 0), (0, num_blocks * block - length)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    x = jnp.pad(x, [(0, 0), (0, num_blocks * block - length)] + [(0, 0)] * (x.ndim - 2))
     return jnp.moveaxis(x.reshape(batch, num_blocks, block, *x.shape[2:]), 1, 0)
 
 
