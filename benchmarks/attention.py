@@ -2,7 +2,8 @@
 
 Memory is XLA's own figure for the compiled step (`compiled.memory_analysis().temp_size_in_bytes`: the scratch it
 allocates beyond inputs and outputs), so it is exact and costs no run; a step whose figure is over --max-run-gb, or
-longer than --run-up-to, is compiled but not run. Each run first checks that both paths agree, then times the median of --repeats steps.
+longer than --run-up-to, is compiled but not run. Each run first checks that both paths agree, then times the
+median of --repeats steps.
 Inputs: one row of causal self-attention over a single document (so "blockwise" skips the tiles above the diagonal).
 
 Run: PYTHONPATH=. /work/venv/bin/python -m benchmarks.attention [--seq-lens 1024,2048,4096,8192,32768,131072
@@ -67,7 +68,8 @@ def main():
             temp_mib[impl] = compiled[impl].memory_analysis().temp_size_in_bytes / 2**20
         runnable = [impl for impl in compiled if temp_mib[impl] <= 1024 * a.max_run_gb and seq_len <= a.run_up_to]
         if len(runnable) == 2:  # both paths must compute the same loss and gradients before they are timed
-            for got, want in zip(jax.tree.leaves(compiled["blockwise"](*args)), jax.tree.leaves(compiled["xla"](*args))):
+            results = {impl: jax.tree.leaves(compiled[impl](*args)) for impl in runnable}
+            for got, want in zip(results["blockwise"], results["xla"]):
                 np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                            rtol=2e-2, atol=2e-3 * float(np.abs(np.asarray(want, np.float32)).max()))
         for impl in runnable:

@@ -122,7 +122,8 @@ def _forward(q_blocks, k_blocks, v_blocks, q_segment_blocks, kv_segment_blocks, 
 def _blockwise(q_blocks, k_blocks, v_blocks, q_segment_blocks, kv_segment_blocks, q_position_blocks,
                kv_position_blocks, scale, sliding_window):
     """q_blocks `[nq, b, bq, kv_heads, groups, dk]`, k_blocks `[nk, b, bk, kv_heads, dk]`, v_blocks
-    `[nk, b, bk, kv_heads, dv]`, segment ids and positions `[nq, b, bq]` / `[nk, b, bk]` -> out like q_blocks with dv."""
+    `[nk, b, bk, kv_heads, dv]`, segment ids and positions `[nq, b, bq]` / `[nk, b, bk]`
+    -> out `[nq, b, bq, kv_heads, groups, dv]`."""
     visible_tiles = _visible_tiles(q_segment_blocks, kv_segment_blocks, q_position_blocks, kv_position_blocks,
                                    sliding_window)
     return _forward(q_blocks, k_blocks, v_blocks, q_segment_blocks, kv_segment_blocks, q_position_blocks,
