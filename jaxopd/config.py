@@ -1,0 +1,156 @@
+"""Run configuration helpers: ml_collections files, model presets, locked overrides, the saved resolved config.
+
+A run config is a `get_config()` file in `configs/` returning a `ConfigDict` (see configs/tiny_pretrain.py for every
+key). Overrides come from the command line as `--config.a.b=v` (absl + `config_flags`, as in the Flax examples); the
+config is locked, so a misspelt key fails with the close valid keys listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import pathlib
+import typing
+from typing import Any, Iterable, Optional
+
+import ml_collections
+from ml_collections import config_dict
+
+from jaxopd.model.config import ModelConfig, RopeScaling
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """All dotted key paths of a config, nested ones included (`optimizer.schedule.peak_lr`)."""
+    keys = []
+    for name, value in config.items():
+        path = f"{prefix}{name}"
+        keys.append(path)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(flat_keys(value, prefix=f"{path}."))
+    return keys
+
+
+def check_override_keys(config: ml_collections.ConfigDict, argv: Iterable[str], flag_name: str = "config") -> None:
+    """Raises ValueError for a `--config.key=...` argument whose key is not in the config, listing close valid keys.
+
+    ml_collections would also refuse the key (the config is locked); this check runs first to say it in one line.
+    """
+    valid = flat_keys(config)
+    prefix = f"--{flag_name}."
+    for arg in argv:
+        if not arg.startswith(prefix):
+            continue
+        key = arg[len(prefix):].split("=", 1)[0]
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=5, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else "see the config file for the valid keys."
+            raise ValueError(f"unknown config key {key!r} in {arg!r}: {hint}")
+
+
+def load_config_file(path: str | pathlib.Path, overrides: Optional[dict[str, Any]] = None) -> ml_collections.ConfigDict:
+    """Loads `get_config()` from a config file, applies {"a.b": value} overrides and locks the result.
+
+    The programmatic twin of `--config=path --config.a.b=v` for tests and notebooks.
+    """
+    config = _load_module(pathlib.Path(path)).get_config()
+    config.lock()
+    overrides = overrides or {}
+    check_override_keys(config, [f"--config.{key}=" for key in overrides])
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def load_model_preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """The model preset `models/<name>.py` as a ConfigDict with every `ModelConfig` field (overridable from the CLI).
+
+    The preset's `get_config()` may return a `ModelConfig`, a dict or a ConfigDict of `ModelConfig` fields.
+    """
+    path = REPO_ROOT / "models" / f"{name}.py"
+    if not path.exists():
+        available = sorted(p.stem for p in (REPO_ROOT / "models").glob("*.py"))
+        raise ValueError(f"no model preset {name!r} in {path.parent}; available: {available}")
+    preset = _load_module(path).get_config()
+    if dataclasses.is_dataclass(preset):
+        preset = dataclasses.asdict(preset)
+    fields = dict(preset)
+    fields.update(overrides)
+    return model_config_dict(fields)
+
+
+def model_config_dict(fields: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A ConfigDict holding every ModelConfig field, optional ones as typed placeholders so the CLI can set them."""
+    hints = typing.get_type_hints(ModelConfig)
+    unknown = set(fields) - set(hints)
+    if unknown:
+        raise ValueError(f"model preset has fields {sorted(unknown)} that ModelConfig does not have")
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    result = ml_collections.ConfigDict()
+    for name, hint in hints.items():
+        value = fields.get(name, defaults[name])
+        if name == "rope_scaling":
+            result[name] = _rope_scaling_dict(value)
+        elif value is None or value is dataclasses.MISSING:
+            result[name] = config_dict.placeholder(_optional_type(hint))
+        else:
+            result[name] = value
+    return result
+
+
+def to_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
+    """The frozen ModelConfig described by a run config's `model` section."""
+    fields = model.to_dict()
+    missing = [f.name for f in dataclasses.fields(ModelConfig)
+               if f.default is dataclasses.MISSING and fields.get(f.name) is None]
+    if missing:
+        raise ValueError(f"config.model is missing required fields {missing}; set them in the preset or as overrides")
+    scaling = fields.pop("rope_scaling", None)
+    if scaling is not None and scaling.get("kind") is None:
+        scaling = None
+    return ModelConfig(**fields, rope_scaling=RopeScaling(**scaling) if scaling is not None else None)
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+    """The resolved config as indented JSON (what is printed at start and saved as workdir/config.json)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
+    path = pathlib.Path(workdir) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_json(config))
+    return path
+
+
+def _rope_scaling_dict(value: Any) -> ml_collections.ConfigDict:
+    """RopeScaling fields, with `kind` None meaning "no scaling" so every field stays overridable."""
+    if isinstance(value, RopeScaling):
+        value = dataclasses.asdict(value)
+    defaults = dataclasses.asdict(RopeScaling(kind=""))
+    defaults.update(value or {})
+    result = ml_collections.ConfigDict(defaults)
+    if value is None:
+        result.kind = config_dict.placeholder(str)
+    return result
+
+
+def _optional_type(hint: Any) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _load_module(path: pathlib.Path) -> Any:
+    if not path.exists():
+        raise ValueError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_jaxopd_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
