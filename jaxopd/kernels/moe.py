@@ -1,0 +1,302 @@
+"""DeepSeekMoE kernels: routing, dropless expert compute, load accounting and load balancing.
+
+Public API (pure functions on arrays and Python numbers; no Flax, no configs):
+
+  route(logits [..., experts], bias [experts] | None, *, top_k, score="sigmoid"|"softmax", num_groups=1,
+        topk_groups=1, normalize=True, scale=1.0)
+      -> (expert_ids [..., top_k] int32, weights [..., top_k] float32, scores [..., experts] float32)
+  moe_experts(x [tokens, d], expert_ids [tokens, k], weights [tokens, k],
+              w_gate [experts, d, f], w_up [experts, d, f], w_down [experts, f, d]) -> [tokens, d]
+  moe_experts_expert_parallel(<moe_experts args>, *, mesh, expert_axis="expert",
+                              token_axes=("data", "fsdp", "expert")) -> [tokens, d]   (shard_map over experts)
+  expert_load(expert_ids [..., k], num_experts, mask [...] | None = None) -> [experts] float32
+  update_balance_bias(bias [experts], load [experts], rate) -> [experts]
+  sequence_balance_loss(scores [batch, seq, experts], expert_ids [batch, seq, k], segment_ids [batch, seq] | None)
+      -> scalar float32 (multiply by the balance factor alpha yourself)
+
+Typical DeepSeek-V3 layer (the shared experts are a plain SwiGLU added outside):
+  ids, w, scores = route(x @ w_router, expert_bias, top_k=8, num_groups=8, topk_groups=4, scale=2.5)
+  y = moe_experts(x, ids, w, w_gate, w_up, w_down)
+  load = expert_load(ids, num_experts, mask)        # then, outside the gradient: update_balance_bias(...)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+# transformers' DeepseekV3TopkRouter adds this to the top-k sum before normalizing, so an all-zero row stays finite.
+_NORMALIZE_EPS = 1e-20
+
+
+def _check_route_args(num_experts: int, top_k: int, score: str, num_groups: int, topk_groups: int) -> None:
+    if score not in ("sigmoid", "softmax"):
+        raise ValueError(f'score={score!r} is not supported: use "sigmoid" (DeepSeek-V3) or "softmax" (V2, Qwen-MoE)')
+    if num_groups < 1 or num_experts % num_groups:
+        raise ValueError(f"num_groups={num_groups} must be >= 1 and divide num_experts={num_experts}")
+    if not 1 <= topk_groups <= num_groups:
+        raise ValueError(f"topk_groups={topk_groups} must lie in [1, num_groups={num_groups}]")
+    reachable = topk_groups * (num_experts // num_groups)
+    if not 1 <= top_k <= reachable:
+        raise ValueError(
+            f"top_k={top_k} must lie in [1, {reachable}]: only topk_groups * experts_per_group experts can be chosen"
+        )
+
+
+def route(
+    logits: jax.Array,
+    bias: Optional[jax.Array] = None,
+    *,
+    top_k: int,
+    score: str = "sigmoid",
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    normalize: bool = True,
+    scale: float = 1.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Choose `top_k` experts per token and their gate weights.
+
+    Args:
+      logits: router logits `[..., experts]` (usually `[tokens, experts]`); scored in float32.
+      bias: `[experts]` load-balancing bias (DeepSeek-V3 `e_score_correction_bias`) or None. It changes which
+        experts are chosen, never the gate weights, and receives no gradient.
+      top_k: experts per token.
+      score: "sigmoid" (DeepSeek-V3) or "softmax" over all experts (DeepSeek-V2, Qwen-MoE, Mixtral).
+      num_groups, topk_groups: group-limited routing (DeepSeek-V2/V3): experts form `num_groups` equal groups, only
+        the best `topk_groups` groups per token are eligible. A group's score is the sum of its two best biased
+        scores for sigmoid (V3) and its best score for softmax (V2).
+      normalize: divide the k gate weights by their sum (V3 `norm_topk_prob`; Mixtral's softmax over the top-k
+        logits is the same thing).
+      scale: multiplies the final weights (`routed_scaling_factor`).
+
+    Returns:
+      expert_ids `[..., top_k]` int32, weights `[..., top_k]` float32, scores `[..., experts]` float32 (the
+      unbiased sigmoid or softmax scores, for the sequence-wise balance loss).
+    """
+    num_experts = logits.shape[-1]
+    _check_route_args(num_experts, top_k, score, num_groups, topk_groups)
+    if bias is not None and bias.shape != (num_experts,):
+        raise ValueError(f"bias has shape {bias.shape}; expected ({num_experts},) to match the logits' experts axis")
+
+    logits = logits.astype(jnp.float32)
+    scores = jax.nn.sigmoid(logits) if score == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+    choice = scores if bias is None else scores + jax.lax.stop_gradient(bias.astype(jnp.float32))
+    choice = jax.lax.stop_gradient(choice)  # selection is discrete; gradients reach the logits via `weights`
+    if num_groups > 1:
+        per_group = num_experts // num_groups
+        choice_xGxS = choice.reshape(*choice.shape[:-1], num_groups, per_group)
+        if score == "sigmoid":
+            group_scores = jax.lax.top_k(choice_xGxS, min(2, per_group))[0].sum(-1)
+        else:
+            group_scores = choice_xGxS.max(-1)
+        _, kept_groups = jax.lax.top_k(group_scores, topk_groups)
+        keep_xG = jax.nn.one_hot(kept_groups, num_groups, dtype=jnp.bool_).any(-2)
+        choice = jnp.where(keep_xG[..., None], choice_xGxS, -jnp.inf).reshape(choice.shape)
+    _, expert_ids = jax.lax.top_k(choice, top_k)
+    weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
+    if normalize:
+        weights = weights / (weights.sum(-1, keepdims=True) + _NORMALIZE_EPS)
+    return expert_ids.astype(jnp.int32), weights * scale, scores
+
+
+def moe_experts(
+    x: jax.Array,
+    expert_ids: jax.Array,
+    weights: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+) -> jax.Array:
+    """Dropless routed-expert SwiGLU: `sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`.
+
+    The `tokens * k` (token, slot) pairs are sorted by expert, gathered into one `[tokens * k, d]` array and run
+    through grouped matmuls (`jax.lax.ragged_dot` with per-expert group sizes), then unsorted and combined. No
+    capacity, no dropped tokens, no `[tokens, experts, d]` array. (On CPU, XLA lowers ragged_dot densely over
+    experts; GPU and TPU have native grouped kernels.)
+
+    Args:
+      x: `[tokens, d]`.
+      expert_ids: `[tokens, k]` int, values in `[0, experts)`.
+      weights: `[tokens, k]` gate weights.
+      w_gate, w_up: `[experts, d, f]`; w_down: `[experts, f, d]`.
+
+    Returns:
+      `[tokens, d]` in x's dtype (matmuls accumulate and combine in float32).
+    """
+    tokens, d = x.shape
+    num_experts, _, f = w_gate.shape
+    if expert_ids.ndim != 2 or expert_ids.shape[0] != tokens or weights.shape != expert_ids.shape:
+        raise ValueError(
+            f"expert_ids {expert_ids.shape} and weights {weights.shape} must both be [tokens={tokens}, k]"
+        )
+    if w_gate.shape != (num_experts, d, f) or w_up.shape != (num_experts, d, f) or w_down.shape != (num_experts, f, d):
+        raise ValueError(
+            f"expert weights w_gate {w_gate.shape}, w_up {w_up.shape}, w_down {w_down.shape} must be "
+            f"[experts, d={d}, f], [experts, d, f], [experts, f, d]"
+        )
+    return _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, first_expert=0)
+
+
+def _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, first_expert):
+    """Experts `[first_expert, first_expert + w_gate.shape[0])` applied to their (token, slot) pairs; pairs routed
+    to other experts contribute zero. `[tokens, d]` float32-combined, in x's dtype."""
+    tokens, d = x.shape
+    num_local, k = w_gate.shape[0], expert_ids.shape[1]
+    flat_ids = expert_ids.reshape(-1) - first_expert
+    # Other experts' pairs go to a trailing bucket: after the stable sort they sit past sum(group_sizes).
+    flat_ids = jnp.where((flat_ids >= 0) & (flat_ids < num_local), flat_ids, num_local)
+    order = jnp.argsort(flat_ids, stable=True)  # sorted row -> flat (token, slot) index
+    group_sizes = jnp.bincount(flat_ids, length=num_local).astype(jnp.int32)
+    x_sorted_MxD = x[order // k]
+
+    gate_MxF = jax.lax.ragged_dot(x_sorted_MxD, w_gate, group_sizes, preferred_element_type=jnp.float32)
+    up_MxF = jax.lax.ragged_dot(x_sorted_MxD, w_up, group_sizes, preferred_element_type=jnp.float32)
+    hidden_MxF = (jax.nn.silu(gate_MxF) * up_MxF).astype(x.dtype)
+    out_sorted_MxD = jax.lax.ragged_dot(hidden_MxF, w_down, group_sizes, preferred_element_type=jnp.float32)
+    # ragged_dot leaves rows outside every group unspecified; zero them explicitly.
+    in_group_M = jnp.arange(order.shape[0]) < group_sizes.sum()
+    out_sorted_MxD = jnp.where(in_group_M[:, None], out_sorted_MxD, 0.0)
+
+    # Unsort with the inverse permutation (a gather, whose gradient is a scatter) and weight the k slots.
+    inverse_order = jnp.argsort(order)
+    out_TxKxD = out_sorted_MxD[inverse_order].reshape(tokens, k, d)
+    out_TxD = jnp.einsum("tkd,tk->td", out_TxKxD, weights.astype(jnp.float32))
+    return out_TxD.astype(x.dtype)
+
+
+def moe_experts_expert_parallel(
+    x: jax.Array,
+    expert_ids: jax.Array,
+    weights: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    *,
+    mesh: jax.sharding.Mesh,
+    expert_axis: str = "expert",
+    token_axes: tuple[str, ...] = ("data", "fsdp", "expert"),
+) -> jax.Array:
+    """`moe_experts` with the experts sharded over the mesh axis `expert_axis` (expert parallelism, via shard_map).
+
+    Tokens are sharded over those of `token_axes` that the mesh has; each device holds experts
+    `[i * E/n, (i+1) * E/n)` for its index i along `expert_axis`. When tokens are sharded over `expert_axis` too,
+    each device all-gathers the tokens of its expert group, runs its own experts on the pairs routed to them, and a
+    reduce-scatter sums the partial outputs back to the token owners; otherwise a psum does. Dropless, with static
+    shapes and no capacity factor; it moves every token to every expert shard (all-gather rather than a ragged
+    all-to-all), trading bandwidth for simplicity.
+
+    Args/returns as `moe_experts`; `tokens` must divide by the product of the token axes' sizes, `experts` by the
+    size of `expert_axis`.
+    """
+    if expert_axis not in mesh.shape:
+        raise ValueError(f"expert_axis={expert_axis!r} is not a mesh axis; the mesh has {tuple(mesh.shape)}")
+    num_experts, num_shards = w_gate.shape[0], mesh.shape[expert_axis]
+    if num_experts % num_shards:
+        raise ValueError(f"num_experts={num_experts} must divide by the {expert_axis!r} mesh axis size {num_shards}")
+    token_axes = tuple(a for a in token_axes if a in mesh.shape)
+    token_shards = int(np.prod([mesh.shape[a] for a in token_axes]))
+    if x.shape[0] % token_shards:
+        raise ValueError(f"tokens={x.shape[0]} must divide by the token axes {token_axes} total size {token_shards}")
+    tokens_over_experts = expert_axis in token_axes
+    token_spec = P(token_axes or None)
+    expert_spec = P(expert_axis)
+
+    def local(x, expert_ids, weights, w_gate, w_up, w_down):
+        if tokens_over_experts:
+            x, expert_ids, weights = (
+                jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x, expert_ids, weights)
+            )
+        else:
+            # Mark the replicated tokens as varying over the expert axis so the transpose psums their cotangent
+            # over expert shards (jax 0.10.2 returned a wrong x gradient without it, see the tests).
+            x, weights = jax.lax.pcast((x, weights), expert_axis, to="varying")
+        first_expert = jax.lax.axis_index(expert_axis) * w_gate.shape[0]
+        out = _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, first_expert)
+        if tokens_over_experts:
+            return jax.lax.psum_scatter(out, expert_axis, tiled=True)
+        return jax.lax.psum(out, expert_axis)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(token_spec,) * 3 + (expert_spec,) * 3,
+        out_specs=token_spec,
+    )(x, expert_ids, weights, w_gate, w_up, w_down)
+
+
+def expert_load(expert_ids: jax.Array, num_experts: int, mask: Optional[jax.Array] = None) -> jax.Array:
+    """Fraction of routed slots that went to each expert, `[experts]` float32 (sums to 1, or 0 if all masked).
+
+    Args:
+      expert_ids: `[..., k]` int.
+      num_experts: E.
+      mask: `[...]` (expert_ids without its last axis); nonzero marks real tokens, padding is not counted.
+    """
+    if mask is None:
+        mask = jnp.ones(expert_ids.shape[:-1], jnp.float32)
+    elif mask.shape != expert_ids.shape[:-1]:
+        raise ValueError(f"mask has shape {mask.shape}; expected {expert_ids.shape[:-1]} (expert_ids without k)")
+    slot_mask = jnp.broadcast_to((mask != 0)[..., None], expert_ids.shape).astype(jnp.float32)
+    counts = jnp.zeros(num_experts, jnp.float32).at[expert_ids.reshape(-1)].add(slot_mask.reshape(-1))
+    return counts / jnp.maximum(counts.sum(), 1.0)
+
+
+def update_balance_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+    """Auxiliary-loss-free balancing (DeepSeek-V3 sec. 2.1.2): raise the bias of under-loaded experts by `rate`
+    (the paper's gamma), lower it for over-loaded ones. `load` is `expert_load`'s output (or raw counts)."""
+    load = load.astype(jnp.float32)
+    return (bias + rate * jnp.sign(load.mean() - load)).astype(bias.dtype)
+
+
+def sequence_balance_loss(
+    scores: jax.Array,
+    expert_ids: jax.Array,
+    segment_ids: Optional[jax.Array] = None,
+) -> jax.Array:
+    """Sequence-wise balance loss (DeepSeek-V3 eqs. 17-20), averaged over sequences; the caller multiplies by alpha.
+
+    Per sequence of T tokens: f_i = E / (K T) * #{t : i in top-k(t)}, P_i = mean_t s_{i,t} / sum_j s_{j,t},
+    loss = sum_i f_i P_i (1 when perfectly balanced; larger when not). Gradients flow through P (the scores).
+
+    Args:
+      scores: `[batch, seq, experts]` unbiased router scores (route's third output).
+      expert_ids: `[batch, seq, k]` chosen experts.
+      segment_ids: `[batch, seq]` int or None. Each (row, nonzero segment id) is one sequence, 0 is padding and
+        ignored; pass `(segment_ids > 0)` to treat each packed row as one sequence. None: every row is one sequence.
+    """
+    batch, seq, num_experts = scores.shape
+    k = expert_ids.shape[-1]
+    if expert_ids.shape[:2] != (batch, seq):
+        raise ValueError(f"expert_ids has shape {expert_ids.shape}; expected [batch={batch}, seq={seq}, k]")
+    if segment_ids is None:
+        segment_ids = jnp.ones((batch, seq), jnp.int32)
+    elif segment_ids.shape != (batch, seq):
+        raise ValueError(f"segment_ids has shape {segment_ids.shape}; expected [batch={batch}, seq={seq}]")
+
+    # One flat id per (row, segment); segment ids are < seq + 1 per row, padding goes to a dropped bucket.
+    valid = (segment_ids > 0).reshape(-1)
+    num_sequences = batch * (seq + 1)
+    sequence_of_token = (jnp.arange(batch)[:, None] * (seq + 1) + segment_ids).reshape(-1)
+    sequence_of_token = jnp.where(valid, sequence_of_token, num_sequences)
+
+    scores_NxE = scores.astype(jnp.float32).reshape(-1, num_experts)
+    # Padding rows may hold anything (even all zeros); keep them out of the division so no NaN reaches the gradient.
+    scores_NxE = jnp.where(valid[:, None], scores_NxE, 1.0)
+    normalized_NxE = scores_NxE / scores_NxE.sum(-1, keepdims=True)
+    segment_sum = lambda data: jax.ops.segment_sum(data, sequence_of_token, num_segments=num_sequences + 1)[:-1]
+    tokens_S = segment_sum(valid.astype(jnp.float32))
+    selected_SxE = (
+        jnp.zeros((num_sequences + 1, num_experts), jnp.float32)
+        .at[sequence_of_token[:, None], expert_ids.reshape(-1, k)]
+        .add(1.0)[:-1]
+    )
+    has_tokens_S = tokens_S > 0
+    per_token_S = 1.0 / jnp.where(has_tokens_S, tokens_S, 1.0)
+    f_SxE = (num_experts / k) * selected_SxE * per_token_S[:, None]
+    p_SxE = segment_sum(normalized_NxE) * per_token_S[:, None]
+    loss_S = (f_SxE * p_SxE).sum(-1)
+    return jnp.where(has_tokens_S, loss_S, 0.0).sum() / jnp.maximum(has_tokens_S.sum(), 1)
