@@ -154,3 +154,44 @@ def _load_module(path: pathlib.Path) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every run-config key with its default; configs/*.py start from this and set `model` (a preset) and sizes."""
+    from jaxopd.data.pipeline import default_data_config
+
+    config = ml_collections.ConfigDict()
+    config.workdir = "workdirs/run"
+    config.steps = 1000
+    config.seed = 0
+    config.batch_size = 8  # global sequences per optimizer step (the final size when batch_ramp is on)
+    config.microbatch_size = 8  # sequences per forward/backward; batch_size / microbatch_size accumulation steps
+    config.seq_len = 128
+    config.log_every = 10
+    config.eval_every = 100  # 0: no eval; the eval pass is data.eval_batches microbatches of split "eval"
+    config.checkpoint_every = 100
+    config.keep_checkpoints = 3
+    config.async_checkpoints = True
+    config.progress_bar = True
+    config.unigram_entropy_batches = 0  # >0: log the unigram entropy of that many training microbatches at start
+    config.data_shards = 0  # data pipelines per run (0: one per process); fix it to keep data order across host counts
+    config.model = ml_collections.ConfigDict()  # set by the config file: load_model_preset(name, **overrides)
+    config.data = default_data_config()
+    # Objective: "ce" (next-token cross-entropy); the distillation losses register more (jaxopd/train_step.py).
+    config.loss = "ce"
+    config.loss_chunk_size = 512  # sequence positions per chunk of the chunked CE (bounds the [rows, chunk, vocab])
+    config.z_loss_weight = 0.0
+    config.mtp_weight = 0.3  # DeepSeek-V3 §4.2: lambda = 0.3 for the first 10T tokens, 0.1 after
+    config.moe_balance_weight = 1e-4  # sequence-wise balance loss alpha (DeepSeek-V3 §4.2)
+    config.moe_bias_rate = 1e-3  # aux-loss-free bias update speed gamma (DeepSeek-V3 §4.2)
+    config.skip_nonfinite_steps = False  # True: a NaN/Inf step leaves the state unchanged; False: stop the run
+    config.optimizer = ml_collections.ConfigDict(dict(
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0,
+        schedule=dict(kind="warmup_cosine", peak_lr=3e-4, warmup_steps=100, decay_start=100, decay_end=1000,
+                      end_lr=3e-5, final_step=-1, final_lr=0.0)))
+    config.batch_ramp = ml_collections.ConfigDict(dict(start=0, tokens=0.0))  # start=0: constant batch_size
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+    config.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="", num_processes=-1, process_id=-1, auto_detect=False))
+    config.init_from = ml_collections.ConfigDict(dict(kind="checkpoint", path=""))  # "checkpoint" | "hf"
+    return config

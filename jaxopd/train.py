@@ -1,0 +1,261 @@
+"""`python -m jaxopd.train --config=configs/<name>.py [--config.key=value ...]`: config -> mesh -> state -> step loop
+-> metrics and checkpoints, in config.workdir. Running the same command again with the same workdir resumes.
+
+Reads top to bottom: `StepBatches` (this process's share of every step's batch), `train(config)` (the loop),
+then the CLI.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxopd import checkpoint, config as config_lib, metrics as metrics_lib, optim, sharding, train_step
+from jaxopd.data.pipeline import make_pipeline
+from jaxopd.model import Transformer
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class StepBatches:
+    """This process's rows of each step's batch, `[microbatches, rows, seq]` numpy.
+
+    The data is cut into `config.data_shards` pipelines (0: one per process), each process reading its own
+    contiguous group; so with data_shards fixed the global batches are the same whatever the number of processes.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, split: str = "train", num_batches: Optional[int] = None):
+        process_count, process_index = jax.process_count(), jax.process_index()
+        shards = config.data_shards or process_count
+        if shards % process_count or config.microbatch_size % shards:
+            raise ValueError(f"data_shards={shards} must be a multiple of the {process_count} processes and divide "
+                             f"microbatch_size={config.microbatch_size}")
+        per_process = shards // process_count
+        self.iterators = [
+            make_pipeline(config.data, seq_len=config.seq_len, batch_size=config.microbatch_size // shards,
+                          seed=config.seed, process_index=process_index * per_process + i, process_count=shards,
+                          split=split, num_batches=num_batches)
+            for i in range(per_process)]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self.next(1)
+
+    def next(self, microbatches: int) -> dict[str, np.ndarray]:
+        rows = [[next(iterator) for iterator in self.iterators] for _ in range(microbatches)]
+        return {key: np.stack([np.concatenate([part[key] for part in row]) for row in rows]) for key in rows[0][0]}
+
+    def get_state(self) -> list[Any]:
+        return [iterator.get_state() for iterator in self.iterators]
+
+    def set_state(self, state: list[Any]) -> None:
+        if len(state) != len(self.iterators):
+            raise ValueError(f"checkpointed data state has {len(state)} shards for this process, the run has "
+                             f"{len(self.iterators)}: resume with the same data_shards and process count")
+        for iterator, shard_state in zip(self.iterators, state):
+            iterator.set_state(shard_state)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Config errors that would otherwise surface deep inside jit, raised with the fix."""
+    if config.loss not in train_step.OBJECTIVES:
+        raise ValueError(f"config.loss={config.loss!r}: available losses are {sorted(train_step.OBJECTIVES)}")
+    if config.microbatch_size <= 0 or config.batch_size % config.microbatch_size:
+        raise ValueError(f"batch_size={config.batch_size} must be a positive multiple of "
+                         f"microbatch_size={config.microbatch_size} (gradient accumulation steps = their ratio)")
+    if config.steps <= 0 or config.seq_len < 2:
+        raise ValueError(f"steps={config.steps} must be positive and seq_len={config.seq_len} at least 2")
+
+
+def unigram_entropy(config: ml_collections.ConfigDict, num_batches: int) -> float:
+    """Entropy (nats) of the training targets' unigram distribution over the first `num_batches` microbatches,
+    the loss of the best context-free predictor: a trained model should beat it clearly."""
+    counts = np.zeros(config.model.vocab_size, np.int64)
+    batches = StepBatches(config)
+    for _ in range(num_batches):
+        batch = next(batches)
+        np.add.at(counts, batch["targets"][batch["loss_mask"] > 0], 1)
+    return metrics_lib.unigram_entropy(counts)
+
+
+def _abstract_with_shardings(state: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def _init_params(config: ml_collections.ConfigDict, state: dict[str, Any], shardings: dict[str, Any]) -> None:
+    """Replaces freshly initialized params with params from config.init_from (a jaxopd run or a HF checkpoint)."""
+    source = config.init_from
+    if not source.path:
+        return
+    abstract = _abstract_with_shardings(state["params"], shardings["params"])
+    if source.kind == "checkpoint":
+        state["params"] = checkpoint.load_params(source.path, abstract)
+    elif source.kind == "hf":
+        from jaxopd import load_hf  # the optional HF import path; only needed here
+        _, params = load_hf(source.path, dtype=config.model.param_dtype)
+        if jax.tree.structure(params) != jax.tree.structure(abstract):
+            raise ValueError(f"{source.path} does not have the params of config.model; make the model preset match")
+        state["params"] = jax.device_put(params, shardings["params"])
+    else:
+        raise ValueError(f"init_from.kind={source.kind!r}: use 'checkpoint' or 'hf'")
+
+
+def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Runs (or resumes) the training described by `config`; returns the last logged metrics."""
+    sharding.initialize_distributed(config.distributed)
+    validate(config)
+    is_main = jax.process_index() == 0
+    workdir = pathlib.Path(config.workdir)
+    if is_main:
+        print(config_lib.config_to_json(config), flush=True)
+        config_lib.save_config(config, workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_divisible(config.microbatch_size, mesh)
+    model = Transformer(config_lib.to_model_config(config.model))
+    optimizer = optim.make_optimizer(config.optimizer)
+    ramp = optim.batch_ramp(config.batch_size, config.seq_len, config.microbatch_size, config.batch_ramp.start,
+                            config.batch_ramp.tokens)
+    example = jax.numpy.zeros((1, config.seq_len), jax.numpy.int32)
+    state, shardings = train_step.create_state(model, optimizer, mesh, config.seed, example)
+    data = StepBatches(config)
+    checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", every=config.checkpoint_every,
+                                           keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+    restored = checkpointer.restore_latest(_abstract_with_shardings(state, shardings))
+    if restored is not None:
+        state, data_state = restored
+        data.set_state(data_state)
+    else:
+        _init_params(config, state, shardings)
+    start = int(state["step"])
+
+    batch_sharding = sharding.batch_sharding(mesh, leading_axes=1)
+    step_fn = jax.jit(train_step.make_train_step(model, optimizer, config), donate_argnums=0,
+                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+    eval_fn = jax.jit(train_step.make_eval_step(model, config), in_shardings=(shardings["params"], batch_sharding))
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    if is_main and start == 0 and config.unigram_entropy_batches > 0:
+        entropy = unigram_entropy(config, config.unigram_entropy_batches)
+        print(f"unigram entropy of the training targets: {entropy:.4f} nats", flush=True)
+        writer.write(0, {"unigram_entropy": entropy})
+    peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
+    preempted = _preemption_flag()
+    bar = metrics_lib.ProgressBar(config.steps, start, enabled=is_main and config.progress_bar)
+    pending, last, interval_tokens, interval_start = [], {}, 0, time.perf_counter()
+
+    def flush(step: int) -> None:
+        """Fetches the metrics of the steps since the last flush, stops on a non-finite loss, logs `step`."""
+        nonlocal pending, last, interval_tokens, interval_start
+        fetched = jax.device_get(pending)
+        pending = []
+        for fetched_step, values in fetched:
+            if not np.isfinite([values["loss"], values["grad_norm"]]).all() and not config.skip_nonfinite_steps:
+                good = checkpointer.manager.latest_step()
+                raise NonFiniteLossError(
+                    f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {fetched_step}; stopping. The last good checkpoint is step "
+                    f"{good} in {workdir / 'checkpoints'} (this step is not saved). Lower optimizer.schedule.peak_lr, "
+                    f"raise warmup_steps, or set skip_nonfinite_steps=True to skip such steps.")
+        elapsed = time.perf_counter() - interval_start
+        values = dict(fetched[-1][1])
+        values.update(metrics_lib.moe_load_stats(values.pop("moe_load")))
+        values["tokens_per_second"] = interval_tokens / max(elapsed, 1e-9)
+        if peak is not None:
+            values["mfu"] = values["tokens_per_second"] * model_flops_per_token(config) / (peak * jax.device_count())
+        writer.write(step, values)
+        bar.update(step, values)
+        last, interval_tokens, interval_start = values, 0, time.perf_counter()
+
+    try:
+        for step in range(start, config.steps):
+            microbatches = ramp.batch_size(step) // config.microbatch_size
+            batch = sharding.global_batch(data.next(microbatches), mesh, leading_axes=1)
+            state, step_metrics = step_fn(state, batch)
+            done = step + 1
+            pending.append((done, step_metrics))
+            interval_tokens += microbatches * config.microbatch_size * config.seq_len
+            was_preempted = preempted()
+            stop = was_preempted or done == config.steps
+            if done % config.log_every == 0 or checkpointer.should_save(done) or stop:
+                flush(done)
+            if config.eval_every > 0 and (done % config.eval_every == 0 or done == config.steps):
+                writer.write(done, evaluate(config, eval_fn, state["params"], mesh))
+            if checkpointer.should_save(done) or stop:
+                checkpointer.save(done, state, data.get_state(), config.to_dict())
+            if was_preempted:
+                print(f"preempted: saved step {done}; rerun the same command to resume", flush=True)
+                break
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        bar.close()
+        writer.close()
+    return last
+
+
+def evaluate(config: ml_collections.ConfigDict, eval_fn: Any, params: Any, mesh: Any) -> dict[str, float]:
+    """Token-weighted mean of the objective over data.eval_batches held-out microbatches, as eval/<name>."""
+    sums, weight = {}, 0.0
+    for batch in StepBatches(config, split="eval", num_batches=config.data.eval_batches):
+        values = jax.device_get(eval_fn(params, sharding.global_batch(batch, mesh, leading_axes=1)))
+        tokens = float(values.pop("tokens"))
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + float(value) * tokens
+        weight += tokens
+    return {f"eval/{name}": total / max(weight, 1.0) for name, total in sums.items()}
+
+
+def model_flops_per_token(config: ml_collections.ConfigDict) -> float:
+    """Training FLOPs per token (forward + backward) of config.model at config.seq_len."""
+    from jaxopd.flops import flops_per_token
+    return 3 * flops_per_token(config_lib.to_model_config(config.model), config.seq_len)
+
+
+def _preemption_flag():
+    """A callable telling whether the run should save and stop: SIGTERM (TPU/GPU preemption) on one process;
+    on several, JAX's preemption sync point so that every process stops at the same step."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        step = iter(range(sys.maxsize))
+        return lambda: multihost_utils.reached_preemption_sync_point(next(step))
+    received = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    return lambda: bool(received)
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags, logging
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    try:
+        train(flags.FLAGS.config)
+    except (NonFiniteLossError, ValueError) as error:
+        sys.exit(f"error: {error}")
+
+
+def run() -> None:
+    """CLI entry: misspelt `--config.` keys are reported (with close valid keys) before absl parses anything."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_path = next((arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("--config=")),
+                       str(config_lib.REPO_ROOT / "configs" / "tiny_pretrain.py"))
+    try:
+        config_lib.check_override_keys(config_lib.load_config_file(config_path), sys.argv[1:])
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    config_flags.DEFINE_config_file("config", config_path, "run config file (configs/*.py)", lock_config=True)
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
