@@ -52,16 +52,15 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
         raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
     if any(size == 0 or size < -1 for size in sizes):
         raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
+    described = dict(zip(MESH_AXES, sizes))
     fixed = math.prod(size for size in sizes if size != -1)
+    if -1 not in sizes and fixed != num_devices:
+        raise ValueError(f"config.mesh {described} uses {fixed} devices but {num_devices} exist; make the sizes "
+                         f"multiply to {num_devices} or set one axis to -1 to take the rest")
     if num_devices % fixed:
-        raise ValueError(
-            f"config.mesh {dict(zip(MESH_AXES, sizes))} needs a multiple of {fixed} devices but {num_devices} exist; "
-            f"make the product of the mesh sizes divide {num_devices} (or set one axis to -1)")
+        raise ValueError(f"config.mesh {described} needs a multiple of {fixed} devices but {num_devices} exist; "
+                         f"make the product of the fixed sizes divide {num_devices}")
     sizes = [num_devices // fixed if size == -1 else size for size in sizes]
-    if math.prod(sizes) != num_devices:
-        raise ValueError(
-            f"config.mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but {num_devices} exist; "
-            f"set one axis to -1 to take the rest")
     return tuple(sizes)
 
 
