@@ -63,20 +63,22 @@ def _ce_totals(batch: Batch, config: ml_collections.ConfigDict) -> dict[str, jax
 
 def _ce_loss(model: nn.Module, params: Any, batch: Batch, totals: dict[str, jax.Array],
              config: ml_collections.ConfigDict) -> tuple[jax.Array, Metrics]:
-    """Next-token CE over loss_mask (+ z-loss), MTP CE weighted by config.mtp_weight, and the MoE sequence-wise
+    """Next-token CE over loss_mask (+ z-loss, already weighted by config.z_loss_weight), MTP CE weighted by config.mtp_weight, and the MoE sequence-wise
     balance loss weighted by config.moe_balance_weight (DeepSeek-V3 eqs. 17-20, 24-25)."""
     features = model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
                            positions=batch["positions"], method="features")
     w_unembed = unembedding(params, model.config)
-    ce, z = _cross_entropy_sums(features.hidden, w_unembed, batch["targets"], batch["loss_mask"], config)
-    ce, z = ce / totals["tokens"], z / totals["tokens"]
-    loss = ce + config.z_loss_weight * z
-    metrics = {"ce_loss": ce, "z_loss": z}
+    stats = losses.chunked_cross_entropy(features.hidden, w_unembed, batch["targets"], batch["loss_mask"],
+                                         chunk_size=config.loss_chunk_size, z_loss_weight=config.z_loss_weight)
+    ce, z = stats["loss_sum"] / totals["tokens"], stats["z_loss_sum"] / totals["tokens"]
+    loss = ce + z
+    metrics = {"ce_loss": ce, "z_loss": z, "accuracy": stats["correct_count"] / totals["tokens"]}
     if features.mtp_hidden:
         mtp = 0.0
         for depth, hidden in enumerate(features.mtp_hidden, start=1):
             targets, mask = mtp_targets(batch["targets"], batch["loss_mask"], depth)
-            mtp = mtp + _cross_entropy_sums(hidden, w_unembed, targets, mask, config)[0] / totals[f"mtp_tokens_{depth}"]
+            mtp_stats = losses.chunked_cross_entropy(hidden, w_unembed, targets, mask, chunk_size=config.loss_chunk_size)
+            mtp = mtp + mtp_stats["loss_sum"] / totals[f"mtp_tokens_{depth}"]
         mtp = mtp / len(features.mtp_hidden)
         loss = loss + config.mtp_weight * mtp
         metrics["mtp_loss"] = mtp
@@ -84,13 +86,6 @@ def _ce_loss(model: nn.Module, params: Any, batch: Batch, totals: dict[str, jax.
     loss = loss + config.moe_balance_weight * balance
     metrics.update(moe_balance_loss=balance, moe_load=features.moe_load)
     return loss, metrics
-
-
-def _cross_entropy_sums(hidden: jax.Array, w_unembed: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-                        config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
-    """(sum of masked CE, sum of masked z-loss) without float32 [batch, seq, vocab] logits (chunked over seq)."""
-    return losses.chunked_cross_entropy(hidden, w_unembed, targets, loss_mask, chunk_size=config.loss_chunk_size,
-                                        reduction="sum")
 
 
 OBJECTIVES: dict[str, Objective] = {"ce": Objective(_ce_totals, _ce_loss)}
