@@ -175,7 +175,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
         moe_load = metrics.pop("moe_load") / batch["tokens"].shape[0]
         params = update_expert_biases(params, moe_load, config.moe_bias_rate)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if config.skip_nonfinite_steps:
             # Keep the old params/optimizer state on a NaN/Inf step, but still count the step.
