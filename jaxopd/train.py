@@ -7,6 +7,7 @@ then the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import signal
 import sys
@@ -111,6 +112,34 @@ def _init_params(config: ml_collections.ConfigDict, state: dict[str, Any], shard
         raise ValueError(f"init_from.kind={source.kind!r}: use 'checkpoint' or 'hf'")
 
 
+@dataclasses.dataclass
+class Run:
+    """What a run is made of: the mesh, the model, its freshly initialized sharded state, and the jitted steps
+    (`step_fn(state, batch)` donates the state; batches are `[microbatches, rows, seq]` global arrays)."""
+
+    mesh: jax.sharding.Mesh
+    model: Transformer
+    state: dict[str, Any]
+    shardings: dict[str, Any]
+    step_fn: Any
+    eval_fn: Any
+
+
+def build(config: ml_collections.ConfigDict, devices: Optional[list[jax.Device]] = None) -> Run:
+    """Mesh over `devices` (default all), model, optimizer, state created in its shards, jitted train/eval steps."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    sharding.check_batch_divisible(config.microbatch_size, mesh)
+    model = Transformer(config_lib.to_model_config(config.model))
+    optimizer = optim.make_optimizer(config.optimizer)
+    example = np.zeros((1, config.seq_len), np.int32)
+    state, shardings = train_step.create_state(model, optimizer, mesh, config.seed, example)
+    batch_sharding = sharding.batch_sharding(mesh, leading_axes=1)
+    step_fn = jax.jit(train_step.make_train_step(model, optimizer, config), donate_argnums=0,
+                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+    eval_fn = jax.jit(train_step.make_eval_step(model, config), in_shardings=(shardings["params"], batch_sharding))
+    return Run(mesh, model, state, shardings, step_fn, eval_fn)
+
+
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Runs (or resumes) the training described by `config`; returns the last logged metrics."""
     sharding.initialize_distributed(config.distributed)
@@ -120,14 +149,10 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if is_main:
         print(config_lib.config_to_json(config), flush=True)
         config_lib.save_config(config, workdir)
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.check_batch_divisible(config.microbatch_size, mesh)
-    model = Transformer(config_lib.to_model_config(config.model))
-    optimizer = optim.make_optimizer(config.optimizer)
+    run = build(config)
+    mesh, state, shardings = run.mesh, run.state, run.shardings
     ramp = optim.batch_ramp(config.batch_size, config.seq_len, config.microbatch_size, config.batch_ramp.start,
                             config.batch_ramp.tokens)
-    example = jax.numpy.zeros((1, config.seq_len), jax.numpy.int32)
-    state, shardings = train_step.create_state(model, optimizer, mesh, config.seed, example)
     data = StepBatches(config)
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", every=config.checkpoint_every,
                                            keep=config.keep_checkpoints, async_save=config.async_checkpoints)
@@ -138,11 +163,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     else:
         _init_params(config, state, shardings)
     start = int(state["step"])
-
-    batch_sharding = sharding.batch_sharding(mesh, leading_axes=1)
-    step_fn = jax.jit(train_step.make_train_step(model, optimizer, config), donate_argnums=0,
-                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
-    eval_fn = jax.jit(train_step.make_eval_step(model, config), in_shardings=(shardings["params"], batch_sharding))
+    step_fn, eval_fn = run.step_fn, run.eval_fn
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
     if is_main and start == 0 and config.unigram_entropy_batches > 0:
         entropy = unigram_entropy(config, config.unigram_entropy_batches)
