@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxopd import checkpoint, config as config_lib, metrics as metrics_lib, optim, sharding, train_step
 from jaxopd.data.pipeline import make_pipeline
+from jaxopd.flops import flops_per_token
 from jaxopd.model import Transformer
 
 
@@ -236,9 +237,8 @@ def evaluate(config: ml_collections.ConfigDict, eval_fn: Any, params: Any, mesh:
 
 
 def model_flops_per_token(config: ml_collections.ConfigDict) -> float:
-    """Training FLOPs per token (forward + backward) of config.model at config.seq_len."""
-    from jaxopd.flops import flops_per_token
-    return 3 * flops_per_token(config_lib.to_model_config(config.model), config.seq_len)
+    """Training FLOPs per token (forward + backward, MTP included) of config.model at config.seq_len."""
+    return flops_per_token(config_lib.to_model_config(config.model), config.seq_len, training=True)
 
 
 def _preemption_flag():
