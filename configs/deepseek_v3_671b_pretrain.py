@@ -29,7 +29,7 @@ MICROBATCH_SIZE = 3072  # the ramp grows in whole microbatches: 3072, 6144, ...,
 
 def get_config():
     config = base_config()
-    config.workdir = "gs://YOUR_BUCKET/deepseek_v3_671b"
+    config.workdir = "/mnt/gcs/deepseek_v3_671b"  # a bucket mounted on every worker (tpu/setup.sh)
     config.model = load_model_preset("deepseek_v3", dtype="bfloat16", remat=True)
     config.seq_len = SEQ_LEN
     config.batch_size = BATCH_SIZE
