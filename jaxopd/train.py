@@ -171,6 +171,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
         print(f"unigram entropy of the training targets: {entropy:.4f} nats", flush=True)
         writer.write(0, {"unigram_entropy": entropy})
     peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
+    train_flops_per_token = model_flops_per_token(config) if peak is not None else None
     preempted = _preemption_flag()
     bar = metrics_lib.ProgressBar(config.steps, start, enabled=is_main and config.progress_bar)
     pending, last, interval_tokens, interval_start = [], {}, 0, time.perf_counter()
@@ -192,7 +193,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
         values.update(metrics_lib.moe_load_stats(values.pop("moe_load")))
         values["tokens_per_second"] = interval_tokens / max(elapsed, 1e-9)
         if peak is not None:
-            values["mfu"] = values["tokens_per_second"] * model_flops_per_token(config) / (peak * jax.device_count())
+            values["mfu"] = values["tokens_per_second"] * train_flops_per_token / (peak * jax.device_count())
         writer.write(step, values)
         bar.update(step, values)
         last, interval_tokens, interval_start = values, 0, time.perf_counter()
