@@ -95,22 +95,38 @@ def _abstract_with_shardings(state: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def _init_params(config: ml_collections.ConfigDict, state: dict[str, Any], shardings: dict[str, Any]) -> None:
-    """Replaces freshly initialized params with params from config.init_from (a jaxopd run or a HF checkpoint)."""
+def _init_params(config: ml_collections.ConfigDict, run: "Run") -> None:
+    """Replaces freshly initialized params with params from config.init_from: a jaxopd run's checkpoint, or a Hugging
+    Face checkpoint (read straight into its shards; params it lacks, e.g. MTP modules transformers drops, keep their
+    initialization and are listed)."""
     source = config.init_from
     if not source.path:
         return
-    abstract = _abstract_with_shardings(state["params"], shardings["params"])
+    abstract = _abstract_with_shardings(run.state["params"], run.shardings["params"])
     if source.kind == "checkpoint":
-        state["params"] = checkpoint.load_params(source.path, abstract)
-    elif source.kind == "hf":
-        from jaxopd import load_hf  # the optional HF import path; only needed here
-        _, params = load_hf(source.path, dtype=config.model.param_dtype)
-        if jax.tree.structure(params) != jax.tree.structure(abstract):
-            raise ValueError(f"{source.path} does not have the params of config.model; make the model preset match")
-        state["params"] = jax.device_put(params, shardings["params"])
-    else:
+        run.state["params"] = checkpoint.load_params(source.path, abstract)
+        return
+    if source.kind != "hf":
         raise ValueError(f"init_from.kind={source.kind!r}: use 'checkpoint' or 'hf'")
+    from jaxopd import load_hf  # the optional Hugging Face import path, only needed here
+
+    _, loaded = load_hf(source.path, dtype=config.model.param_dtype, mesh=run.mesh, rules=sharding.LOGICAL_AXIS_RULES)
+    loaded = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+    current = jax.tree_util.tree_flatten_with_path(run.state["params"])
+    unknown = set(loaded) - {path for path, _ in current[0]}
+    if unknown:
+        raise ValueError(f"{source.path} has params config.model does not: {sorted(map(jax.tree_util.keystr, unknown))[:5]}"
+                         "; make the model preset match the checkpoint")
+    leaves = []
+    for path, leaf in current[0]:
+        new = loaded.get(path, leaf)
+        if new.shape != leaf.shape:
+            raise ValueError(f"{jax.tree_util.keystr(path)}: checkpoint shape {new.shape} != model shape {leaf.shape}")
+        leaves.append(new.astype(leaf.dtype))
+    missing = [jax.tree_util.keystr(path) for path, _ in current[0] if path not in loaded]
+    if missing and jax.process_index() == 0:
+        print(f"init_from: {len(missing)} params not in {source.path} keep their initialization: {missing[:5]}")
+    run.state["params"] = jax.device_put(jax.tree.unflatten(current[1], leaves), run.shardings["params"])
 
 
 @dataclasses.dataclass
@@ -162,7 +178,8 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
         state, data_state = restored
         data.set_state(data_state)
     else:
-        _init_params(config, state, shardings)
+        _init_params(config, run)
+        state = run.state
     start = int(state["step"])
     step_fn, eval_fn = run.step_fn, run.eval_fn
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)

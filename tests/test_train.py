@@ -122,3 +122,16 @@ def test_eval_and_unigram_entropy_are_logged(tmp_path):
     assert [line["step"] for line in lines if "eval/loss" in line] == [2, 4]
     assert lines[0]["step"] == 0 and 0 < lines[0]["unigram_entropy"] < np.log(4096)
     assert json.loads((tmp_path / "config.json").read_text())["steps"] == 4
+
+
+def test_init_from_a_jaxopd_checkpoint_loads_its_params(tmp_path):
+    common = {"eval_every": 4, "data.eval_batches": 2, "unigram_entropy_batches": 0}
+    train.train(_config(tmp_path / "first", steps=4, checkpoint_every=4, **common))
+    # Learning rate 0 and no bias update: the one step leaves the loaded params as they are.
+    train.train(_config(tmp_path / "second", steps=1, checkpoint_every=0, moe_bias_rate=0.0,
+                        **{**common, "eval_every": 1, "optimizer.schedule.kind": "constant",
+                           "optimizer.schedule.peak_lr": 0.0, "init_from.kind": "checkpoint",
+                           "init_from.path": str(tmp_path / "first" / "checkpoints")}))
+    evals = [[json.loads(line)["eval/loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+              if "eval/loss" in line] for name in ("first", "second")]
+    assert evals[1] == evals[0][-1:]
