@@ -12,9 +12,10 @@ array, so the activation `[batch, seq, embed]` keeps fsdp for batch and leaves e
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -108,6 +109,14 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
 
     jax.tree_util.tree_map_with_path(check, shapes, shardings)
     return shardings
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh) -> Iterator[None]:
+    """The mesh and LOGICAL_AXIS_RULES in effect, as model code expects while it is traced (its
+    `nn.with_logical_constraint` annotations and shard_map over the mesh axes)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        yield
 
 
 def initialize_distributed(distributed: ml_collections.ConfigDict) -> None:

@@ -1,8 +1,8 @@
 """`python -m jaxopd.train --config=configs/<name>.py [--config.key=value ...]`: config -> mesh -> state -> step loop
 -> metrics and checkpoints, in config.workdir. Running the same command again with the same workdir resumes.
 
-Reads top to bottom: `StepBatches` (this process's share of every step's batch), `train(config)` (the loop),
-then the CLI.
+Reads top to bottom: `StepBatches` (this process's share of every step's batch), `build(config)` (mesh, model,
+sharded state, jitted steps), `train(config)` (the loop), then the CLI.
 """
 
 from __future__ import annotations
@@ -154,7 +154,15 @@ def build(config: ml_collections.ConfigDict, devices: Optional[list[jax.Device]]
     step_fn = jax.jit(train_step.make_train_step(model, optimizer, config), donate_argnums=0,
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
     eval_fn = jax.jit(train_step.make_eval_step(model, config), in_shardings=(shardings["params"], batch_sharding))
-    return Run(mesh, model, state, shardings, step_fn, eval_fn)
+    return Run(mesh, model, state, shardings, _within(mesh, step_fn), _within(mesh, eval_fn))
+
+
+def _within(mesh: jax.sharding.Mesh, jitted: Any) -> Any:
+    """`jitted`, traced and run inside the mesh context the model's sharding annotations need."""
+    def call(*args):
+        with sharding.mesh_context(mesh):
+            return jitted(*args)
+    return call
 
 
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def create_state(model: nn.Module, optimizer: optax.GradientTransformation, mesh
                  "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
         return nn.meta.unbox(state)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    with sharding.mesh_context(mesh):
         state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     return state, shardings
 
