@@ -108,7 +108,7 @@ def create_state(model: nn.Module, optimizer: optax.GradientTransformation, mesh
     ever holds the whole model)."""
     boxed = abstract_state(model, optimizer, example_tokens)
     shardings = sharding.logical_shardings(boxed, mesh)
-    sharding.check_fits(sharding.bytes_per_device(nn.meta.unbox(boxed), shardings), mesh.devices.flat[0])
+    sharding.check_fits(sharding.bytes_per_device(nn.meta.unbox(boxed), shardings), mesh.local_devices[0])
 
     def init(rng):
         params = model.init(rng, example_tokens)["params"]
