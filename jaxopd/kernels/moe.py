@@ -84,8 +84,9 @@ def route(
 
     logits = logits.astype(jnp.float32)
     scores = jax.nn.sigmoid(logits) if score == "sigmoid" else jax.nn.softmax(logits, axis=-1)
-    choice = scores if bias is None else scores + jax.lax.stop_gradient(bias.astype(jnp.float32))
-    choice = jax.lax.stop_gradient(choice)  # selection is discrete; gradients reach the logits via `weights`
+    choice = scores if bias is None else scores + bias.astype(jnp.float32)
+    # Selection is discrete and the bias takes no gradient (V3 sec. 2.1.2): the logits learn only through `weights`.
+    choice = jax.lax.stop_gradient(choice)
     if num_groups > 1:
         per_group = num_experts // num_groups
         choice_xGxS = choice.reshape(*choice.shape[:-1], num_groups, per_group)
@@ -115,8 +116,9 @@ def moe_experts(
 
     The `tokens * k` (token, slot) pairs are sorted by expert, gathered into one `[tokens * k, d]` array and run
     through grouped matmuls (`jax.lax.ragged_dot` with per-expert group sizes), then unsorted and combined. No
-    capacity, no dropped tokens, no `[tokens, experts, d]` array. (On CPU, XLA lowers ragged_dot densely over
-    experts; GPU and TPU have native grouped kernels.)
+    capacity, no dropped tokens, no `[tokens, experts, d]` array. GPU and TPU run ragged_dot as grouped kernels;
+    on CPU, JAX lowers it as a masked matmul over all experts (an `[experts, tokens * k, d]` intermediate: fine for
+    tests, slow for large CPU runs).
 
     Args:
       x: `[tokens, d]`.
@@ -265,8 +267,9 @@ def sequence_balance_loss(
     Args:
       scores: `[batch, seq, experts]` unbiased router scores (route's third output).
       expert_ids: `[batch, seq, k]` chosen experts.
-      segment_ids: `[batch, seq]` int or None. Each (row, nonzero segment id) is one sequence, 0 is padding and
-        ignored; pass `(segment_ids > 0)` to treat each packed row as one sequence. None: every row is one sequence.
+      segment_ids: `[batch, seq]` int in `[0, seq]` or None. Each (row, nonzero segment id) is one sequence, 0 is
+        padding and ignored; pass `(segment_ids > 0)` to treat each packed row as one sequence. None: every row is
+        one sequence.
     """
     batch, seq, num_experts = scores.shape
     k = expert_ids.shape[-1]

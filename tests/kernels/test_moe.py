@@ -12,7 +12,8 @@ TOKENS, D, F, E, K = 12, 8, 6, 8, 3
 
 def _expert_weights(seed, num_experts=E, d=D, f=F):
     rng = np.random.default_rng(seed)
-    return [rng.normal(size=s).astype(np.float32) / np.sqrt(s[1]) for s in ((num_experts, d, f),) * 2 + ((num_experts, f, d),)]
+    shapes = ((num_experts, d, f), (num_experts, d, f), (num_experts, f, d))
+    return [rng.normal(size=s).astype(np.float32) / np.sqrt(s[1]) for s in shapes]
 
 
 def _distinct_ids(rng, tokens, num_experts, k):
@@ -287,7 +288,8 @@ def test_sequence_balance_loss_equals_numpy_formula():
     got = moe.sequence_balance_loss(scores, ids, segment_ids)
     np.testing.assert_allclose(float(got), _numpy_sequence_loss(scores, ids, segment_ids), rtol=1e-5)
     got_rows = moe.sequence_balance_loss(scores, ids)
-    np.testing.assert_allclose(float(got_rows), _numpy_sequence_loss(scores, ids, np.ones((batch, seq), int)), rtol=1e-5)
+    rows_want = _numpy_sequence_loss(scores, ids, np.ones((batch, seq), int))
+    np.testing.assert_allclose(float(got_rows), rows_want, rtol=1e-5)
     # Padding may hold zero scores without poisoning the gradient.
     zeroed = scores.copy()
     zeroed[segment_ids == 0] = 0.0
