@@ -5,8 +5,9 @@
 
     PYTHONPATH=. python data/tasks/train_teacher.py [--workdir /tmp/arith] [--teacher-steps N] [--student-steps N]
 
-Both stages are ordinary jaxopd runs: the teacher is `jaxopd.train` with loss "ce" on a JSON Lines corpus of
-"347+85=432" documents, the student is the distillation driver with loss "teacher_sft". Only params are kept.
+Both are ordinary `jaxopd.train` runs with loss "ce": the teacher on a JSON Lines corpus of correct worked problems
+("347+85=432"), the student on the teacher's own temperature-1 completions of the training prompts (SFT on teacher
+samples, packed like pretraining data). Only params are kept.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ TEACHER_MODEL = dict(vocab_size=17, d_model=96, num_layers=3, num_heads=6, num_k
                      qk_norm=True, max_position_embeddings=64)
 
 
-def teacher_config(workdir: pathlib.Path, corpus: pathlib.Path, steps: int):
+def ce_config(workdir: pathlib.Path, corpus: pathlib.Path, steps: int, model: dict):
     config = base_config()
     config.workdir = str(workdir)
-    config.model = model_config_dict(TEACHER_MODEL)
+    config.model = model_config_dict(model)
     config.steps = steps
     config.batch_size = config.microbatch_size = 64
     config.seq_len = 48
@@ -49,15 +50,40 @@ def teacher_config(workdir: pathlib.Path, corpus: pathlib.Path, steps: int):
 def export(workdir: pathlib.Path, out: pathlib.Path) -> None:
     model, params = load_model(workdir)
     fields = json.loads((workdir / "config.json").read_text())["model"]
-    save_model(out, fields, params)
+    save_model(out, fields, params, overwrite=True)
     print(f"exported {out}")
+
+
+def write_teacher_samples(teacher: pathlib.Path, corpus: pathlib.Path, batch: int = 1000) -> None:
+    """One temperature-1 teacher completion per training prompt, as "prompt + completion" documents."""
+    import jax
+
+    from jaxopd.data.tokenizer import load_tokenizer
+    from jaxopd.distill.rollouts import rollout
+    from jaxopd.sampling import Sampler
+    from jaxopd.tasks.arithmetic import check
+
+    model, params = load_model(teacher)
+    tokenizer = load_tokenizer(ARITHMETIC / "tokenizer.json")
+    sampler = Sampler(model, 10, 6, (tokenizer.eos_id,), tokenizer.pad_id)
+    prompts = [problem["prompt"] for problem in read_jsonl(ARITHMETIC / "train.jsonl")]
+    correct = 0.0
+    with open(corpus, "w") as f:
+        for start in range(0, len(prompts), batch):
+            chunk = prompts[start:start + batch]
+            result = rollout(sampler, params, tokenizer, chunk, jax.random.key(start), group_size=1, add_bos=True,
+                             checker=check)
+            correct += result.rewards.sum()
+            for prompt, completion in zip(chunk, result.completions):
+                f.write(json.dumps({"text": prompt + completion.split("<eos>")[0]}) + "\n")
+    print(f"teacher samples: {correct / len(prompts):.3f} correct", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/jaxopd_arithmetic")
     parser.add_argument("--teacher-steps", type=int, default=1500)
-    parser.add_argument("--student-steps", type=int, default=30)
+    parser.add_argument("--student-steps", type=int, default=600)
     args = parser.parse_args()
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -65,13 +91,12 @@ def main() -> None:
     with open(corpus, "w") as f:
         for problem in read_jsonl(ARITHMETIC / "train.jsonl"):
             f.write(json.dumps({"text": problem["prompt"] + problem["answer"]}) + "\n")
-    train.train(teacher_config(workdir / "teacher", corpus, args.teacher_steps))
+    train.train(ce_config(workdir / "teacher", corpus, args.teacher_steps, TEACHER_MODEL))
     export(workdir / "teacher", ARITHMETIC / "teacher")
-    student = load_config_file(ROOT / "configs" / "tiny_distill.py", {
-        "workdir": str(workdir / "student_init"), "loss": "teacher_sft", "steps": args.student_steps,
-        "init_from.path": "", "eval_every": args.student_steps, "checkpoint_every": args.student_steps,
-        "distill.teacher": str(ARITHMETIC / "teacher")})
-    train.train(student)
+    samples = workdir / "teacher_samples.jsonl"
+    write_teacher_samples(ARITHMETIC / "teacher", samples)
+    student_model = load_config_file(ROOT / "configs" / "tiny_distill.py").model.to_dict()
+    train.train(ce_config(workdir / "student_init", samples, args.student_steps, student_model))
     export(workdir / "student_init", ARITHMETIC / "student_init")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -76,10 +77,16 @@ def load_model(path: str | pathlib.Path, mesh: Optional[jax.sharding.Mesh] = Non
     return model, checkpoint.load_params(directory, abstract_params(model, mesh), step)
 
 
-def save_model(path: str | pathlib.Path, model_fields: dict[str, Any], params: Any, step: int = 0) -> pathlib.Path:
+def save_model(path: str | pathlib.Path, model_fields: dict[str, Any], params: Any, step: int = 0, *,
+               overwrite: bool = False) -> pathlib.Path:
     """Writes params (no optimizer state) and `{"model": model_fields}` as a jaxopd checkpoint that `load_model`,
-    `checkpoint.load_params` and `config.init_from` (kind "checkpoint") read."""
+    `checkpoint.load_params` and `config.init_from` (kind "checkpoint") read. An existing directory is replaced
+    only with overwrite=True."""
     path = pathlib.Path(path).absolute()
+    if path.exists():
+        if not overwrite:
+            raise ValueError(f"{path} exists; pass overwrite=True to replace it")
+        shutil.rmtree(path)
     manager = ocp.CheckpointManager(path, item_handlers={"params": ocp.StandardCheckpointHandler(),
                                                          "config": ocp.JsonCheckpointHandler()},
                                     options=ocp.CheckpointManagerOptions(create=True))
