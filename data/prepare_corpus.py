@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python data/prepare_corpus.py
 
-Writes data/corpus/python_stdlib.jsonl.gz (one JSON object per source file: {"path", "text"}) and data/tokenizer.model
+Writes data/corpus/python_stdlib.jsonl.gz (one JSON object per source file: {"path", "text"}), the standard library's
+license next to it (data/corpus/LICENSE-PSF.txt) and data/tokenizer.model
 (sentencepiece BPE, 4096 pieces, trained on that corpus). Deterministic for a given Python version: files are taken in
 sorted path order, gzip is written with mtime 0, and sentencepiece trains single-threaded.
 """
@@ -25,13 +26,12 @@ MAX_FILE_BYTES = 150_000
 
 
 def stdlib_files(root: pathlib.Path) -> list[pathlib.Path]:
-    files = [
+    return [
         path for path in sorted(root.rglob("*.py"))
         if not set(path.relative_to(root).parts[:-1]) & EXCLUDED_DIRS
         and not path.relative_to(root).parts[0].startswith("config-")
         and path.stat().st_size <= MAX_FILE_BYTES
     ]
-    return files
 
 
 def main() -> None:
@@ -50,6 +50,9 @@ def main() -> None:
     with open(args.corpus, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
         for document in documents:
             f.write((json.dumps(document, ensure_ascii=False) + "\n").encode("utf-8"))
+    # The PSF license asks that its text and copyright notice travel with redistributed sources.
+    license_path = pathlib.Path(args.corpus).parent / "LICENSE-PSF.txt"
+    license_path.write_bytes((root / "LICENSE.txt").read_bytes())
     tokenizer = train_sentencepiece((d["text"] for d in documents), args.tokenizer, args.vocab_size)
     chars = sum(len(d["text"]) for d in documents)
     print(f"Python {sys.version.split()[0]} stdlib at {root}: {len(documents)} files, {chars} characters "

@@ -111,6 +111,25 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
     return shardings
 
 
+def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of a tree of shape structs (e.g. the train state) under `shardings`."""
+    sizes = jax.tree.map(lambda x, s: math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize,
+                         abstract_tree, shardings)
+    return int(sum(jax.tree.leaves(sizes)))
+
+
+def check_fits(state_bytes: int, device: jax.Device, fraction: float = 0.9) -> None:
+    """Raises ValueError when the sharded train state alone would take more than `fraction` of a device's memory
+    (checked where the device reports its memory: GPUs and TPUs)."""
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if limit and state_bytes > fraction * limit:
+        raise ValueError(
+            f"the params + optimizer state need {state_bytes / 2**30:.1f} GiB per device but a {device.device_kind} "
+            f"has {limit / 2**30:.1f} GiB: raise config.mesh fsdp/expert/tensor (shard the state more), use more "
+            f"devices, or a smaller model")
+
+
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh) -> Iterator[None]:
     """The mesh and LOGICAL_AXIS_RULES in effect, as model code expects while it is traced (its

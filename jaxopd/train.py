@@ -151,7 +151,7 @@ def build(config: ml_collections.ConfigDict, devices: Optional[list[jax.Device]]
     example = np.zeros((1, config.seq_len), np.int32)
     state, shardings = train_step.create_state(model, optimizer, mesh, config.seed, example)
     batch_sharding = sharding.batch_sharding(mesh, leading_axes=1)
-    step_fn = jax.jit(train_step.make_train_step(model, optimizer, config), donate_argnums=0,
+    step_fn = jax.jit(train_step.make_train_step(model, optimizer, config, shardings["params"]), donate_argnums=0,
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
     eval_fn = jax.jit(train_step.make_eval_step(model, config), in_shardings=(shardings["params"], batch_sharding))
     return Run(mesh, model, state, shardings, _within(mesh, step_fn), _within(mesh, eval_fn))

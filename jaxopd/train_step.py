@@ -63,8 +63,9 @@ def _ce_totals(batch: Batch, config: ml_collections.ConfigDict) -> dict[str, jax
 
 def _ce_loss(model: nn.Module, params: Any, batch: Batch, totals: dict[str, jax.Array],
              config: ml_collections.ConfigDict) -> tuple[jax.Array, Metrics]:
-    """Next-token CE over loss_mask (+ z-loss, already weighted by config.z_loss_weight), MTP CE weighted by config.mtp_weight, and the MoE sequence-wise
-    balance loss weighted by config.moe_balance_weight (DeepSeek-V3 eqs. 17-20, 24-25)."""
+    """Next-token CE over loss_mask (+ z-loss, weighted inside by config.z_loss_weight), the mean MTP CE over depths
+    weighted by config.mtp_weight (DeepSeek-V3 eq. 25), and the MoE sequence-wise balance loss weighted by
+    config.moe_balance_weight (eqs. 17-20)."""
     features = model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
                            positions=batch["positions"], method="features")
     w_unembed = unembedding(params, model.config)
@@ -107,6 +108,7 @@ def create_state(model: nn.Module, optimizer: optax.GradientTransformation, mesh
     ever holds the whole model)."""
     boxed = abstract_state(model, optimizer, example_tokens)
     shardings = sharding.logical_shardings(boxed, mesh)
+    sharding.check_fits(sharding.bytes_per_device(nn.meta.unbox(boxed), shardings), mesh.devices.flat[0])
 
     def init(rng):
         params = model.init(rng, example_tokens)["params"]
@@ -151,9 +153,12 @@ def update_expert_biases(params: Any, moe_load: jax.Array, rate: float) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, leaf: new.get(path, leaf), params)
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict
-                    ) -> Callable[[dict[str, Any], Batch], tuple[dict[str, Any], Metrics]]:
-    """train_step(state, batch [micro, rows, seq]) -> (new state, metrics); jit it with donate_argnums=0."""
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                    param_shardings: Any = None) -> Callable[[dict[str, Any], Batch], tuple[dict[str, Any], Metrics]]:
+    """train_step(state, batch [micro, rows, seq]) -> (new state, metrics); jit it with donate_argnums=0.
+
+    param_shardings: the params' shardings, given to the gradient accumulator so it is sharded like the params
+    (never a replicated full-size buffer)."""
     objective = OBJECTIVES[config.loss]
     schedule_fn = learning_rate_schedule(config.optimizer.schedule)
 
@@ -167,6 +172,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
             return (_tree_add(grads, step_grads), loss_sum + loss, _tree_add(metrics_sum, metrics)), None
 
         zero_grads = jax.tree.map(jnp.zeros_like, state["params"])
+        if param_shardings is not None:
+            zero_grads = jax.lax.with_sharding_constraint(zero_grads, param_shardings)
         first = jax.tree.map(lambda x: x[0], batch)
         zero_metrics = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state["params"], first)[0][1])
         (grads, loss, metrics), _ = jax.lax.scan(accumulate, (zero_grads, jnp.float32(0), zero_metrics), batch)

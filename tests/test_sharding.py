@@ -64,3 +64,22 @@ def test_logical_shardings_reject_indivisible_dims():
         sharding.logical_shardings(boxed, mesh)
     boxed = {"w": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((16, 12), "float32"), ("embed", "mlp"))}
     assert sharding.logical_shardings(boxed, mesh)["w"].spec == P(("fsdp", "expert"), "tensor")
+
+
+def test_state_bytes_per_device_and_too_large_model_error():
+    mesh = sharding.make_mesh(_mesh_config(fsdp=8))
+    boxed = {"w": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((64, 16), "float32"), ("embed", "mlp")),
+             "scale": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((16,), "float32"), ("norm",))}
+    shardings = sharding.logical_shardings(boxed, mesh)
+    # w split 8 ways over embed: 8 x 16 floats; the norm scale replicated: 16 floats.
+    assert sharding.bytes_per_device(nn.meta.unbox(boxed), shardings) == (8 * 16 + 16) * 4
+
+    class Device:
+        device_kind = "small accelerator"
+
+        def memory_stats(self):
+            return {"bytes_limit": 2**30}
+
+    sharding.check_fits(2**29, Device())
+    with pytest.raises(ValueError, match="need 2.0 GiB per device but a small accelerator has 1.0 GiB: raise config"):
+        sharding.check_fits(2**31, Device())

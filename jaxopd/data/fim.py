@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import grain
 import numpy as np
 
 from jaxopd.data.tokenizer import Tokenizer
@@ -36,7 +37,7 @@ def fim_token_ids(prefix: list[int], middle: list[int], suffix: list[int], fim_i
     raise ValueError(f"data.fim_mode={mode!r} is not one of {FIM_MODES}")
 
 
-class TokenizeDocument:
+class TokenizeDocument(grain.transforms.Map):
     """(epoch, document index, raw bytes) -> {"tokens": int32 [length], "fim", "invalid_utf8", "empty", "index"}.
 
     Invalid UTF-8 is decoded with U+FFFD replacements and flagged; an empty document yields no tokens and is flagged.
@@ -56,7 +57,7 @@ class TokenizeDocument:
         self.fim_ids = tokenizer.fim_ids if fim_rate > 0 else None
         self.prefix = [tokenizer.bos_id] if add_bos else []
 
-    def __call__(self, element: tuple[int, int, bytes | str]) -> dict[str, Any]:
+    def map(self, element: tuple[int, int, bytes | str]) -> dict[str, Any]:
         epoch, index, raw = element
         text, invalid = decode_document(raw)
         result = {"index": index, "fim": False, "invalid_utf8": invalid, "empty": not text}

@@ -28,12 +28,14 @@ import pathlib
 from typing import Any
 
 import grain
+from absl import flags as absl_flags
 import ml_collections
 import numpy as np
 
 from jaxopd.data import sources
 from jaxopd.data.fim import TokenizeDocument
-from jaxopd.data.tokenizer import DEFAULT_FIM_TOKENS, load_tokenizer
+from jaxopd.data.packing import BestFitPackDataset, ConcatThenSplitDataset
+from jaxopd.data.tokenizer import DEFAULT_FIM_TOKENS, Tokenizer, load_tokenizer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKING_KINDS = ("best_fit", "concat")
@@ -79,22 +81,27 @@ def _resolve_paths(paths: str) -> list[str]:
     return [resolve_path(p) for p in paths.split(",") if p]
 
 
-class DataIterator:
+class DataIterator(grain.DatasetIterator):
     """Iterator over Batch-contract dicts, with checkpointable state and counts of what it has seen.
+
+    A grain DatasetIterator, so orbax saves it with `grain.checkpoint.CheckpointSave(iterator)` (one JSON file per
+    process). A state restores only into a pipeline built with the same config, process_count and num_workers.
 
     `stats` (counts since this iterator was created or restored, not saved in the state): documents_read,
     documents_empty, documents_invalid_utf8, documents_fim, tokens_read, padding_batches, and the constants
-    documents_in_split, documents_per_host, documents_dropped_by_sharding.
+    documents_in_split, documents_per_host, documents_dropped_by_sharding. `packing_stats` (the packer's counts,
+    saved in the state): documents, documents_skipped (under 2 tokens), documents_cut, pieces, rows, loss_tokens,
+    padding_tokens.
     """
 
-    def __init__(self, dataset: grain.IterDataset, stats: dict[str, int], *, batch_size: int, seq_len: int,
-                 pad_id: int, num_batches: int | None):
-        self._dataset, self._iterator = dataset, iter(dataset)
-        self.stats, self.batch_size, self.seq_len, self.pad_id = stats, batch_size, seq_len, pad_id
+    def __init__(self, dataset: grain.IterDataset, stats: dict[str, int], packing_stats: dict[str, int], *,
+                 tokenizer: Tokenizer, batch_size: int, seq_len: int, num_batches: int | None):
+        self._iterator = iter(dataset)
+        super().__init__(self._iterator)
+        self.stats, self.packing_stats = stats, packing_stats
+        self.tokenizer, self.batch_size, self.seq_len = tokenizer, batch_size, seq_len
+        self.pad_id = tokenizer.pad_id
         self.num_batches, self._produced, self._exhausted = num_batches, 0, False
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self.num_batches is not None and self._produced >= self.num_batches:
@@ -131,12 +138,6 @@ class DataIterator:
     def set_state(self, state: dict[str, Any]) -> None:
         self._iterator.set_state(state["grain"])
         self._produced, self._exhausted = state["produced"], state["exhausted"]
-
-    def close(self) -> None:
-        """Stops worker processes (also done at garbage collection)."""
-        close = getattr(self._iterator, "close", None)
-        if close is not None:
-            close()
 
 
 class _CountDocuments:
@@ -181,22 +182,6 @@ def _document_dataset(data_config, *, seed: int, process_index: int, process_cou
     return documents.map_with_index(lambda position, document: (position // per_host, *document))
 
 
-def _pack(documents: grain.IterDataset, kind: str, *, seq_len: int, buffer_size: int, pad_id: int
-          ) -> grain.IterDataset:
-    """Documents {"tokens": [length]} -> Batch-contract rows of length seq_len."""
-    # Provisional: grain's concat-then-split for both kinds, until jaxopd/data/packing.py lands.
-    packed = grain.experimental.ConcatThenSplitIterDataset(documents, length_struct={"tokens": seq_len})
-
-    def to_contract(row):
-        tokens, segment_ids = row["tokens"].astype(np.int32), row["tokens_segment_ids"].astype(np.int32)
-        same = np.append((segment_ids[1:] == segment_ids[:-1]) & (segment_ids[1:] != 0), False)
-        targets = np.where(same, np.append(tokens[1:], pad_id), pad_id).astype(np.int32)
-        return {"tokens": tokens, "targets": targets, "segment_ids": segment_ids,
-                "positions": row["tokens_positions"].astype(np.int32), "loss_mask": same.astype(np.float32)}
-
-    return packed.map(to_contract)
-
-
 def make_pipeline(data_config: ml_collections.ConfigDict, *, seq_len: int, batch_size: int, seed: int,
                   process_index: int | None = None, process_count: int | None = None, split: str = "train",
                   num_batches: int | None = None) -> DataIterator:
@@ -235,6 +220,7 @@ def make_pipeline(data_config: ml_collections.ConfigDict, *, seq_len: int, batch
                                data_config.tokenizer_kind)
     tokenize = TokenizeDocument(tokenizer, seed=seed, fim_rate=data_config.fim_rate, fim_mode=data_config.fim_mode,
                                 add_bos=data_config.add_bos)
+    packing_stats: dict[str, int] = {}
     stats = dict.fromkeys(["documents_read", "documents_empty", "documents_invalid_utf8", "documents_fim",
                            "tokens_read", "padding_batches"], 0)
     documents = _document_dataset(data_config, seed=seed, process_index=process_index, process_count=process_count,
@@ -242,11 +228,19 @@ def make_pipeline(data_config: ml_collections.ConfigDict, *, seq_len: int, batch
     dataset = documents.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
                                                           prefetch_buffer_size=max(16, data_config.read_threads * 8)))
     if data_config.num_workers > 0:
+        # grain's worker start reads absl flags; outside an absl app (pytest, notebooks) use their defaults.
+        if not absl_flags.FLAGS.is_parsed():
+            absl_flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))
     # Empty documents are counted, then dropped: they have no token to train on.
     dataset = dataset.map(_CountDocuments(stats)).filter(lambda document: len(document["tokens"]) > 0)
-    dataset = _pack(dataset, data_config.packing, seq_len=seq_len, buffer_size=data_config.packing_buffer,
-                    pad_id=tokenizer.pad_id)
+    if data_config.packing == "best_fit":
+        # Best-fit emits a buffer's rows length-sorted; the packer reshuffles them with this seed.
+        dataset = BestFitPackDataset(dataset, seq_len=seq_len, buffer_size=data_config.packing_buffer,
+                                     pad_id=tokenizer.pad_id, shuffle_seed=seed if data_config.shuffle else None,
+                                     stats=packing_stats)
+    else:
+        dataset = ConcatThenSplitDataset(dataset, seq_len=seq_len, pad_id=tokenizer.pad_id, stats=packing_stats)
     dataset = dataset.batch(batch_size)
-    return DataIterator(dataset, stats, batch_size=batch_size, seq_len=seq_len, pad_id=tokenizer.pad_id,
+    return DataIterator(dataset, stats, packing_stats, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
                         num_batches=num_batches)

@@ -129,11 +129,10 @@ class ParquetSource:
     """Parquet files with the document in column `text_field`, read one row group at a time (the last one is kept)."""
 
     def __init__(self, paths: list[str], text_field: str = "text"):
-        try:
-            import pyarrow.parquet  # noqa: F401  (imported lazily: pyarrow is only needed for this source)
+        try:  # imported here: only this source needs pyarrow
+            import pyarrow.parquet as pq
         except ImportError as error:
             raise ImportError("data.source='parquet' needs pyarrow: pip install pyarrow") from error
-        import pyarrow.parquet as pq
 
         self.paths, self.text_field = paths, text_field
         self._group_starts, self._groups = [], []  # cumulative row offsets, (file, row group)
