@@ -16,14 +16,12 @@ def test_checker_accepts_exactly_the_true_result_for_all_two_digit_problems():
         for op, truth in (("+", left + right), ("-", left - right)):
             if truth < 0:
                 continue
-            prompt, digits = f"{left}{op}{right}=", "".join(reversed(str(truth)))  # least significant first
-            assert arithmetic.check(prompt, f"{digits}<eos>")
-            assert arithmetic.check(prompt, f"{digits}<eos>99<pad><pad>")  # anything after EOS is ignored
-            assert not arithmetic.check(prompt, f"{''.join(reversed(str(truth + 1)))}<eos>")
-            assert not arithmetic.check(prompt, f"{digits}0<eos>")
-            assert not arithmetic.check(prompt, f" {digits}")
-            if truth >= 10 and digits != str(truth):
-                assert not arithmetic.check(prompt, f"{truth}<eos>")  # most significant first is wrong
+            prompt = f"{left}{op}{right}="
+            assert arithmetic.check(prompt, f"{truth}<eos>")
+            assert arithmetic.check(prompt, f"{truth}<eos>99<pad><pad>")  # anything after EOS is ignored
+            assert not arithmetic.check(prompt, f"{truth + 1}<eos>")
+            assert not arithmetic.check(prompt, f"{truth}0<eos>")
+            assert not arithmetic.check(prompt, f" {truth}")
 
 
 def test_checker_rejects_a_prompt_that_is_not_a_problem():
@@ -36,7 +34,7 @@ def test_problems_respect_digit_bounds_and_ops():
     for problem in problems:
         left, op, right = problem["prompt"][:-1].replace("-", " - ").replace("+", " + ").split()
         assert 1 <= len(left) <= 3 and 1 <= len(right) <= 3 and op in "+-"
-        assert int(problem["answer"][::-1]) >= 0 and str(int(left)) == left  # no leading zeros, no negative results
+        assert int(problem["answer"]) >= 0 and str(int(left)) == left  # no leading zeros, no negative results
     lengths = {len(p["prompt"]) for p in problems}
     assert min(lengths) == 4 and max(lengths) == 8  # "1+2=" .. "123+456="
     assert {p["prompt"][:-1].strip("0123456789")[0] for p in problems} == {"+", "-"}
@@ -48,8 +46,7 @@ def test_bundled_prompt_sets_are_correct_and_eval_is_held_out():
     assert len(held_out) >= 256
     assert not {p["prompt"] for p in train} & {p["prompt"] for p in held_out}
     for problem in held_out + train[:500]:
-        # Python's own arithmetic as the reference; answers are written least significant digit first.
-        assert int(problem["answer"][::-1]) == eval(problem["prompt"][:-1])
+        assert int(problem["answer"]) == eval(problem["prompt"][:-1])  # Python's own arithmetic as the reference
 
 
 def test_tokenizer_is_one_token_per_character_and_round_trips():

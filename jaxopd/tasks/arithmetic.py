@@ -1,14 +1,12 @@
 """Multi-digit addition and subtraction: a prompt generator, an exact checker and a character-level tokenizer.
 
-A problem is `"{a}{op}{b}="` (op "+" or "-", with a >= b for "-"), its answer the decimal result written least
-significant digit first, followed by EOS: `"347+85="` -> `"234"` (432 reversed). Reversed output lets each digit
-depend only on digits already seen plus a carry, which small transformers learn far faster than most-significant
-first (Lee et al. 2023, "Teaching Arithmetic to Small Transformers", sec. 4). Every character is one token, so a
-completion is a handful of digit tokens and the checker needs no model. Write the bundled prompt sets and tokenizer with
+A problem is `"{a}{op}{b}="` (op "+" or "-", with a >= b for "-"), its answer the decimal result followed by EOS:
+`"347+85="` -> `"432"`. Every character is one token, so a completion is a handful of digit tokens and the checker
+needs no model. Write the bundled prompt sets and tokenizer with
 
     python -m jaxopd.tasks.arithmetic --out data/tasks/arithmetic
 
-Prompt files are JSON Lines `{"prompt": "347+85=", "answer": "234"}` (the answer is for SFT baselines and reading;
+Prompt files are JSON Lines `{"prompt": "347+85=", "answer": "432"}` (the answer is for SFT baselines and reading;
 `check` recomputes it from the prompt).
 """
 
@@ -30,12 +28,12 @@ _PROBLEM = re.compile(r"^(\d+)([+-])(\d+)=$")
 
 
 def answer(prompt: str) -> str:
-    """The correct completion of `prompt` ("a+b=" or "a-b="): the result's digits reversed, from the prompt alone."""
+    """The correct completion of `prompt` ("a+b=" or "a-b="), computed from the prompt alone."""
     match = _PROBLEM.match(prompt)
     if match is None:
         raise ValueError(f"prompt {prompt!r} is not an arithmetic problem 'a+b=' or 'a-b='")
     left, op, right = int(match[1]), match[2], int(match[3])
-    return str(left + right if op == "+" else left - right)[::-1]
+    return str(left + right if op == "+" else left - right)
 
 
 def check(prompt: str, completion: str) -> bool:
