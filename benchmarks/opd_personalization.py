@@ -39,7 +39,8 @@ def accuracy(path: pathlib.Path, prompts: list[str]) -> float:
     """Greedy accuracy of the checkpoint at `path` on `prompts` (arithmetic checker)."""
     model, params = load_model(path)
     tokenizer = load_tokenizer(ARITHMETIC / "tokenizer.json")
-    sampler = Sampler(model, 10, 6, (tokenizer.eos_id,), tokenizer.pad_id)
+    distill = load_config_file(ROOT / "configs" / "tiny_distill.py").distill
+    sampler = Sampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id)
     result = rollouts_lib.rollout(sampler, params, tokenizer, prompts, jax.random.key(0), group_size=1,
                                   add_bos=True, checker=arithmetic.check, greedy=True)
     return float(result.rewards.mean())

@@ -32,8 +32,8 @@ def distill_config() -> ml_collections.ConfigDict:
         teacher=f"{ARITHMETIC}/teacher",  # jaxopd checkpoint directory or Hugging Face checkpoint
         teacher_tokenizer="",  # "" = data.tokenizer; else the teacher's own, checked against it up front
         group_size=4,  # samples per prompt; batch_size rollouts per step = batch_size / group_size prompts
-        max_prompt_len=10,  # BOS + prompt tokens (left-padded to this)
-        max_new_tokens=6,
+        max_prompt_len=8,  # BOS + prompt tokens (left-padded to this): "<bos>99+99=" is 7
+        max_new_tokens=5,  # "198<eos>" is 4
         temperature=1.0,  # sampling temperature; 1.0 for OPD (the student's own distribution)
         kl_coef=1.0,  # advantage = kl_coef * (log p_teacher - log p_student) ...
         reward_weight=0.0,  # ... + reward_weight * group-normalized task reward

@@ -65,7 +65,8 @@ def write_teacher_samples(teacher: pathlib.Path, corpus: pathlib.Path, batch: in
 
     model, params = load_model(teacher)
     tokenizer = load_tokenizer(ARITHMETIC / "tokenizer.json")
-    sampler = Sampler(model, 10, 6, (tokenizer.eos_id,), tokenizer.pad_id)
+    distill = load_config_file(ROOT / "configs" / "tiny_distill.py").distill
+    sampler = Sampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id)
     prompts = [problem["prompt"] for problem in read_jsonl(ARITHMETIC / "train.jsonl")]
     correct = 0.0
     with open(corpus, "w") as f:

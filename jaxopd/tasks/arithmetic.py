@@ -98,10 +98,10 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="data/tasks/arithmetic")
-    parser.add_argument("--max-digits", type=int, default=3)
-    parser.add_argument("--train", type=int, default=20000, help="training prompts (addition)")
+    parser.add_argument("--max-digits", type=int, default=2)
+    parser.add_argument("--train", type=int, default=5000, help="training prompts (addition)")
     parser.add_argument("--eval", type=int, default=512, help="held-out prompts (addition)")
-    parser.add_argument("--new-task", type=int, default=20000, help="subtraction problems (personalization docs)")
+    parser.add_argument("--new-task", type=int, default=5000, help="subtraction problems (personalization docs)")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     write_tokenizer(out)
