@@ -85,17 +85,22 @@ def _reference_logprobs(model, params, layout):
     return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), layout["targets"][..., None], -1)[..., 0]
 
 
-def test_reverse_kl_gradient_is_the_advantage_weighted_score_function():
-    config = config_for("reverse_kl", **{"distill.kl_coef": 0.5})
+@pytest.mark.parametrize("loss", ["reverse_kl", "grpo"])
+def test_policy_gradient_is_the_advantage_weighted_score_function(loss):
+    config = config_for(loss, **{"distill.kl_coef": 0.5, "distill.reward_weight": 0.25})
     model, params = init(STUDENT, 1)
     teacher_model, teacher_params = init(TEACHER, 2)
     layout = rollout_batch(model, params, teacher_model, teacher_params)
-    objective = train_step.OBJECTIVES["reverse_kl"]
-    batch = jax.tree.map(lambda x: x[None], layout)
-    totals = objective.totals(batch, config)
-    grads = jax.grad(lambda p: objective.loss(model, p, layout, totals, config)[0])(params)
     mask = layout["loss_mask"]
-    advantages = 0.5 * (layout["teacher_logprobs"] - layout["target_sampler_logprobs"]) * mask
+    rewards = jnp.asarray(np.random.default_rng(0).normal(size=(mask.shape[0], 1)), jnp.float32)
+    layout["task_advantages"] = rewards * mask  # one value per sample, on its completion tokens
+    objective = train_step.OBJECTIVES[loss]
+    totals = objective.totals(jax.tree.map(lambda x: x[None], layout), config)
+    grads = jax.grad(lambda p: objective.loss(model, p, layout, totals, config)[0])(params)
+    if loss == "reverse_kl":  # per-token OPD advantage plus the weighted task reward
+        advantages = (0.5 * (layout["teacher_logprobs"] - layout["target_sampler_logprobs"]) + 0.25 * rewards) * mask
+    else:  # sparse reward only
+        advantages = rewards * mask
 
     def reference(p):  # on-policy the ratio is 1 and its gradient is grad log pi: REINFORCE with per-token A_t
         return -jnp.sum(advantages * _reference_logprobs(model, p, layout)) / jnp.sum(mask)
