@@ -87,7 +87,8 @@ def _policy_gradient_loss(loss_name: str):
         else:
             weight = (batch["loss_mask"].sum(-1) > 0).sum() / totals["sequences"]
         metrics = {name: value * weight for name, value in metrics.items()}
-        metrics["reverse_kl"] = sampled_kl(batch).sum() / totals["tokens"]
+        if loss_name == "reverse_kl":  # the "grpo" batch carries no teacher scores
+            metrics["reverse_kl"] = sampled_kl(batch).sum() / totals["tokens"]
         metrics["moe_load"] = features.moe_load
         return value * weight + _balance_loss(features, totals, config), metrics
     return loss
