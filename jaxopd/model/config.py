@@ -71,9 +71,15 @@ class ModelConfig:
     # Misc
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = False
+    init_std: float = 0.02  # normal(0, init_std) for every matrix and the embedding (HF `initializer_range`)
     dtype: str = "float32"  # compute dtype; softmax, norms and logits stay float32
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool = False  # rematerialize each decoder block in the backward pass (nn.remat)
+    # How the forward pass runs (not the architecture): `jaxopd.kernels.attention` implementation for training and
+    # prefill, and whether routed experts run expert-parallel (shard_map over the "expert" axis of the mesh set
+    # with `jax.set_mesh`).
+    attention_implementation: str = "xla"
+    expert_parallel: bool = False
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

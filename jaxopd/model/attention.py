@@ -1,0 +1,82 @@
+"""Grouped-query attention (Llama 3, Qwen2/Qwen3): q/k/v/o projections, optional q/k/v bias and per-head q/k RMSNorm,
+RoPE, masked causal attention from `jaxopd.kernels`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxopd.kernels.attention import attention
+from jaxopd.kernels.rope import apply_rope, rope_frequencies
+from jaxopd.model.cache import attention_context
+from jaxopd.model.config import ModelConfig
+from jaxopd.model.layers import RMSNorm, compute, param
+
+
+def gqa_dims(config: ModelConfig) -> tuple[int, int]:
+    """(kv_heads, head_dim): defaults are num_heads and d_model // num_heads."""
+    return config.num_kv_heads or config.num_heads, config.head_dim or config.d_model // config.num_heads
+
+
+class GQAAttention(nn.Module):
+    """Parameters: `q [d, heads, head_dim]`, `k`, `v [d, kv_heads, head_dim]`, `o [heads, head_dim, d]`;
+    with `attention_bias` also `q_bias [heads, head_dim]`, `k_bias`, `v_bias [kv_heads, head_dim]` (Qwen2); with
+    `qk_norm` also `q_norm/scale`, `k_norm/scale [head_dim]` (Qwen3)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        positions: jnp.ndarray,
+        segment_ids: jnp.ndarray,
+        cache: Optional[dict] = None,
+        cache_index: Optional[jnp.ndarray] = None,
+        cache_segment_ids: Optional[jnp.ndarray] = None,
+    ) -> tuple[jnp.ndarray, Optional[dict]]:
+        """x `[batch, t, d]`, positions/segment_ids `[batch, t]` -> (`[batch, t, d]`, updated layer cache or None).
+
+        With a `cache` ({"k", "v": [batch, max_len, kv_heads, head_dim]}) this is one decode step; see `jaxopd.model.cache`.
+        """
+        c = self.config
+        d, heads = c.d_model, c.num_heads
+        kv_heads, head_dim = gqa_dims(c)
+        w_q = param(self, "q", (d, heads, head_dim), ("embed", "q_heads", "head_dim"))
+        w_k = param(self, "k", (d, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
+        w_v = param(self, "v", (d, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
+        w_o = param(self, "o", (heads, head_dim, d), ("q_heads", "head_dim", "embed"))
+
+        q_BxTxHxK = jnp.einsum("btd,dhk->bthk", x, compute(self, w_q))
+        k_BxTxGxK = jnp.einsum("btd,dgk->btgk", x, compute(self, w_k))
+        v_BxTxGxK = jnp.einsum("btd,dgk->btgk", x, compute(self, w_v))
+        if c.attention_bias:
+            zeros = nn.initializers.zeros
+            q_BxTxHxK += compute(self, param(self, "q_bias", (heads, head_dim), ("q_heads", "head_dim"), zeros))
+            k_BxTxGxK += compute(self, param(self, "k_bias", (kv_heads, head_dim), ("kv_heads", "head_dim"), zeros))
+            v_BxTxGxK += compute(self, param(self, "v_bias", (kv_heads, head_dim), ("kv_heads", "head_dim"), zeros))
+        if c.qk_norm:  # Qwen3: RMSNorm over head_dim of every head, before RoPE
+            q_BxTxHxK = RMSNorm(c, name="q_norm")(q_BxTxHxK)
+            k_BxTxGxK = RMSNorm(c, name="k_norm")(k_BxTxGxK)
+        q_BxTxHxK = nn.with_logical_constraint(q_BxTxHxK, ("batch", "seq", "q_heads", None))
+
+        inv_freq, rope_scale = rope_frequencies(head_dim, c.rope_theta, c.rope_scaling)
+        q_BxTxHxK = apply_rope(q_BxTxHxK, positions, inv_freq, c.rope_layout, rope_scale)
+        k_BxTxGxK = apply_rope(k_BxTxGxK, positions, inv_freq, c.rope_layout, rope_scale)
+
+        kv, mask, new_cache = attention_context(
+            {"k": k_BxTxGxK, "v": v_BxTxGxK}, positions, segment_ids, cache, cache_index, cache_segment_ids
+        )
+        out_BxTxHxK = attention(
+            q_BxTxHxK,
+            compute(self, kv["k"]),
+            compute(self, kv["v"]),
+            **mask,
+            scale=head_dim**-0.5,
+            sliding_window=c.sliding_window,
+            # Decode attends t queries to a longer cache: the plain path; the others are for self-attention.
+            implementation=c.attention_implementation if cache is None else "xla",
+        )
+        return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, compute(self, w_o)), new_cache

@@ -1,0 +1,78 @@
+"""The decode KV cache: a plain pytree of arrays, created by `init_cache` and threaded through `method="decode"`.
+
+Layout (`max_len` slots per row; slot i of every layer holds the token written at cache index i):
+  {"segment_ids": [batch, max_len] int32,      # 0 = empty slot (or padding), never attended to
+   "layers": (per decoder layer, in order)
+       GQA: {"k": [batch, max_len, kv_heads, head_dim], "v": [batch, max_len, kv_heads, head_dim]}
+       MLA: {"latent": [batch, max_len, kv_lora_rank],   # c_kv after kv_a_norm (DeepSeek-V2 eq. 9)
+             "k_rope": [batch, max_len, qk_rope_head_dim]}}   # the shared key, rotary embedding applied
+MLA keeps kv_lora_rank + qk_rope_head_dim numbers per token per layer, the point of MLA (DeepSeek-V2 sec. 2.1.2).
+
+Causality inside the cache is by slot: a query written at slot s sees slots <= s of its own segment. Rotary
+embeddings use the caller's token positions, so left-padded prompts (pad slots with segment 0, positions restarting at
+0 on the first real token) decode exactly like their unpadded forward pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxopd.model.config import ModelConfig
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "bfloat16") -> dict:
+    """An empty cache for `batch` rows of `max_len` tokens (layout in the module docstring), keys/values in `dtype`."""
+    if batch < 1 or max_len < 1:
+        raise ValueError(f"init_cache: batch={batch} and max_len={max_len} must both be >= 1")
+    if config.attention == "mla":
+        layer = {
+            "latent": jnp.zeros((batch, max_len, config.kv_lora_rank), dtype),
+            "k_rope": jnp.zeros((batch, max_len, config.qk_rope_head_dim), dtype),
+        }
+    else:
+        kv_heads = config.num_kv_heads or config.num_heads
+        head_dim = config.head_dim or config.d_model // config.num_heads
+        layer = {name: jnp.zeros((batch, max_len, kv_heads, head_dim), dtype) for name in ("k", "v")}
+    return {
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "layers": tuple(dict(layer) for _ in range(config.num_layers)),
+    }
+
+
+def write(cache_array: jnp.ndarray, new: jnp.ndarray, cache_index: jnp.ndarray) -> jnp.ndarray:
+    """`cache_array [batch, max_len, ...]` with `new [batch, t, ...]` written at slots [cache_index, cache_index + t)."""
+    return jax.lax.dynamic_update_slice_in_dim(cache_array, new.astype(cache_array.dtype), cache_index, axis=1)
+
+
+def slot_positions(batch: int, q_len: int, max_len: int, cache_index: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Positions for the attention mask in decode: the queries' slots `[batch, q_len]` and all slots `[batch, max_len]`."""
+    q_slots = jnp.broadcast_to(cache_index + jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))
+    kv_slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
+    return q_slots, kv_slots
+
+
+def attention_context(
+    new: dict,
+    positions: jnp.ndarray,
+    segment_ids: jnp.ndarray,
+    cache: dict | None,
+    cache_index: jnp.ndarray | None,
+    cache_segment_ids: jnp.ndarray | None,
+) -> tuple[dict, dict, dict | None]:
+    """What the queries of one attention layer attend to.
+
+    Training/forward (`cache` None): the new keys/values themselves, masked by token positions and segment ids.
+    Decode: `new` ([batch, t, ...] arrays) written into the layer's `cache` at `cache_index`; the queries attend to the
+    whole cache, masked by slot and by `cache_segment_ids` (the cache's segment ids with this step's already written).
+
+    Returns (arrays to attend to, keyword arguments for the kernels' mask, the updated layer cache or None).
+    """
+    if cache is None:
+        mask = dict(q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions, kv_positions=positions)
+        return new, mask, None
+    updated = {name: write(cache[name], value, cache_index) for name, value in new.items()}
+    batch, q_len = segment_ids.shape
+    q_slots, kv_slots = slot_positions(batch, q_len, cache_segment_ids.shape[1], cache_index)
+    mask = dict(q_segment_ids=segment_ids, kv_segment_ids=cache_segment_ids, q_positions=q_slots, kv_positions=kv_slots)
+    return updated, mask, updated

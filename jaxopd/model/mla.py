@@ -1,0 +1,89 @@
+"""DeepSeek Multi-head Latent Attention (DeepSeek-V2 sec. 2.1, V3 sec. 2.1.1) wired onto `jaxopd.kernels`.
+
+Forward/prefill up-projects the latent (`mla_naive`); decode reads the latent cache as stored (`mla_absorbed_decode`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxopd.kernels.attention import mla_absorbed_decode, mla_naive
+from jaxopd.kernels.rope import apply_rope, rope_frequencies, yarn_softmax_scale_factor
+from jaxopd.model.cache import attention_context
+from jaxopd.model.config import ModelConfig
+from jaxopd.model.layers import RMSNorm, compute, param
+
+
+class MLAttention(nn.Module):
+    """Parameters (h heads, dn/dr/dv = qk_nope/qk_rope/v head dims, c = kv_lora_rank, r = q_lora_rank):
+      q_lora_rank None (V2-Lite): `q [d, h, dn + dr]`;
+      else: `q_a [d, r]` ("embed", "q_lora"), `q_a_norm/scale [r]`, `q_b [r, h, dn + dr]` ("q_lora", "q_heads", ...);
+      `kv_a [d, c + dr]` ("embed", "kv_lora"): the latent and the shared rope key (HF kv_a_proj_with_mqa);
+      `kv_a_norm/scale [c]`; `kv_b [c, h, dn + dv]` ("kv_lora", "q_heads", "head_dim"): per head, the no-rope key
+      up-projection W_uk (first dn) and the value up-projection W_uv (last dv); `o [h, dv, d]`.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        positions: jnp.ndarray,
+        segment_ids: jnp.ndarray,
+        cache: Optional[dict] = None,
+        cache_index: Optional[jnp.ndarray] = None,
+        cache_segment_ids: Optional[jnp.ndarray] = None,
+    ) -> tuple[jnp.ndarray, Optional[dict]]:
+        """x `[batch, t, d]`, positions/segment_ids `[batch, t]` -> (`[batch, t, d]`, updated layer cache or None).
+
+        With a `cache` ({"latent": [batch, max_len, c], "k_rope": [batch, max_len, dr]}) this is one decode step.
+        """
+        cfg = self.config
+        d, heads, rank = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank
+        nope, rope, v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        qk_dim = nope + rope
+
+        if cfg.q_lora_rank is None:
+            w_q = param(self, "q", (d, heads, qk_dim), ("embed", "q_heads", "head_dim"))
+            q_BxTxHxQ = jnp.einsum("btd,dhq->bthq", x, compute(self, w_q))
+        else:
+            w_q_a = param(self, "q_a", (d, cfg.q_lora_rank), ("embed", "q_lora"))
+            w_q_b = param(self, "q_b", (cfg.q_lora_rank, heads, qk_dim), ("q_lora", "q_heads", "head_dim"))
+            q_latent_BxTxR = RMSNorm(cfg, name="q_a_norm")(jnp.einsum("btd,dr->btr", x, compute(self, w_q_a)))
+            q_BxTxHxQ = jnp.einsum("btr,rhq->bthq", q_latent_BxTxR, compute(self, w_q_b))
+        q_BxTxHxQ = nn.with_logical_constraint(q_BxTxHxQ, ("batch", "seq", "q_heads", None))
+        w_kv_a = param(self, "kv_a", (d, rank + rope), ("embed", "kv_lora"))
+        w_kv_b = param(self, "kv_b", (rank, heads, nope + v_dim), ("kv_lora", "q_heads", "head_dim"))
+        w_o = param(self, "o", (heads, v_dim, d), ("q_heads", "head_dim", "embed"))
+
+        kv_a_BxTxA = jnp.einsum("btd,da->bta", x, compute(self, w_kv_a))
+        latent_BxTxC = RMSNorm(cfg, name="kv_a_norm")(kv_a_BxTxA[..., :rank])
+        inv_freq, rope_scale = rope_frequencies(rope, cfg.rope_theta, cfg.rope_scaling)
+        # One rope key per token, shared by all heads (DeepSeek-V2 eq. 14): rotate it as a single head.
+        k_rope_BxTxR = apply_rope(kv_a_BxTxA[:, :, None, rank:], positions, inv_freq, cfg.rope_layout, rope_scale)[:, :, 0]
+        q_nope_BxTxHxN = q_BxTxHxQ[..., :nope]
+        q_rope_BxTxHxR = apply_rope(q_BxTxHxQ[..., nope:], positions, inv_freq, cfg.rope_layout, rope_scale)
+
+        kv_b = compute(self, w_kv_b)
+        w_uk_CxHxN, w_uv_CxHxV = kv_b[..., :nope], kv_b[..., nope:]
+        # YaRN temperature on the logits of all dimensions (DeepSeek-V2 config mscale_all_dim).
+        scale = qk_dim**-0.5 * yarn_softmax_scale_factor(cfg.rope_scaling)
+        kv, mask, new_cache = attention_context(
+            {"latent": latent_BxTxC, "k_rope": k_rope_BxTxR}, positions, segment_ids, cache, cache_index,
+            cache_segment_ids,
+        )
+        latent, k_rope = compute(self, kv["latent"]), compute(self, kv["k_rope"])
+        if cache is None:
+            out_BxTxHxV = mla_naive(
+                q_nope_BxTxHxN, q_rope_BxTxHxR, latent, k_rope, w_uk_CxHxN, w_uv_CxHxV, **mask, scale=scale,
+                implementation=cfg.attention_implementation,
+            )
+        else:
+            out_BxTxHxV = mla_absorbed_decode(
+                q_nope_BxTxHxN, q_rope_BxTxHxR, latent, k_rope, w_uk_CxHxN, w_uv_CxHxV, **mask, scale=scale
+            )
+        return jnp.einsum("bthv,hvd->btd", out_BxTxHxV, compute(self, w_o)), new_cache

@@ -1,0 +1,217 @@
+"""The decoder-only Transformer: embedding, decoder blocks (dense, then DeepSeekMoE), final norm, output head, MTP.
+
+Usage:
+  model = Transformer(config)
+  params = model.init(rng, tokens)["params"]       # leaves are nn.LogicallyPartitioned boxes; nn.unbox(...) strips
+  logits = model.apply({"params": params}, tokens, segment_ids=None, positions=None)   # [b, t, vocab] float32
+  features = model.apply({"params": params}, tokens, segment_ids, positions, method="features")   # `Features`
+  logits, cache = model.apply({"params": params}, tokens, positions=..., segment_ids=..., cache=cache,
+                              cache_index=i, method="decode")         # cache from `init_cache`
+segment_ids default to ones (one document per row; 0 marks padding) and positions to per-document aranges
+(restarting at 0 wherever the segment id changes).
+
+Parameter tree (d = d_model, V = vocab_size, h = num_heads, g = num_kv_heads, k = head_dim, E = num_experts,
+f = mlp_dim, fe = moe_mlp_dim, fs = num_shared_experts * fe; MLA: r = q_lora_rank, c = kv_lora_rank,
+dn/dr/dv = qk_nope/qk_rope/v head dims). Path -> shape -> logical axes:
+  embed/embedding                      [V, d]          ("vocab", "embed")
+  layers_{i}/attention_norm/scale      [d]             ("norm",)
+  layers_{i}/attention/...  GQA:
+      q                                [d, h, k]       ("embed", "q_heads", "head_dim")
+      k, v                             [d, g, k]       ("embed", "kv_heads", "head_dim")
+      o                                [h, k, d]       ("q_heads", "head_dim", "embed")
+      q_bias                           [h, k]          ("q_heads", "head_dim")      (attention_bias, Qwen2)
+      k_bias, v_bias                   [g, k]          ("kv_heads", "head_dim")     (attention_bias)
+      q_norm/scale, k_norm/scale       [k]             ("norm",)                    (qk_norm, Qwen3)
+  layers_{i}/attention/...  MLA:
+      q                                [d, h, dn+dr]   ("embed", "q_heads", "head_dim")   (q_lora_rank None)
+      q_a                              [d, r]          ("embed", "q_lora")                (q_lora_rank set)
+      q_a_norm/scale                   [r]             ("norm",)
+      q_b                              [r, h, dn+dr]   ("q_lora", "q_heads", "head_dim")
+      kv_a                             [d, c+dr]       ("embed", "kv_lora")   latent first, then the rope key
+      kv_a_norm/scale                  [c]             ("norm",)
+      kv_b                             [c, h, dn+dv]   ("kv_lora", "q_heads", "head_dim")   W_uk first, then W_uv
+      o                                [h, dv, d]      ("q_heads", "head_dim", "embed")
+  layers_{i}/mlp_norm/scale            [d]             ("norm",)
+  layers_{i}/mlp/...  dense (i < first_k_dense or E == 0):
+      w_gate, w_up                     [d, f]          ("embed", "mlp")
+      w_down                           [f, d]          ("mlp", "embed")
+  layers_{i}/mlp/...  MoE:
+      router                           [d, E] float32  ("embed", None)
+      expert_bias                      [E]    float32  (None,)   no gradient; see update_expert_biases
+      w_gate, w_up                     [E, d, fe]      ("experts", "embed", "expert_mlp")
+      w_down                           [E, fe, d]      ("experts", "expert_mlp", "embed")
+      shared/w_gate, shared/w_up       [d, fs]         ("embed", "mlp")        (num_shared_experts > 0)
+      shared/w_down                    [fs, d]         ("mlp", "embed")
+  final_norm/scale                     [d]             ("norm",)
+  unembed                              [d, V]          ("embed", "vocab")      (absent when tie_embeddings)
+  mtp_{j}/embed_norm/scale             [d]             ("norm",)    DeepSeek enorm      (j < mtp_depth)
+  mtp_{j}/hidden_norm/scale            [d]             ("norm",)    hnorm
+  mtp_{j}/projection                   [2d, d]         (None, "embed")   eh_proj; rows [:d] take the embedding
+  mtp_{j}/block/...                    a decoder block as layers_{i}, layer index num_layers + j
+  mtp_{j}/norm/scale                   [d]             ("norm",)    shared_head.norm
+HF equivalence: our kernels are HF weights transposed, `[in..., out...]`, with heads split out.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxopd.model.block import Block, MTPModule, MoEStats, is_moe_layer
+from jaxopd.model.cache import write
+from jaxopd.model.config import ModelConfig
+from jaxopd.model.layers import Embed, RMSNorm, compute, param
+from jaxopd.model.validation import check_config, check_inputs
+
+
+@flax.struct.dataclass
+class Features:
+    """hidden `[b, t, d]` after the final norm (logits = hidden @ unembedding); mtp_hidden: one `[b, t, d]` per MTP
+    depth k = 1.. (after its norm), position i predicting token i + k + 1; moe_load `[num_moe_layers, E]` (main MoE
+    layers in order, then each MTP block's), fraction of routed slots per expert over real tokens; moe_balance_loss:
+    mean over those layers of the sequence-wise balance loss (DeepSeek-V3 eq. 17; multiply by alpha)."""
+
+    hidden: jnp.ndarray
+    mtp_hidden: tuple
+    moe_load: jnp.ndarray
+    moe_balance_loss: jnp.ndarray
+
+
+class Transformer(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        check_config(c)
+        block_cls = nn.remat(Block) if c.remat else Block
+        self.embed = Embed(c)
+        self.layers = [block_cls(c, i) for i in range(c.num_layers)]
+        self.final_norm = RMSNorm(c)
+        if not c.tie_embeddings:
+            self.unembed = param(self, "unembed", (c.d_model, c.vocab_size), ("embed", "vocab"))
+        self.mtp = [MTPModule(c, c.num_layers + j, block_cls) for j in range(c.mtp_depth)]
+
+    def __call__(
+        self, tokens: jnp.ndarray, segment_ids: Optional[jnp.ndarray] = None, positions: Optional[jnp.ndarray] = None
+    ) -> jnp.ndarray:
+        """tokens `[b, t]` int -> logits `[b, t, vocab]` float32 (runs the MTP modules too only when initializing)."""
+        if self.is_initializing():
+            return self.logits(self.features(tokens, segment_ids, positions).hidden)
+        segment_ids, positions = check_inputs(self.config, tokens, segment_ids, positions)
+        hidden, _ = self._trunk(tokens, positions, segment_ids)
+        return self.logits(hidden)
+
+    def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
+        """hidden `[b, t, d]` (after a final norm) -> float32 logits `[b, t, vocab]`."""
+        if self.config.tie_embeddings:
+            logits = self.embed.attend(hidden)
+        else:
+            logits = jnp.einsum("btd,dv->btv", hidden, compute(self, self.unembed), preferred_element_type=jnp.float32)
+        return nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
+
+    def _trunk(self, tokens, positions, segment_ids) -> tuple[jnp.ndarray, list[MoEStats]]:
+        x = nn.with_logical_constraint(self.embed(tokens), ("batch", "seq", "embed"))
+        stats = []
+        for layer in self.layers:
+            x, layer_stats, _ = layer(x, positions, segment_ids)
+            stats.append(layer_stats)
+        return self.final_norm(x), stats
+
+    def features(
+        self, tokens: jnp.ndarray, segment_ids: Optional[jnp.ndarray] = None, positions: Optional[jnp.ndarray] = None
+    ) -> Features:
+        """tokens `[b, t]` -> `Features` (hidden states for chunked losses, MTP outputs, MoE statistics)."""
+        c = self.config
+        segment_ids, positions = check_inputs(c, tokens, segment_ids, positions)
+        hidden, stats = self._trunk(tokens, positions, segment_ids)
+        # Depth 1 starts from the main model's output after its final norm, as inference engines feed DeepSeek's
+        # MTP weights; each depth then passes on its block output before its own norm.
+        previous, mtp_hidden = hidden, []
+        for depth, module in enumerate(self.mtp, start=1):
+            previous, output, depth_stats = module(previous, self._shifted_embeddings(tokens, segment_ids, depth),
+                                                   positions, segment_ids)
+            mtp_hidden.append(output)
+            stats.append(depth_stats)
+        stats = [s for s in stats if s is not None]
+        if stats:
+            moe_load = jnp.stack([load for load, _ in stats])
+            balance = jnp.mean(jnp.stack([loss for _, loss in stats]))
+        else:
+            moe_load, balance = jnp.zeros((0, c.num_experts), jnp.float32), jnp.zeros((), jnp.float32)
+        return Features(hidden, tuple(mtp_hidden), moe_load, balance)
+
+    def _shifted_embeddings(self, tokens: jnp.ndarray, segment_ids: jnp.ndarray, depth: int) -> jnp.ndarray:
+        """Emb(t_{i+depth}) `[b, t, d]`, zero where token i + depth is past the row or in another document."""
+        seq = tokens.shape[1]
+        shift = lambda a: jnp.pad(a, ((0, 0), (0, depth)))[:, depth : depth + seq]
+        valid = (shift(segment_ids) == segment_ids) & (segment_ids > 0)
+        return self.embed(shift(tokens)) * valid[..., None].astype(self.config.dtype)
+
+    def decode(
+        self,
+        tokens: jnp.ndarray,
+        positions: Optional[jnp.ndarray] = None,
+        segment_ids: Optional[jnp.ndarray] = None,
+        cache: Optional[dict] = None,
+        cache_index: jnp.ndarray | int = 0,
+    ) -> tuple[jnp.ndarray, dict]:
+        """Run `tokens [b, t]` (a prompt chunk, or t = 1 new token) written at cache slots
+        [cache_index, cache_index + t) against everything cached so far.
+
+        positions `[b, t]`: RoPE positions (for left-padded prompts, positions restart at 0 on the first real token);
+        segment_ids `[b, t]`: 1 for real tokens, 0 for padding (padding is never attended to).
+        Returns (logits `[b, t, vocab]` float32, the updated cache). The MTP modules are not run.
+        """
+        c = self.config
+        if cache is None:
+            raise ValueError("decode needs cache=init_cache(config, batch, max_len, dtype)")
+        segment_ids, positions = check_inputs(c, tokens, segment_ids, positions, cache=cache, cache_index=cache_index)
+        cache_segment_ids = write(cache["segment_ids"], segment_ids, cache_index)
+        x = self.embed(tokens)
+        layer_caches = []
+        for layer, layer_cache in zip(self.layers, cache["layers"]):
+            x, _, layer_cache = layer(x, positions, segment_ids, layer_cache, cache_index, cache_segment_ids)
+            layer_caches.append(layer_cache)
+        logits = self.logits(self.final_norm(x))
+        return logits, {"segment_ids": cache_segment_ids, "layers": tuple(layer_caches)}
+
+
+def unembedding(params: dict, config: ModelConfig) -> jnp.ndarray:
+    """The output head `[d, vocab]` (the embedding transposed when tied), for chunked losses over `Features.hidden`."""
+    params = nn.unbox(params)
+    if config.tie_embeddings:
+        return params["embed"]["embedding"].T
+    return params["unembed"]
+
+
+def moe_layer_paths(config: ModelConfig) -> list[tuple[str, ...]]:
+    """Param-tree paths of the MoE layers, in the order of `Features.moe_load` rows."""
+    main = [(f"layers_{i}", "mlp") for i in range(config.num_layers) if is_moe_layer(config, i)]
+    mtp = [(f"mtp_{j}", "block", "mlp") for j in range(config.mtp_depth) if is_moe_layer(config, config.num_layers + j)]
+    return main + mtp
+
+
+def update_expert_biases(params: dict, config: ModelConfig, moe_load: jnp.ndarray, rate: float) -> dict:
+    """params with every MoE layer's `expert_bias` moved by `update_balance_bias(bias, load, rate)` (DeepSeek-V3
+    sec. 2.1.2), `moe_load [num_moe_layers, E]` from `Features`. Boxed (nn.Partitioned) leaves stay boxed."""
+    from jaxopd.kernels.moe import update_balance_bias
+
+    paths = moe_layer_paths(config)
+    if moe_load.shape != (len(paths), config.num_experts):
+        raise ValueError(f"moe_load.shape={moe_load.shape} must be [num_moe_layers, experts] = "
+                         f"{(len(paths), config.num_experts)} for this config")
+    params = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))  # copy dicts
+    for row, path in enumerate(paths):
+        holder = params
+        for key in path:
+            holder = holder[key]
+        bias = holder["expert_bias"]
+        if isinstance(bias, nn.meta.AxisMetadata):
+            holder["expert_bias"] = bias.replace_boxed(update_balance_bias(bias.unbox(), moe_load[row], rate))
+        else:
+            holder["expert_bias"] = update_balance_bias(bias, moe_load[row], rate)
+    return params
