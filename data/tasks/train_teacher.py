@@ -23,9 +23,11 @@ from jaxopd.tasks.arithmetic import read_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ARITHMETIC = ROOT / "data" / "tasks" / "arithmetic"
-# A DeepSeek-V3-style teacher would be set here once the MLA model is available; the student is configs/tiny_distill.
-TEACHER_MODEL = dict(vocab_size=17, d_model=96, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=16, mlp_dim=256,
-                     qk_norm=True, max_position_embeddings=64)
+# The teacher is DeepSeek-V3-style (MLA with interleaved RoPE), the student (configs/tiny_distill.py) Qwen3-style
+# GQA: distillation needs only a shared tokenizer.
+TEACHER_MODEL = dict(vocab_size=17, d_model=96, num_layers=3, num_heads=4, mlp_dim=256, attention="mla",
+                     kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                     rope_layout="interleaved", max_position_embeddings=64)
 
 
 def ce_config(workdir: pathlib.Path, corpus: pathlib.Path, steps: int, model: dict):
@@ -83,8 +85,8 @@ def write_teacher_samples(teacher: pathlib.Path, corpus: pathlib.Path, batch: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/jaxopd_arithmetic")
-    parser.add_argument("--teacher-steps", type=int, default=1500)
-    parser.add_argument("--student-steps", type=int, default=600)
+    parser.add_argument("--teacher-steps", type=int, default=1000)
+    parser.add_argument("--student-steps", type=int, default=250)
     args = parser.parse_args()
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
