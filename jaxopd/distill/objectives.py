@@ -67,6 +67,12 @@ def rollout_advantages(batch: Batch, loss: str, config: ml_collections.ConfigDic
         return task
     kl = losses.sampled_reverse_kl_advantages(batch["target_sampler_logprobs"], batch["teacher_logprobs"],
                                               batch["loss_mask"], coef=distill.kl_coef)
+    if distill.kl_baseline:
+        # A constant baseline leaves the gradient's expectation unchanged (E[grad log pi] = 0) but removes the
+        # -KL offset that every sampled token's advantage shares, which otherwise pushes down every sampled token
+        # and moves mass to tokens that were not sampled. Here: the mean advantage over the microbatch's tokens.
+        mask = batch["loss_mask"]
+        kl = (kl - jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)) * mask
     return kl + distill.reward_weight * task
 
 
