@@ -85,9 +85,10 @@ def _reference_logprobs(model, params, layout):
     return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), layout["targets"][..., None], -1)[..., 0]
 
 
-@pytest.mark.parametrize("loss", ["reverse_kl", "grpo"])
-def test_policy_gradient_is_the_advantage_weighted_score_function(loss):
-    config = config_for(loss, **{"distill.kl_coef": 0.5, "distill.reward_weight": 0.25})
+@pytest.mark.parametrize("loss,baseline", [("reverse_kl", False), ("reverse_kl", True), ("grpo", False)])
+def test_policy_gradient_is_the_advantage_weighted_score_function(loss, baseline):
+    config = config_for(loss, **{"distill.kl_coef": 0.5, "distill.reward_weight": 0.25,
+                                 "distill.kl_baseline": baseline})
     model, params = init(STUDENT, 1)
     teacher_model, teacher_params = init(TEACHER, 2)
     layout = rollout_batch(model, params, teacher_model, teacher_params)
@@ -97,8 +98,11 @@ def test_policy_gradient_is_the_advantage_weighted_score_function(loss):
     objective = train_step.OBJECTIVES[loss]
     totals = objective.totals(jax.tree.map(lambda x: x[None], layout), config)
     grads = jax.grad(lambda p: objective.loss(model, p, layout, totals, config)[0])(params)
-    if loss == "reverse_kl":  # per-token OPD advantage plus the weighted task reward
-        advantages = (0.5 * (layout["teacher_logprobs"] - layout["target_sampler_logprobs"]) + 0.25 * rewards) * mask
+    if loss == "reverse_kl":  # per-token OPD advantage (minus its token mean) plus the weighted task reward
+        opd = np.asarray(0.5 * (layout["teacher_logprobs"] - layout["target_sampler_logprobs"]) * mask, np.float64)
+        if baseline:
+            opd = opd - opd.sum() / np.asarray(mask).sum()
+        advantages = (jnp.asarray(opd, jnp.float32) + 0.25 * rewards) * mask
     else:  # sparse reward only
         advantages = rewards * mask
 
