@@ -95,11 +95,21 @@ def results_section(curves: dict, target: float, args: argparse.Namespace, secon
         final = np.asarray([c["accuracy"][-1] for c in runs])
         kl = np.asarray([c["reverse_kl"][-1] for c in runs])
         reach = np.asarray([flops_to_reach(c, target) for c in runs])
-        ratio = np.median(reach) / np.median(opd) if np.isfinite(np.median(opd)) else float("nan")
         reach_text = ", ".join("never" if not np.isfinite(r) else f"{r:.2e}" for r in reach)
-        ratio_text = "∞ (not reached)" if not np.isfinite(ratio) else f"{ratio:.1f}"
+        if not np.isfinite(np.median(opd)):
+            ratio_text = "n/a (OPD did not reach it)"
+        elif not np.isfinite(np.median(reach)):
+            ratio_text = "∞ (not reached)"
+        else:
+            ratio_text = f"{np.median(reach) / np.median(opd):.1f}"
         lines.append(f"| {label} | {runs[0]['accuracy'][0]:.3f} | {final.mean():.3f} ± {final.std():.3f} | "
                      f"{kl.mean():.3f} | {reach_text} | {ratio_text} |")
+    reached = [label for method, label in METHODS.items()
+               if np.isfinite(np.median([flops_to_reach(c, target) for c in curves[method]]))]
+    lines += ["", f"Methods whose median run reached {target:.2f}: {', '.join(reached) or 'none'}. OPD here uses "
+              "the mean-advantage baseline (`distill.kl_baseline`); without it, the all-negative per-token advantages "
+              "(mean -KL) push down every sampled token and the student collapsed (accuracy 0.137 -> 0.000, reverse "
+              "KL 3.6 -> 6.1 in 150 steps of configs/tiny_distill.py)."]
     return "\n".join(lines) + "\n"
 
 
