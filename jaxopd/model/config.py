@@ -77,7 +77,7 @@ class ModelConfig:
     remat: bool = False  # rematerialize each decoder block in the backward pass (nn.remat)
     # How the forward pass runs (not the architecture): `jaxopd.kernels.attention` implementation for training and
     # prefill, and whether routed experts run expert-parallel (shard_map over the "expert" axis of the mesh set
-    # with `jax.set_mesh`).
+    # with `jax.set_mesh`; at init or with no mesh set they run unsharded).
     attention_implementation: str = "xla"
     expert_parallel: bool = False
 
