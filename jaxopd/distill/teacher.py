@@ -50,9 +50,11 @@ def abstract_params(model: Transformer, mesh: jax.sharding.Mesh) -> Any:
                         nn.meta.unbox(boxed), shardings)
 
 
-def load_model(path: str | pathlib.Path, mesh: Optional[jax.sharding.Mesh] = None) -> tuple[Transformer, Any]:
+def load_model(path: str | pathlib.Path, mesh: Optional[jax.sharding.Mesh] = None, hf_dtype: str = "float32"
+               ) -> tuple[Transformer, Any]:
     """(model, params) from a jaxopd checkpoint directory (a run workdir, its checkpoints/, or one written by
-    `save_model`; the newest step) or a Hugging Face checkpoint, params read straight into their shards on `mesh`
+    `save_model`; the newest step, params in their saved dtype) or a Hugging Face checkpoint (params in `hf_dtype`;
+    "bfloat16" halves a large teacher's memory on accelerators), params read straight into their shards on `mesh`
     (default: a mesh of all devices, params FSDP-sharded over them)."""
     path = pathlib.Path(path)
     if not path.exists():
@@ -64,7 +66,7 @@ def load_model(path: str | pathlib.Path, mesh: Optional[jax.sharding.Mesh] = Non
         from jaxopd import load_hf
 
         with sharding.mesh_context(mesh):
-            return load_hf(path, mesh=mesh, rules=sharding.LOGICAL_AXIS_RULES)
+            return load_hf(path, dtype=hf_dtype, mesh=mesh, rules=sharding.LOGICAL_AXIS_RULES)
     directory = _checkpoint_dir(path)
     manager = ocp.CheckpointManager(directory.absolute(), item_handlers={"config": ocp.JsonCheckpointHandler()},
                                     options=ocp.CheckpointManagerOptions(read_only=True))
