@@ -12,7 +12,7 @@ def get_config():
     config = base_config()
     config.workdir = "workdirs/tiny_pretrain"
     config.model = load_model_preset("tiny")
-    config.steps = 300
+    config.steps = 200
     config.batch_size = 16
     config.microbatch_size = 16
     config.seq_len = 128
@@ -24,5 +24,5 @@ def get_config():
     config.mtp_weight = 0.3
     config.moe_bias_rate = 1e-3
     config.optimizer.weight_decay = 0.01
-    config.optimizer.schedule.update(kind="warmup_cosine", peak_lr=3e-3, warmup_steps=30, decay_end=300, end_lr=3e-4)
+    config.optimizer.schedule.update(kind="warmup_cosine", peak_lr=4e-3, warmup_steps=20, decay_end=200, end_lr=4e-4)
     return config

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Optional
 import ml_collections
 from ml_collections import config_dict
 
+from jaxopd.model import load_preset
 from jaxopd.model.config import ModelConfig, RopeScaling
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -70,18 +71,9 @@ def load_config_file(path: str | pathlib.Path, overrides: Optional[dict[str, Any
 
 
 def load_model_preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
-    """The model preset `models/<name>.py` as a ConfigDict with every `ModelConfig` field (overridable from the CLI).
-
-    The preset's `get_config()` may return a `ModelConfig`, a dict or a ConfigDict of `ModelConfig` fields.
-    """
-    path = REPO_ROOT / "models" / f"{name}.py"
-    if not path.exists():
-        available = sorted(p.stem for p in (REPO_ROOT / "models").glob("*.py"))
-        raise ValueError(f"no model preset {name!r} in {path.parent}; available: {available}")
-    preset = _load_module(path).get_config()
-    if dataclasses.is_dataclass(preset):
-        preset = dataclasses.asdict(preset)
-    fields = dict(preset)
+    """The model preset `models/<name>.py` (jaxopd.model.load_preset) as a ConfigDict with every `ModelConfig` field,
+    so the command line can override any of them (`--config.model.num_layers=2`)."""
+    fields = dataclasses.asdict(load_preset(name))
     fields.update(overrides)
     return model_config_dict(fields)
 

@@ -9,7 +9,6 @@ step's loss and gradient do not depend on how the batch is split).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -21,8 +20,7 @@ import optax
 from jaxopd import sharding
 from jaxopd.optim import learning_rate_schedule
 from jaxopd.kernels import losses
-from jaxopd.kernels.moe import update_balance_bias
-from jaxopd.model import unembedding
+from jaxopd.model import unembedding, update_expert_biases
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -108,7 +106,7 @@ def create_state(model: nn.Module, optimizer: optax.GradientTransformation, mesh
     ever holds the whole model)."""
     boxed = abstract_state(model, optimizer, example_tokens)
     shardings = sharding.logical_shardings(boxed, mesh)
-    sharding.check_fits(sharding.bytes_per_device(nn.meta.unbox(boxed), shardings), mesh.devices.flat[0])
+    sharding.check_fits(sharding.bytes_per_device(nn.meta.unbox(boxed), shardings), mesh.local_devices[0])
 
     def init(rng):
         params = model.init(rng, example_tokens)["params"]
@@ -119,38 +117,6 @@ def create_state(model: nn.Module, optimizer: optax.GradientTransformation, mesh
     with sharding.mesh_context(mesh):
         state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     return state, shardings
-
-
-def expert_bias_paths(params: Any) -> list[tuple]:
-    """Paths of the `expert_bias` params in layer order (numbers in names compared as numbers: layers_10 after
-    layers_9)."""
-    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-             if str(getattr(path[-1], "key", path[-1])) == "expert_bias"]
-
-    def natural(path):
-        text = jax.tree_util.keystr(path)
-        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-    return sorted(paths, key=natural)
-
-
-def update_expert_biases(params: Any, moe_load: jax.Array, rate: float) -> Any:
-    """Aux-loss-free balancing after the optimizer step: each MoE layer's bias moves by `rate` against its load.
-
-    moe_load: `[num_moe_layers, num_experts]`; the `expert_bias` params are either one per layer `[experts]` or one
-    stacked `[num_moe_layers, experts]` (scanned layers).
-    """
-    paths = expert_bias_paths(params)
-    if not paths or rate == 0:
-        return params
-    by_path = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    if len(paths) == 1 and by_path[paths[0]].ndim == 2:
-        new = {paths[0]: update_balance_bias(by_path[paths[0]], moe_load, rate)}
-    else:
-        if len(paths) != moe_load.shape[0]:
-            raise ValueError(f"{len(paths)} expert_bias params but moe_load has {moe_load.shape[0]} layers")
-        new = {path: update_balance_bias(by_path[path], moe_load[layer], rate) for layer, path in enumerate(paths)}
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: new.get(path, leaf), params)
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict,
@@ -180,7 +146,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         moe_load = metrics.pop("moe_load") / batch["tokens"].shape[0]
-        params = update_expert_biases(params, moe_load, config.moe_bias_rate)
+        params = update_expert_biases(params, model.config, moe_load, config.moe_bias_rate)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -62,7 +62,7 @@ def test_model_config_round_trip_and_optional_fields():
 
 
 def test_model_preset_missing_names_the_available_ones():
-    with pytest.raises(ValueError, match="no model preset 'nonexistent'"):
+    with pytest.raises(ValueError, match="model preset 'nonexistent' not found"):
         config_lib.load_model_preset("nonexistent")
 
 

@@ -1,4 +1,5 @@
-"""End-to-end trainer behaviour: exact resume after SIGKILL and after SIGTERM, NaN handling, eval and metrics."""
+"""End-to-end trainer behaviour: exact resume after SIGKILL and after SIGTERM, NaN handling, eval and metrics,
+params-only loading."""
 
 import json
 import os
@@ -55,7 +56,7 @@ def _assert_same_steps(expected, actual, steps):
 def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     train.train(_config(workdir))
-    return _metrics(workdir)
+    return _metrics(workdir), workdir
 
 
 @pytest.mark.slow
@@ -68,7 +69,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, uninterrupted):
     resumed = _launch(tmp_path)
     output, _ = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, output[-3000:]
-    _assert_same_steps(uninterrupted, _metrics(tmp_path), range(13, 21))
+    _assert_same_steps(uninterrupted[0], _metrics(tmp_path), range(13, 21))
 
 
 @pytest.mark.slow
@@ -83,16 +84,21 @@ def test_sigterm_saves_then_resume_matches(tmp_path, uninterrupted):
     resumed = _launch(tmp_path, "--config.checkpoint_every=0")
     output, _ = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, output[-3000:]
-    _assert_same_steps(uninterrupted, _metrics(tmp_path), range(saved + 1, 21))
+    _assert_same_steps(uninterrupted[0], _metrics(tmp_path), range(saved + 1, 21))
 
 
 def test_uninterrupted_run_logs_what_the_issue_lists(uninterrupted):
-    assert sorted(uninterrupted) == list(range(1, 21))
-    last = uninterrupted[20]
+    metrics, workdir = uninterrupted
+    assert sorted(metrics) == list(range(1, 21))
+    last = metrics[20]
     for name in ("loss", "learning_rate", "tokens_per_second", "grad_norm", "mtp_loss", "moe/max_load_ratio",
                  "moe/min_load_ratio"):
         assert name in last and np.isfinite(last[name]), name
-    assert last["loss"] < uninterrupted[1]["loss"]
+    assert last["loss"] < metrics[1]["loss"]
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "eval/loss" in line] == [10, 20]
+    assert lines[0]["step"] == 0 and 0 < lines[0]["unigram_entropy"] < np.log(4096)
+    assert json.loads((workdir / "config.json").read_text())["steps"] == 20
 
 
 def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path):
@@ -114,24 +120,12 @@ def test_nonfinite_steps_can_be_skipped(tmp_path):
     assert str(metrics[2]["loss"]) == str(metrics[4]["loss"])
 
 
-def test_eval_and_unigram_entropy_are_logged(tmp_path):
-    config = _config(tmp_path, **{"steps": 4, "eval_every": 2, "data.eval_batches": 2,
-                                  "unigram_entropy_batches": 2, "checkpoint_every": 0})
-    train.train(config)
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines if "eval/loss" in line] == [2, 4]
-    assert lines[0]["step"] == 0 and 0 < lines[0]["unigram_entropy"] < np.log(4096)
-    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 4
-
-
-def test_init_from_a_jaxopd_checkpoint_loads_its_params(tmp_path):
-    common = {"eval_every": 4, "data.eval_batches": 2, "unigram_entropy_batches": 0}
-    train.train(_config(tmp_path / "first", steps=4, checkpoint_every=4, **common))
-    # Learning rate 0 and no bias update: the one step leaves the loaded params as they are.
-    train.train(_config(tmp_path / "second", steps=1, checkpoint_every=0, moe_bias_rate=0.0,
-                        **{**common, "eval_every": 1, "optimizer.schedule.kind": "constant",
-                           "optimizer.schedule.peak_lr": 0.0, "init_from.kind": "checkpoint",
-                           "init_from.path": str(tmp_path / "first" / "checkpoints")}))
-    evals = [[json.loads(line)["eval/loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-              if "eval/loss" in line] for name in ("first", "second")]
+def test_init_from_a_jaxopd_checkpoint_loads_its_params(tmp_path, uninterrupted):
+    _, first = uninterrupted
+    # Learning rate 0 and no bias update: the one step leaves the loaded (step 20) params as they are.
+    train.train(_config(tmp_path, steps=1, checkpoint_every=0, moe_bias_rate=0.0, eval_every=1,
+                        **{"optimizer.schedule.kind": "constant", "optimizer.schedule.peak_lr": 0.0,
+                           "init_from.kind": "checkpoint", "init_from.path": str(first / "checkpoints")}))
+    evals = [[json.loads(line)["eval/loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+              if "eval/loss" in line] for workdir in (first, tmp_path)]
     assert evals[1] == evals[0][-1:]

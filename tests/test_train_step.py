@@ -1,5 +1,5 @@
-"""Pieces of the train step against brute-force references: MTP targets, the per-layer balance-bias update, and
-gradient accumulation (one batch of 16 == two microbatches of 8)."""
+"""Pieces of the train step: MTP targets vs brute force, the balance-bias update wired to the step's expert loads,
+and gradient accumulation (one batch of 16 == two microbatches of 8)."""
 
 import pathlib
 
@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopd import config as config_lib, sharding, train, train_step
+from jaxopd.model import moe_layer_paths
 
 CONFIG = pathlib.Path(__file__).parent / "tiny_train_config.py"
 
@@ -27,16 +28,27 @@ def test_mtp_targets_match_brute_force():
                     assert got_targets[b, i] == targets[b, i + depth]
 
 
-def test_expert_biases_update_per_layer_in_numeric_order():
-    # Dict keys flatten as layers_10 < layers_2 < layers_9; the update must follow the layer numbers.
-    params = {name: {"moe": {"expert_bias": jnp.zeros(4), "router": jnp.ones((2, 4))}}
-              for name in ("layers_2", "layers_9", "layers_10")}
-    load = np.array([[0.4, 0.2, 0.2, 0.2], [0.1, 0.1, 0.4, 0.4], [0.25, 0.25, 0.25, 0.25]], np.float32)
-    new = train_step.update_expert_biases(params, jnp.asarray(load), rate=0.01)
-    for layer, name in enumerate(("layers_2", "layers_9", "layers_10")):
-        expected = 0.01 * np.sign(load[layer].mean() - load[layer])
-        np.testing.assert_allclose(new[name]["moe"]["expert_bias"], expected, atol=1e-7)
-        np.testing.assert_array_equal(new[name]["moe"]["router"], 1.0)
+def test_step_moves_each_expert_bias_against_its_load_and_nothing_else_with_zero_lr():
+    config = config_lib.load_config_file(CONFIG, {"optimizer.schedule.kind": "constant",
+                                                  "optimizer.schedule.peak_lr": 0.0, "moe_bias_rate": 0.01})
+    run = train.build(config)
+    before = jax.tree.map(np.asarray, run.state["params"])
+    batch = sharding.global_batch(train.StepBatches(config).next(2), run.mesh, leading_axes=1)
+    state, metrics = run.step_fn(run.state, batch)
+    load = np.asarray(metrics["moe_load"])  # [moe layers (main then MTP), experts], mean over microbatches
+    paths = moe_layer_paths(config_lib.to_model_config(config.model))
+    assert load.shape == (len(paths), 8) and np.allclose(load.sum(-1), 1.0)
+    for row, path in enumerate(paths):
+        old, new = before, state["params"]
+        for key in path:
+            old, new = old[key], new[key]
+        np.testing.assert_allclose(new["expert_bias"], old["expert_bias"] + 0.01 * np.sign(load[row].mean() - load[row]),
+                                   atol=1e-7)
+    # With learning rate 0 every other param is unchanged.
+    changed = jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda a, b: bool((np.asarray(a) != b).any()),
+                                                                state["params"], before))[0]
+    assert {jax.tree_util.keystr(p) for p, c in changed if c} == {
+        jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in (*path, "expert_bias"))) for path in paths}
 
 
 def test_gradient_accumulation_matches_one_big_batch():

@@ -15,7 +15,9 @@ def get_config():
     config.seq_len = 32
     config.loss_chunk_size = 16
     config.log_every = 1
-    config.eval_every = 0
+    config.eval_every = 10
+    config.data.eval_batches = 2
+    config.unigram_entropy_batches = 2
     config.checkpoint_every = 12
     config.progress_bar = False
     config.optimizer.schedule.update(kind="warmup_cosine", peak_lr=1e-2, warmup_steps=4, decay_end=20, end_lr=1e-3)
