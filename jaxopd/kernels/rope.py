@@ -14,12 +14,13 @@ Scalings follow Hugging Face `transformers.modeling_rope_utils` so imported chec
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopd.model.config import RopeScaling
+if TYPE_CHECKING:  # kernels take the scaling as plain data; importing jaxopd.model here would be circular
+    from jaxopd.model.config import RopeScaling
 
 _KINDS = ("linear", "ntk", "yarn", "llama3")
 _LAYOUTS = ("rotate_half", "interleaved")
