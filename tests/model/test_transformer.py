@@ -1,6 +1,10 @@
 """Transformer forward: shapes/dtypes, param annotations, packed documents, MTP semantics, MoE statistics."""
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -180,3 +184,10 @@ def test_bad_inputs_raise_clear_errors():
         _apply(config, params, jnp.ones((2, 4), jnp.int32), segment_ids=jnp.ones((2, 3), jnp.int32))
     with pytest.raises(ValueError, match="tokens must be"):
         _apply(config, params, jnp.ones((4,), jnp.int32))
+
+
+def test_kernels_import_on_their_own():
+    """jaxopd.kernels.rope imports jaxopd.model.config; that must not pull in the modules (which import kernels)."""
+    code = "import jaxopd.kernels.rope, jaxopd.kernels.attention; from jaxopd.model import Transformer"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2],
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
