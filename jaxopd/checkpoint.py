@@ -1,0 +1,84 @@
+"""Checkpoints with orbax: params, optimizer state + step + RNG, the data iterator's state and the config.
+
+One step directory holds four items: `params` and `train` (opt_state, step, rng) as sharded arrays,
+`data` (each process's iterator `get_state()` as process_<i>-of-<n>.json) and `config` (the resolved config).
+Saves are asynchronous and atomic (orbax writes a temporary directory and renames it when every item is committed),
+so an interrupted save never looks like a checkpoint. A finished checkpoint that fails to restore (a truncated or
+deleted file) is reported and the previous one used.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Saves every `every` steps keeping the newest `keep`; restores the newest checkpoint that restores cleanly."""
+
+    def __init__(self, directory: str | pathlib.Path, *, every: int, keep: int, async_save: bool = True):
+        self.every = every
+        data_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        handlers = {
+            "params": ocp.StandardCheckpointHandler(),
+            "train": ocp.StandardCheckpointHandler(),
+            # primary_host=None: every process writes its own data-iterator state.
+            "data": ocp.JsonCheckpointHandler(
+                data_file, multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None)),
+            "config": ocp.JsonCheckpointHandler(),
+        }
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
+                                             item_handlers=handlers)
+
+    def should_save(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, step: int, state: dict[str, Any], data_state: Any, config: dict[str, Any]) -> None:
+        """Starts an asynchronous save of `state` ({"params", "opt_state", "step", "rng"}) at `step`."""
+        train = {key: value for key, value in state.items() if key != "params"}
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]), train=ocp.args.StandardSave(train),
+            data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config)), force=True)
+
+    def restore_latest(self, abstract_state: dict[str, Any]) -> Optional[tuple[dict[str, Any], Any]]:
+        """(state, data_state) of the newest checkpoint that restores, or None when there is none.
+
+        `abstract_state` gives shapes, dtypes and shardings (jax.ShapeDtypeStruct with .sharding) so arrays are
+        read straight into their shards.
+        """
+        abstract_train = {key: value for key, value in abstract_state.items() if key != "params"}
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_state["params"]),
+                    train=ocp.args.StandardRestore(abstract_train), data=ocp.args.JsonRestore()))
+            except Exception as error:  # a damaged checkpoint: any read error; fall back to the one before
+                logging.warning("checkpoint at step %d in %s does not restore (%s: %s); trying the previous one",
+                                step, self.manager.directory, type(error).__name__, error)
+                continue
+            return {"params": restored["params"], **restored["train"]}, restored["data"]
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def load_params(path: str | pathlib.Path, abstract_params: Any, step: Optional[int] = None) -> Any:
+    """Params only from a jaxopd checkpoint directory (the newest step unless `step` is given), read into the
+    shardings of `abstract_params` (for fine-tuning from, or as a distillation teacher)."""
+    manager = ocp.CheckpointManager(pathlib.Path(path).absolute(), item_handlers={
+        "params": ocp.StandardCheckpointHandler()}, options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(f"no jaxopd checkpoint in {path}: expected step directories written by jaxopd.train")
+    params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    manager.close()
+    return params["params"]

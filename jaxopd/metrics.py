@@ -1,0 +1,112 @@
+"""Run metrics: metrics.jsonl (one JSON object per logged step), TensorBoard events, a tqdm progress bar, and the
+small statistics the trainer logs (MoE load balance, unigram entropy, MFU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any, Optional
+
+import numpy as np
+import tqdm
+
+# Dense bf16 peak FLOP/s per chip by jax `device_kind` (vendor data sheets). MFU is logged only for these.
+PEAK_FLOPS_PER_DEVICE = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+}
+
+
+def peak_flops(device_kind: str) -> Optional[float]:
+    """Peak FLOP/s of one device, None when unknown (CPU, unlisted accelerators)."""
+    if device_kind in PEAK_FLOPS_PER_DEVICE:
+        return PEAK_FLOPS_PER_DEVICE[device_kind]
+    matches = [kind for kind in PEAK_FLOPS_PER_DEVICE if device_kind.startswith(kind)]
+    return PEAK_FLOPS_PER_DEVICE[max(matches, key=len)] if matches else None
+
+
+def moe_load_stats(moe_load: np.ndarray) -> dict[str, float]:
+    """Balance of expert loads `[num_moe_layers, num_experts]` (fraction of routed slots; rows sum to 1).
+
+    Ratios are relative to a perfectly uniform load 1/num_experts: max_load_ratio is the busiest expert over all
+    layers (1.0 = balanced), min_load_ratio the idlest, load_cv the mean over layers of the coefficient of variation.
+    """
+    load = np.asarray(moe_load, np.float64)
+    if load.size == 0:
+        return {}
+    ratio = load * load.shape[-1] / np.maximum(load.sum(-1, keepdims=True), 1e-12)
+    return {"moe/max_load_ratio": float(ratio.max()), "moe/min_load_ratio": float(ratio.min()),
+            "moe/load_cv": float(np.mean(ratio.std(-1)))}
+
+
+def unigram_entropy(token_counts: np.ndarray) -> float:
+    """Entropy in nats of the empirical unigram distribution (the loss of the best context-free predictor)."""
+    counts = np.asarray(token_counts, np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+class MetricsWriter:
+    """Appends metric dicts to workdir/metrics.jsonl and TensorBoard; only the writing process (process 0) writes."""
+
+    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self._jsonl = self._tensorboard = None
+        if enabled:
+            workdir = pathlib.Path(workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(workdir / "metrics.jsonl", "a")
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+                self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        values = {name: _plain(value) for name, value in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+        if self._tensorboard is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tensorboard.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+class ProgressBar:
+    """tqdm bar over the run's steps with loss and tokens/s; tqdm supplies the ETA."""
+
+    def __init__(self, total: int, initial: int, *, enabled: bool = True):
+        self._bar = tqdm.tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        self._bar.update(step - self._bar.n)
+        self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}",
+                              refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able Python scalars from numpy/jax scalars (NaN and Inf kept; json writes them as NaN/Infinity)."""
+    if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "item"):
+        value = np.asarray(value)
+        return value.item() if value.size == 1 else value.tolist()
+    return value

@@ -1,0 +1,160 @@
+"""Device mesh, logical-axis rules and multi-host start-up.
+
+The mesh has four axes, outermost first: "data" (pure data parallel; across slices/hosts), "fsdp" (data parallel
+with params and optimizer state sharded, ZeRO-3 style), "expert" (MoE experts split; tokens are sharded over it
+too, so it also acts as data parallelism for the dense layers) and "tensor" (Megatron-style heads/MLP split,
+innermost because it communicates every layer).
+
+Params and activations carry logical axis names (CONTRACTS.md); `LOGICAL_AXIS_RULES` maps them to mesh axes in
+priority order, Flax style: a rule is skipped when its mesh axes are already used by another dimension of the same
+array, so the activation `[batch, seq, embed]` keeps fsdp for batch and leaves embed whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Any, Iterator, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("expert_mlp", "tensor"),
+    ("experts", "expert"),
+    # Dense weights are sharded over every data-like axis they can use (ZeRO-3 over fsdp x expert); expert weights
+    # already use "expert" for their expert dimension and fall back to fsdp alone.
+    ("embed", ("fsdp", "expert")),
+    ("embed", "fsdp"),
+    ("seq", None),
+    ("head_dim", None),
+    ("q_lora", None),
+    ("kv_lora", None),
+    ("norm", None),
+)
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+    """Sizes for MESH_AXES from config.mesh; one axis may be -1, meaning all the devices the others leave."""
+    sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+    if sum(size == -1 for size in sizes) > 1:
+        raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    if any(size == 0 or size < -1 for size in sizes):
+        raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
+    described = dict(zip(MESH_AXES, sizes))
+    fixed = math.prod(size for size in sizes if size != -1)
+    if -1 not in sizes and fixed != num_devices:
+        raise ValueError(f"config.mesh {described} uses {fixed} devices but {num_devices} exist; make the sizes "
+                         f"multiply to {num_devices} or set one axis to -1 to take the rest")
+    if num_devices % fixed:
+        raise ValueError(f"config.mesh {described} needs a multiple of {fixed} devices but {num_devices} exist; "
+                         f"make the product of the fixed sizes divide {num_devices}")
+    sizes = [num_devices // fixed if size == -1 else size for size in sizes]
+    return tuple(sizes)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """The device mesh over all (or the given) devices, axes MESH_AXES, sharding propagated automatically."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(mesh_config, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def batch_partition(mesh: Mesh) -> int:
+    """How many ways the batch dimension is split (product of the batch axes)."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "microbatch_size") -> None:
+    parts = batch_partition(mesh)
+    if batch_size % parts:
+        axes = " x ".join(f"{axis}={mesh.shape[axis]}" for axis in BATCH_AXES)
+        raise ValueError(
+            f"{what}={batch_size} is not divisible by the {parts} batch shards of the mesh ({axes}); "
+            f"use a {what} that is a multiple of {parts} or change config.mesh")
+
+
+def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
+    """Sharding of a batch array [*leading, batch, ...]: batch split over BATCH_AXES, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading_axes), BATCH_AXES))
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a tree whose leaves are Flax logically partitioned (unboxed structure); unannotated leaves
+    are replicated. Raises ValueError when a dimension does not divide over its mesh axes."""
+    specs = nn.get_partition_spec(boxed_tree)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+    shapes = nn.meta.unbox(boxed_tree)
+
+    def check(path, shape_struct, sharding):
+        for dim, axes in zip(shape_struct.shape, sharding.spec):
+            axes = (axes,) if isinstance(axes, str) else (axes or ())
+            parts = math.prod(mesh.shape[axis] for axis in axes)
+            if dim % parts:
+                raise ValueError(
+                    f"{jax.tree_util.keystr(path)} of shape {shape_struct.shape} cannot be split over mesh axes {axes} "
+                    f"({parts} ways): dimension {dim} is not divisible; change config.mesh or the model sizes")
+
+    jax.tree_util.tree_map_with_path(check, shapes, shardings)
+    return shardings
+
+
+def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of a tree of shape structs (e.g. the train state) under `shardings`."""
+    sizes = jax.tree.map(lambda x, s: math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize,
+                         abstract_tree, shardings)
+    return int(sum(jax.tree.leaves(sizes)))
+
+
+def check_fits(state_bytes: int, device: jax.Device, fraction: float = 0.9) -> None:
+    """Raises ValueError when the sharded train state alone would take more than `fraction` of a device's memory
+    (checked where the device reports its memory: GPUs and TPUs)."""
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if limit and state_bytes > fraction * limit:
+        raise ValueError(
+            f"the params + optimizer state need {state_bytes / 2**30:.1f} GiB per device but a {device.device_kind} "
+            f"has {limit / 2**30:.1f} GiB: raise config.mesh fsdp/expert/tensor (shard the state more), use more "
+            f"devices, or a smaller model")
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh) -> Iterator[None]:
+    """The mesh and LOGICAL_AXIS_RULES in effect, as model code expects while it is traced (its
+    `nn.with_logical_constraint` annotations and shard_map over the mesh axes)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        yield
+
+
+def initialize_distributed(distributed: ml_collections.ConfigDict) -> None:
+    """Joins the multi-host job when launched as one: config.distributed.coordinator_address (or the standard
+    JAX_COORDINATOR_ADDRESS) with num_processes/process_id, or `auto_detect` on a TPU pod/SLURM where JAX finds them.
+    Cross-process collectives on CPU use gloo (the jax default; set explicitly so tests do not depend on it)."""
+    address = distributed.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    if not (address or distributed.auto_detect):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=address or None,
+        num_processes=distributed.num_processes if distributed.num_processes > 0 else None,
+        process_id=distributed.process_id if distributed.process_id >= 0 else None,
+    )
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh: Mesh, leading_axes: int = 0) -> dict[str, jax.Array]:
+    """Global arrays from this process's rows of the batch (multi-host: each process holds its slice of the batch
+    axis, in process order)."""
+    sharding = batch_sharding(mesh, leading_axes)
+    return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in batch.items()}

@@ -1,0 +1,65 @@
+"""Checkpoints: latest restored exactly, keep-last-K, a damaged newest checkpoint falls back to the previous one,
+params-only loading."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopd import checkpoint
+
+
+def _state(value):
+    return {"params": {"w": jnp.full((4, 2), value)}, "opt_state": {"mu": jnp.full((4, 2), -value)},
+            "step": jnp.int32(value), "rng": jax.random.key_data(jax.random.key(value))}
+
+
+def _abstract(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def _save_steps(directory, steps, keep=2):
+    saver = checkpoint.Checkpointer(directory, every=2, keep=keep)
+    for step in steps:
+        saver.save(step, _state(step), [{"produced": step}], {"steps": 10})
+    saver.wait()
+    return saver
+
+
+def test_restores_the_latest_and_keeps_the_last_k(tmp_path):
+    saver = _save_steps(tmp_path, [2, 4, 6])
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [4, 6]
+    state, data_state = saver.restore_latest(_abstract(_state(0)))
+    assert data_state == [{"produced": 6}]
+    for name in ("params", "opt_state", "step", "rng"):
+        jax.tree.map(np.testing.assert_array_equal, state[name], _state(6)[name])
+    # Each process writes its own iterator state; the config is saved alongside.
+    assert json.loads((tmp_path / "6" / "data" / "process_0-of-1.json").read_text()) == [{"produced": 6}]
+    assert json.loads((tmp_path / "6" / "config" / "metadata").read_text()) == {"steps": 10}
+
+
+def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path):
+    saver = _save_steps(tmp_path, [2, 4, 6], keep=3)
+    for path in (tmp_path / "6" / "params").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\x00garbage")
+    state, data_state = saver.restore_latest(_abstract(_state(0)))
+    assert data_state == [{"produced": 4}]
+    np.testing.assert_array_equal(state["params"]["w"], 4.0)
+    # A step directory that lost an item (a partial copy) is skipped as well.
+    (tmp_path / "4" / "data" / "process_0-of-1.json").unlink()
+    state, data_state = checkpoint.Checkpointer(tmp_path, every=2, keep=3).restore_latest(_abstract(_state(0)))
+    assert data_state == [{"produced": 2}]
+
+
+def test_no_checkpoint_gives_none(tmp_path):
+    assert checkpoint.Checkpointer(tmp_path, every=2, keep=2).restore_latest(_abstract(_state(0))) is None
+
+
+def test_load_params_only(tmp_path):
+    _save_steps(tmp_path, [2, 4])
+    params = checkpoint.load_params(tmp_path, _abstract(_state(0))["params"])
+    np.testing.assert_array_equal(params["w"], 4.0)
+    np.testing.assert_array_equal(checkpoint.load_params(tmp_path, _abstract(_state(0))["params"], step=2)["w"], 2.0)
