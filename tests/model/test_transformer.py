@@ -191,3 +191,14 @@ def test_kernels_import_on_their_own():
     code = "import jaxopd.kernels.rope, jaxopd.kernels.attention; from jaxopd.model import Transformer"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2],
                    env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+
+
+@pytest.mark.parametrize("name", ["mla_moe", "gqa"])
+def test_blockwise_attention_implementation_gives_the_same_model(name):
+    config = CONFIGS[name]
+    params = init_params(config)
+    tokens = random_tokens(config, (2, 12))
+    segment_ids = jnp.array([[1] * 5 + [2] * 7, [1] * 10 + [0] * 2])
+    blockwise = config.replace(attention_implementation="blockwise", attention_block_q=4, attention_block_kv=4)
+    np.testing.assert_allclose(_apply(blockwise, params, tokens, segment_ids),
+                               _apply(config, params, tokens, segment_ids), atol=2e-5)
