@@ -78,7 +78,9 @@ class ModelConfig:
     # How the forward pass runs (not the architecture): `jaxopd.kernels.attention` implementation for training and
     # prefill, and whether routed experts run expert-parallel (shard_map over the "expert" axis of the mesh set
     # with `jax.set_mesh`; at init or with no mesh set they run unsharded).
-    attention_implementation: str = "xla"
+    attention_implementation: str = "xla"  # "xla", "cudnn", "blockwise" (long context) or "splash" (TPU)
+    attention_block_q: int = 512  # tile sizes of "blockwise" and "splash"
+    attention_block_kv: int = 512
     expert_parallel: bool = False
 
     def replace(self, **changes: Any) -> "ModelConfig":

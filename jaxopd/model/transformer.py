@@ -83,6 +83,8 @@ class Features:
 
 
 class Transformer(nn.Module):
+    """Decoder-only LM for any `ModelConfig` (methods: __call__ -> logits, features, logits, decode; see above)."""
+
     config: ModelConfig
 
     def setup(self):

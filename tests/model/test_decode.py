@@ -53,11 +53,10 @@ def test_decode_positions_default_to_cache_slots():
     config = CONFIGS["gqa"]
     params = init_params(config)
     tokens = random_tokens(config, (2, 6))
-    full = Transformer(config).apply({"params": params}, tokens)
-    decode = jax.jit(functools.partial(Transformer(config).apply, method="decode"))
+    full = _forward(config, params, tokens, None, None)
     cache = init_cache(config, 2, 8, "float32")
-    prompt_logits, cache = decode({"params": params}, tokens[:, :4], cache=cache, cache_index=jnp.int32(0))
-    step_logits, cache = decode({"params": params}, tokens[:, 4:5], cache=cache, cache_index=jnp.int32(4))
+    prompt_logits, cache = _decode(config, params, tokens[:, :4], None, None, cache, jnp.int32(0))
+    step_logits, cache = _decode(config, params, tokens[:, 4:5], None, None, cache, jnp.int32(4))
     np.testing.assert_allclose(prompt_logits, full[:, :4], atol=5e-5)
     np.testing.assert_allclose(step_logits, full[:, 4:5], atol=5e-5)
 

@@ -1,6 +1,10 @@
 """Transformer forward: shapes/dtypes, param annotations, packed documents, MTP semantics, MoE statistics."""
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -180,3 +184,21 @@ def test_bad_inputs_raise_clear_errors():
         _apply(config, params, jnp.ones((2, 4), jnp.int32), segment_ids=jnp.ones((2, 3), jnp.int32))
     with pytest.raises(ValueError, match="tokens must be"):
         _apply(config, params, jnp.ones((4,), jnp.int32))
+
+
+def test_kernels_import_on_their_own():
+    """jaxopd.kernels.rope imports jaxopd.model.config; that must not pull in the modules (which import kernels)."""
+    code = "import jaxopd.kernels.rope, jaxopd.kernels.attention; from jaxopd.model import Transformer"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2],
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+
+
+@pytest.mark.parametrize("name", ["mla_moe", "gqa"])
+def test_blockwise_attention_implementation_gives_the_same_model(name):
+    config = CONFIGS[name]
+    params = init_params(config)
+    tokens = random_tokens(config, (2, 12))
+    segment_ids = jnp.array([[1] * 5 + [2] * 7, [1] * 10 + [0] * 2])
+    blockwise = config.replace(attention_implementation="blockwise", attention_block_q=4, attention_block_kv=4)
+    np.testing.assert_allclose(_apply(blockwise, params, tokens, segment_ids),
+                               _apply(config, params, tokens, segment_ids), atol=2e-5)
