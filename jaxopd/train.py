@@ -168,6 +168,10 @@ def _within(mesh: jax.sharding.Mesh, jitted: Any) -> Any:
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Runs (or resumes) the training described by `config`; returns the last logged metrics."""
     sharding.initialize_distributed(config.distributed)
+    from jaxopd.distill import DISTILL_LOSSES  # registers the distillation objectives in train_step.OBJECTIVES
+    if config.loss in DISTILL_LOSSES:  # rollouts -> teacher scores -> this same train_step (jaxopd/distill/)
+        from jaxopd.distill.driver import train_distill
+        return train_distill(config)
     validate(config)
     is_main = jax.process_index() == 0
     workdir = pathlib.Path(config.workdir)

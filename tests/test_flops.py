@@ -1,8 +1,11 @@
 """Analytic parameter / FLOP counts against hand-listed parameter shapes and DeepSeek's published model sizes."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxopd.model
 from jaxopd import flops
 from jaxopd.model.config import ModelConfig
 
@@ -99,6 +102,40 @@ def test_count_params_matches_hand_listed_shapes(name):
     assert set(got) == set(want)
     for key in want:
         assert got[key] == want[key], (key, got[key], want[key])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_count_params_total_equals_model_param_tree(name):
+    config = CONFIGS[name]
+    model = jaxopd.model.Transformer(config)
+    init = lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+    leaves = jax.tree.leaves(jax.eval_shape(init, jax.random.key(0)))
+    assert flops.count_params(config)["total"] == sum(int(np.prod(leaf.shape)) for leaf in leaves)
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_forward_flops_match_xla_cost_analysis_of_the_model(attention):
+    # Dense models only: on CPU the dropless MoE's ragged_dot lowers to a dense product over all experts.
+    if attention == "gqa":
+        config = ModelConfig(vocab_size=256, d_model=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+                             mlp_dim=256)
+        qk_dim = v_dim = 32
+    else:
+        config = ModelConfig(vocab_size=256, d_model=128, num_layers=2, num_heads=4, mlp_dim=256, attention="mla",
+                             q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+        qk_dim, v_dim = 24, 16
+    seq_len = 64
+    model = jaxopd.model.Transformer(config)
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    compiled = jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens).compile()
+    cost = compiled.cost_analysis()
+    xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    # XLA also multiplies the masked (future) half of the score matrix, which flops_per_token rightly leaves out.
+    masked_half = config.num_layers * 2 * config.num_heads * (qk_dim + v_dim) * seq_len * seq_len / 2
+    analytic = flops.flops_per_token(config, seq_len, training=False) * seq_len + masked_half
+    # The remainder is XLA's count of elementwise work (softmax, norms, rope, SwiGLU gating): a few percent.
+    assert 1.0 <= xla_flops / analytic < 1.03, (xla_flops, analytic)
 
 
 def test_deepseek_v3_matches_published_671b_total_37b_activated():

@@ -22,12 +22,12 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxopd.data.tokenizer import Tokenizer
+from jaxopd.data.tokenizer import FimIds, Tokenizer
 
 FIM_MODES = ("psm", "spm")
 
 
-def fim_token_ids(prefix: list[int], middle: list[int], suffix: list[int], fim_ids, mode: str) -> list[int]:
+def fim_token_ids(prefix: list[int], middle: list[int], suffix: list[int], fim_ids: FimIds, mode: str) -> list[int]:
     """The FIM body (no BOS/EOS) from the separately encoded parts, in PSM or SPM order."""
     begin, hole, end = fim_ids
     if mode == "psm":

@@ -244,8 +244,8 @@ class BestFitPackDataset(grain.IterDataset):
     Streaming: documents are cut into pieces of at most seq_len pairs and collected until the buffer holds at least
     buffer_size pieces (or the input ends); the buffer is packed with `pack_best_fit` and its rows are emitted in an
     order shuffled with (shuffle_seed, buffer index), or in the order their bins were opened if shuffle_seed is None.
-    Larger buffers pack tighter: about 0.15% more rows than ceil(tokens / seq_len) at 1k pieces, under 0.05% at 10k
-    (benchmarks/RESULTS.md). Restoring replays the parent from the start of the buffer, so the parent must be
+    Larger buffers pack tighter: 0.1%-0.3% more rows than ceil(pairs / seq_len) at 1k pieces, under 0.05% at 10k
+    on long-tailed lengths (benchmarks/RESULTS.md). Restoring replays the parent from the start of the buffer, so the parent must be
     deterministic (grain pipelines are); a restored iterator continues with exactly the next row.
     """
 

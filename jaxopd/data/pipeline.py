@@ -155,6 +155,11 @@ class _CountDocuments:
         return {"tokens": document["tokens"]}
 
 
+def _derived_seed(seed: int, stream: int) -> int:
+    """Independent 32-bit seeds per use, so that runs with seeds s and s + 1 do not share permutations."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
 def _document_dataset(data_config, *, seed: int, process_index: int, process_count: int, split: str,
                       stats: dict[str, int]) -> grain.MapDataset:
     """Raw documents of this host's shard as (epoch, document index, bytes), shuffled and repeated."""
@@ -173,10 +178,11 @@ def _document_dataset(data_config, *, seed: int, process_index: int, process_cou
         raise ValueError(f"split={split!r} has {len(documents)} documents, fewer than process_count={process_count}; "
                          "use more data or a larger data.eval_fraction")
     if data_config.shuffle and split == "train":
-        documents = documents.shuffle(seed=seed)
+        documents = documents.shuffle(seed=_derived_seed(seed, 0))
     documents = documents[process_index:per_host * process_count:process_count]
     if data_config.shuffle and split == "train":
-        documents = documents.shuffle(seed=seed + 1)  # grain reshuffles this one differently in every epoch
+        # grain reshuffles this one in every epoch, with seed + epoch.
+        documents = documents.shuffle(seed=_derived_seed(seed, 1))
     num_epochs = 1 if split == "eval" else data_config.num_epochs
     documents = documents.repeat(num_epochs)
     return documents.map_with_index(lambda position, document: (position // per_host, *document))

@@ -263,7 +263,7 @@ def train_sentencepiece(
     if not lines:
         raise ValueError("cannot train a tokenizer: the input has no non-empty lines")
     model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
+    options = dict(
         sentence_iterator=iter(lines),
         model_writer=model,
         vocab_size=vocab_size,
@@ -288,6 +288,10 @@ def train_sentencepiece(
         shuffle_input_sentence=False,
         minloglevel=2,
     )
+    try:
+        sentencepiece.SentencePieceTrainer.train(**options)
+    except RuntimeError as error:  # e.g. a vocabulary smaller than the corpus's character set
+        raise ValueError(f"sentencepiece cannot train vocab_size={vocab_size} on this input: {error}") from error
     output = os.fspath(output)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "wb") as f:

@@ -11,12 +11,13 @@ Softmax runs in float32; outputs come back in the query dtype.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-_IMPLEMENTATIONS = ("xla", "cudnn")
+_IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "splash")
 
 
 def _attention_mask(
@@ -72,6 +73,56 @@ def _attention_jax_nn(q, k, v, mask_BxTxS, scale, backend):
     return jnp.where(mask_BxTxS.any(-1)[:, :, None, None], out_BxTxHxV, 0).astype(q.dtype)
 
 
+def _attention_splash(q, k, v, q_segment_ids, kv_segment_ids, scale, sliding_window, block_q, block_kv):
+    """Pallas TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention), run per batch row by vmap.
+
+    Its mask is causal by array index (a LocalMask for a sliding window) and-ed with segment equality, so it equals our
+    rule only when positions are the offsets of tokens inside their document (the batch contract: positions restart
+    at 0 and go up by 1). Positions are not read. On CPU it runs in Pallas interpret mode (slow: tests only). Blocks
+    must be multiples of 128 (the TPU lane width); the sequence is padded to a multiple of them. Padding rows
+    (segment 0) attend among themselves inside the kernel, which needs no empty row, and are zeroed after.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    if jax.default_backend() not in ("tpu", "cpu"):
+        raise ValueError(f"attention implementation='splash' is a TPU kernel (CPU runs its interpreter, for tests); on "
+                         f"{jax.default_backend()} use 'cudnn' or 'blockwise'")
+    seq_len, heads = q.shape[1], q.shape[2]
+    if block_q % 128 or block_kv % 128:
+        raise ValueError(f"attention implementation='splash': block_q={block_q} and block_kv={block_kv} must be "
+                         "multiples of 128 (the TPU lane width the kernel tiles by)")
+    lane_len = -(-seq_len // 128) * 128
+    block_q, block_kv = min(block_q, lane_len), min(block_kv, lane_len)
+    tile = math.lcm(block_q, block_kv)
+    padded_len = -(-seq_len // tile) * tile
+
+    def pad_to_tiles(x):  # tail padding gets segment 0, so padded rows see only padded keys (never an empty row)
+        return jnp.pad(x, [(0, 0), (0, padded_len - seq_len)] + [(0, 0)] * (x.ndim - 2))
+
+    q, k, v, q_segment_ids, kv_segment_ids = map(pad_to_tiles, (q, k, v, q_segment_ids, kv_segment_ids))
+    if sliding_window is None:
+        head_mask = splash_mask.CausalMask((padded_len, padded_len))
+    else:
+        head_mask = splash_mask.LocalMask((padded_len, padded_len), window_size=(sliding_window - 1, 0), offset=0)
+    block_sizes = splash.BlockSizes(
+        block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q, block_kv_dkv=block_kv,
+        block_kv_dkv_compute=block_kv, block_q_dq=block_q, block_kv_dq=block_kv)
+    kernel = splash.make_splash_mha(
+        splash_mask.MultiHeadMask([head_mask] * heads), block_sizes=block_sizes, head_shards=1, q_seq_shards=1,
+        interpret=jax.default_backend() == "cpu")
+
+    def one_row(q_HxTxD, k_KxTxD, v_KxTxV, q_segment_ids_T, kv_segment_ids_T):
+        return kernel(q_HxTxD, k_KxTxD, v_KxTxV, segment_ids=splash.SegmentIds(q_segment_ids_T, kv_segment_ids_T))
+
+    # The kernel has no scale argument: scaling q is the same.
+    out_BxHxTxV = jax.vmap(one_row)(
+        jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
+        q_segment_ids, kv_segment_ids)
+    out_BxTxHxV = jnp.where((q_segment_ids != 0)[:, :, None, None], jnp.swapaxes(out_BxHxTxV, 1, 2), 0)
+    return out_BxTxHxV[:, :seq_len].astype(q.dtype)
+
+
 def attention(
     q: jnp.ndarray,
     k: jnp.ndarray,
@@ -84,6 +135,8 @@ def attention(
     scale: float,
     sliding_window: Optional[int] = None,
     implementation: str = "xla",
+    block_q: int = 512,
+    block_kv: int = 512,
 ) -> jnp.ndarray:
     """Masked causal multi-head attention with grouped KV heads (GQA/MQA).
 
@@ -96,8 +149,12 @@ def attention(
       kv_segment_ids, kv_positions: `[batch, kv_len]` int.
       scale: multiplies q.k (usually key_dim**-0.5, times `yarn_softmax_scale_factor`).
       sliding_window: keys at most sliding_window - 1 positions back are visible; None for full causal attention.
-      implementation: "xla" (einsum + float32 softmax, any backend) or "cudnn" (jax.nn.dot_product_attention's cuDNN
-        flash attention on NVIDIA GPUs, bf16/fp16 only; our mask is passed as a dense [batch, 1, q_len, kv_len] mask).
+      implementation: "xla" (einsum + float32 softmax, any backend; float32 logits [batch, heads, q_len, kv_len]),
+        "cudnn" (jax.nn.dot_product_attention's cuDNN flash attention on NVIDIA GPUs, bf16/fp16 only; our mask is
+        passed as a dense [batch, 1, q_len, kv_len] mask), "blockwise" (pure-JAX online softmax over
+        [block_q, block_kv] tiles, any backend, memory O(len) in forward and backward: long context; see
+        blockwise_attention.py) or "splash" (Pallas splash attention, TPU; see `_attention_splash` for its limits).
+      block_q, block_kv: tile sizes for "blockwise" and "splash" (ignored by the others).
 
     Returns:
       `[batch, q_len, heads, value_dim]` in q.dtype.
@@ -116,6 +173,21 @@ def attention(
         raise ValueError(f"sliding_window={sliding_window} must be >= 1 (or None for full causal attention)")
     _check_mask_inputs("attention", q_len, kv_len, batch, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
 
+    for name, block in (("block_q", block_q), ("block_kv", block_kv)):
+        if not isinstance(block, int) or block < 1:
+            raise ValueError(f"attention: {name}={block!r} must be a positive int (a tile size in tokens)")
+    if implementation == "blockwise":
+        # Imported here because blockwise_attention imports this module's mask rule.
+        from jaxopd.kernels.blockwise_attention import blockwise_attention
+
+        return blockwise_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                   q_positions=q_positions, kv_positions=kv_positions, scale=scale,
+                                   sliding_window=sliding_window, block_q=block_q, block_kv=block_kv)
+    if implementation == "splash":
+        if q_len != kv_len:
+            raise ValueError(f"attention implementation='splash' needs q_len == kv_len (self-attention), got "
+                             f"{q_len} vs {kv_len}: use 'blockwise' for decode or chunked prefill")
+        return _attention_splash(q, k, v, q_segment_ids, kv_segment_ids, scale, sliding_window, block_q, block_kv)
     mask_BxTxS = _attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
     if implementation == "cudnn":
         return _attention_jax_nn(q, k, v, mask_BxTxS, scale, "cudnn")
@@ -170,6 +242,8 @@ def mla_naive(
     kv_positions: jnp.ndarray,
     scale: float,
     implementation: str = "xla",
+    block_q: int = 512,
+    block_kv: int = 512,
 ) -> jnp.ndarray:
     """MLA by up-projecting the latent to per-head keys and values, then ordinary attention (training, prefill).
 
@@ -182,7 +256,7 @@ def mla_naive(
         of the KV up-projection (HF `kv_b_proj.weight` [h*(dn+dv), c] viewed as [h, dn+dv, c], split, transposed).
       q_segment_ids, q_positions: `[batch, q_len]`; kv_segment_ids, kv_positions: `[batch, kv_len]`.
       scale: softmax scale, (qk_nope_head_dim + qk_rope_head_dim)**-0.5 * yarn_softmax_scale_factor(...).
-      implementation: passed to `attention`.
+      implementation, block_q, block_kv: passed to `attention` ("blockwise" for long context).
 
     Returns:
       `[batch, q_len, heads, v_head_dim]` in q_nope.dtype.
@@ -202,6 +276,8 @@ def mla_naive(
         kv_positions=kv_positions,
         scale=scale,
         implementation=implementation,
+        block_q=block_q,
+        block_kv=block_kv,
     )
 
 

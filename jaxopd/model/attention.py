@@ -78,5 +78,7 @@ class GQAAttention(nn.Module):
             sliding_window=c.sliding_window,
             # Decode attends t queries to a longer cache: the plain path; the others are for self-attention.
             implementation=c.attention_implementation if cache is None else "xla",
+            block_q=c.attention_block_q,
+            block_kv=c.attention_block_kv,
         )
         return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, compute(self, w_o)), new_cache

@@ -77,8 +77,10 @@ class ModelConfig:
     remat: bool = False  # rematerialize each decoder block in the backward pass (nn.remat)
     # How the forward pass runs (not the architecture): `jaxopd.kernels.attention` implementation for training and
     # prefill, and whether routed experts run expert-parallel (shard_map over the "expert" axis of the mesh set
-    # with `jax.set_mesh`).
-    attention_implementation: str = "xla"
+    # with `jax.set_mesh`; at init or with no mesh set they run unsharded).
+    attention_implementation: str = "xla"  # "xla", "cudnn", "blockwise" (long context) or "splash" (TPU)
+    attention_block_q: int = 512  # tile sizes of "blockwise" and "splash"
+    attention_block_kv: int = 512
     expert_parallel: bool = False
 
     def replace(self, **changes: Any) -> "ModelConfig":

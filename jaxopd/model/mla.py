@@ -80,7 +80,8 @@ class MLAttention(nn.Module):
         if cache is None:
             out_BxTxHxV = mla_naive(
                 q_nope_BxTxHxN, q_rope_BxTxHxR, latent, k_rope, w_uk_CxHxN, w_uv_CxHxV, **mask, scale=scale,
-                implementation=cfg.attention_implementation,
+                implementation=cfg.attention_implementation, block_q=cfg.attention_block_q,
+                block_kv=cfg.attention_block_kv,
             )
         else:
             out_BxTxHxV = mla_absorbed_decode(

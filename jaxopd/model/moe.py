@@ -50,8 +50,9 @@ class MoE(nn.Module):
             scale=c.routed_scaling_factor,
         )
         expert_weights = (compute(self, w_gate), compute(self, w_up), compute(self, w_down))
-        if c.expert_parallel:
-            mesh = jax.sharding.get_abstract_mesh()
+        mesh = jax.sharding.get_abstract_mesh()
+        # Init only needs shapes (and may see one dummy token); without a mesh there is nothing to be parallel over.
+        if c.expert_parallel and not mesh.empty and not self.is_initializing():
             if "expert" not in mesh.shape:
                 raise ValueError(
                     "config.expert_parallel=True needs a mesh with an 'expert' axis set with jax.set_mesh(mesh); "

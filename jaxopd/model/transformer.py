@@ -61,6 +61,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxopd.kernels.moe import update_balance_bias
 from jaxopd.model.block import Block, MTPModule, MoEStats, is_moe_layer
 from jaxopd.model.cache import write
 from jaxopd.model.config import ModelConfig
@@ -82,6 +83,8 @@ class Features:
 
 
 class Transformer(nn.Module):
+    """Decoder-only LM for any `ModelConfig` (methods: __call__ -> logits, features, logits, decode; see above)."""
+
     config: ModelConfig
 
     def setup(self):
@@ -154,21 +157,24 @@ class Transformer(nn.Module):
     def decode(
         self,
         tokens: jnp.ndarray,
-        positions: Optional[jnp.ndarray] = None,
         segment_ids: Optional[jnp.ndarray] = None,
+        positions: Optional[jnp.ndarray] = None,
         cache: Optional[dict] = None,
         cache_index: jnp.ndarray | int = 0,
     ) -> tuple[jnp.ndarray, dict]:
         """Run `tokens [b, t]` (a prompt chunk, or t = 1 new token) written at cache slots
         [cache_index, cache_index + t) against everything cached so far.
 
-        positions `[b, t]`: RoPE positions (for left-padded prompts, positions restart at 0 on the first real token);
-        segment_ids `[b, t]`: 1 for real tokens, 0 for padding (padding is never attended to).
+        segment_ids `[b, t]`: 1 for real tokens, 0 for padding (padding is never attended to); default ones.
+        positions `[b, t]`: RoPE positions; default the slot indices cache_index + arange(t), right for rows that
+        start at slot 0. For left-padded prompts pass them, restarting at 0 on each row's first real token.
         Returns (logits `[b, t, vocab]` float32, the updated cache). The MTP modules are not run.
         """
         c = self.config
         if cache is None:
             raise ValueError("decode needs cache=init_cache(config, batch, max_len, dtype)")
+        if positions is None:
+            positions = jnp.broadcast_to(cache_index + jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)
         segment_ids, positions = check_inputs(c, tokens, segment_ids, positions, cache=cache, cache_index=cache_index)
         cache_segment_ids = write(cache["segment_ids"], segment_ids, cache_index)
         x = self.embed(tokens)
@@ -198,13 +204,12 @@ def moe_layer_paths(config: ModelConfig) -> list[tuple[str, ...]]:
 def update_expert_biases(params: dict, config: ModelConfig, moe_load: jnp.ndarray, rate: float) -> dict:
     """params with every MoE layer's `expert_bias` moved by `update_balance_bias(bias, load, rate)` (DeepSeek-V3
     sec. 2.1.2), `moe_load [num_moe_layers, E]` from `Features`. Boxed (nn.Partitioned) leaves stay boxed."""
-    from jaxopd.kernels.moe import update_balance_bias
-
     paths = moe_layer_paths(config)
     if moe_load.shape != (len(paths), config.num_experts):
         raise ValueError(f"moe_load.shape={moe_load.shape} must be [num_moe_layers, experts] = "
                          f"{(len(paths), config.num_experts)} for this config")
-    params = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))  # copy dicts
+    # Rebuild the containers (not the arrays) so that assigning below leaves the caller's tree untouched.
+    params = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     for row, path in enumerate(paths):
         holder = params
         for key in path:

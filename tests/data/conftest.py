@@ -21,6 +21,22 @@ def write_jsonl(path: pathlib.Path, texts) -> str:
     return str(path)
 
 
+def make_hf_tokenizer(directory: pathlib.Path, texts) -> pathlib.Path:
+    """A byte-level BPE Hugging Face tokenizer with BOS/EOS/PAD and the default FIM tokens, saved in `directory`."""
+    tokenizers = pytest.importorskip("tokenizers")
+    specials = ["<pad>", "<s>", "</s>", "<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"]
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer)
+    hf.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": "<pad>"}))
+    return directory
+
+
 def data_config(paths, **overrides):
     """The default data config on other files: no eval split, no FIM unless asked."""
     config = default_data_config()

@@ -293,3 +293,27 @@ def test_bad_arguments_and_elements():
     not_dict = grain.MapDataset.source([np.zeros(3, np.int32)]).to_iter_dataset()
     with pytest.raises(ValueError, match="'tokens'"):
         next(iter(ConcatThenSplitDataset(not_dict, seq_len=4)))
+
+
+def test_restore_inside_a_grain_pipeline():
+    """Shuffled, repeated, filtered parent and a batch after packing, as jaxopd.data.pipeline composes them."""
+    documents = _random_documents(np.random.default_rng(6), 30, 8)
+    documents[2] = documents[2][:40]
+
+    def batches():
+        parent = (grain.MapDataset.source([{"tokens": np.asarray(d, np.int32)} for d in documents])
+                  .shuffle(seed=3).repeat(2).to_iter_dataset()
+                  .filter(lambda document: len(document["tokens"]) != 7))
+        return iter(BestFitPackDataset(parent, seq_len=8, buffer_size=10, pad_id=PAD).batch(3))
+
+    expected = [batch["tokens"] for batch in batches()]
+    for stop in (1, len(expected) // 3, len(expected) - 1):
+        first = batches()
+        for _ in range(stop):
+            next(first)
+        restored = batches()
+        restored.set_state(json.loads(json.dumps(first.get_state())))
+        rest = [batch["tokens"] for batch in restored]
+        assert len(rest) == len(expected) - stop
+        for got, want in zip(rest, expected[stop:]):
+            np.testing.assert_array_equal(got, want)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxopd.data.pipeline import default_data_config, make_pipeline
-from tests.data.conftest import REPO, data_config, write_jsonl
+from tests.data.conftest import REPO, data_config, make_hf_tokenizer, write_jsonl
+from tests.data.test_fim import undo_fim
 
 KEYS = {"tokens": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
         "loss_mask": np.float32}
@@ -235,8 +236,56 @@ def test_checkpoint_resume_with_worker_processes():
     restored.close()
 
 
+def test_bundled_data_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    batch = next(make_pipeline(_with(default_data_config(), packing_buffer=8), seq_len=32, batch_size=1, seed=0,
+                               process_index=0, process_count=1))
+    assert batch["loss_mask"].sum() > 0
+
+
 def test_process_defaults_come_from_jax():
     config = default_data_config()
     config.update(read_threads=1, packing_buffer=32)
     explicit = take(make_pipeline(config, seq_len=32, batch_size=2, seed=0, process_index=0, process_count=1), 2)
     assert_same_batches(take(make_pipeline(config, seq_len=32, batch_size=2, seed=0), 2), explicit)
+
+
+def test_every_source_kind_gives_the_same_batches(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    texts = [f"def f{i}():\n    return {i} * 'é'\n" * (i % 5 + 1) for i in range(30)]
+    (tmp_path / "docs.txt").write_text("\f".join(texts))
+    pq.write_table(pa.table({"text": texts}), tmp_path / "docs.parquet", row_group_size=7)
+    writer = ArrayRecordWriter(str(tmp_path / "docs.array_record"), "group_size:1")
+    for text in texts:
+        writer.write(text.encode())
+    writer.close()
+    configs = {
+        "text": data_config(tmp_path / "docs.txt", source="text", separator="\f"),
+        "jsonl": data_config(write_jsonl(tmp_path / "docs.jsonl", texts)),
+        "parquet": data_config(tmp_path / "docs.parquet", source="parquet"),
+        "array_record": data_config(tmp_path / "docs.array_record", source="array_record"),
+    }
+    runs = {kind: take(make_pipeline(_with(config, fim_rate=0.5, eval_fraction=0.1, packing_buffer=16), seq_len=48,
+                                     batch_size=2, seed=1, process_index=0, process_count=1), 6)
+            for kind, config in configs.items()}
+    for kind in ("text", "parquet", "array_record"):
+        assert_same_batches(runs[kind], runs["jsonl"])
+
+
+def test_hugging_face_tokenizer_with_fim_end_to_end(tmp_path):
+    from jaxopd.data.tokenizer import load_tokenizer
+
+    texts = [f"def f{i}(x):\n    return x * {i}  # é\n" * (i % 3 + 1) for i in range(40)]
+    tokenizer = load_tokenizer(make_hf_tokenizer(tmp_path, texts))
+    config = data_config(write_jsonl(tmp_path / "d.jsonl", texts), tokenizer=str(tmp_path), fim_rate=0.5,
+                         packing="concat", num_epochs=1)
+    iterator = make_pipeline(config, seq_len=40, batch_size=2, seed=0, process_index=0, process_count=1)
+    documents = documents_in_order(list(iterator), tokenizer.eos_id)
+    begin = tokenizer.fim_ids.begin
+    fim = [document for document in documents if document[1] == begin]
+    rebuilt = [undo_fim(d, tokenizer, "psm") if d[1] == begin else tokenizer.decode(d[1:-1]) for d in documents]
+    assert sorted(rebuilt) == sorted(texts)
+    assert len(fim) == iterator.stats["documents_fim"] and 10 < len(fim) < 30

@@ -1,5 +1,6 @@
 import gzip
 import json
+import sys
 
 import pytest
 
@@ -72,3 +73,10 @@ def test_bad_kind_and_missing_paths(tmp_path):
         open_source("csv", str(tmp_path))
     with pytest.raises(ValueError, match="matches no file"):
         expand_paths(str(tmp_path / "nothing*.jsonl"))
+
+
+def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    (tmp_path / "d.parquet").write_bytes(b"")
+    with pytest.raises(ImportError, match="pip install pyarrow"):
+        open_source("parquet", str(tmp_path / "d.parquet"))

@@ -1,9 +1,11 @@
 import json
+import sys
 
 import pytest
 
 from jaxopd.data import tokenizer as tokenizer_lib
 from jaxopd.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from tests.data.conftest import make_hf_tokenizer
 
 CODE = 'def f(x):\n\treturn {"ä": x ** 2}  # ☃ 𝄞\n\n\nclass A:\n    pass\n'
 
@@ -44,17 +46,10 @@ def test_train_cli_rejects_wrong_number_of_fim_tokens(tmp_path):
 
 
 def test_hf_backend_behind_the_same_interface(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
-    specials = ["<pad>", "<s>", "</s>", "<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"]
-    hf = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None, byte_fallback=False))
-    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator([CODE] * 10, trainer)
-    hf.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": "<pad>"}))
+    import tokenizers
+
+    make_hf_tokenizer(tmp_path, [CODE] * 10)
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     wrapped = load_tokenizer(tmp_path)
     assert isinstance(wrapped, HFTokenizer)
     assert (wrapped.pad_id, wrapped.bos_id, wrapped.eos_id) == (0, 1, 2)
@@ -68,3 +63,14 @@ def test_hf_backend_behind_the_same_interface(tmp_path):
 def test_missing_tokenizer_path_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="data.tokenizer"):
         load_tokenizer(tmp_path / "nope.model")
+
+
+def test_too_small_vocabulary_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size=20"):
+        tokenizer_lib.train_sentencepiece([CODE], tmp_path / "m.model", vocab_size=20)
+
+
+def test_hf_backend_without_tokenizers_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ImportError, match=r"jaxopd\[hf\]"):
+        HFTokenizer(tmp_path)

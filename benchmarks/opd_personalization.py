@@ -1,0 +1,99 @@
+"""The seed's "personalization" experiment in small: learn something new, lose an old skill, get it back by OPD
+with the model's own earlier checkpoint as the teacher.
+
+    PYTHONPATH=. python benchmarks/opd_personalization.py [--start DIR] [--finetune-steps 150] [--opd-steps 60]
+
+  A  the starting student (default: the OPD student of benchmarks/opd_vs_baselines.py, seed 0), good at addition;
+  B  A fine-tuned by next-token CE on new documents, worked subtraction problems ("835-62=773"): subtraction is
+     learned, addition suffers;
+  C  B trained by OPD on addition prompts only, teacher = A (same tokenizer, its own earlier self).
+Greedy accuracy of A, B and C on held-out addition and subtraction prompts goes to benchmarks/RESULTS.md
+(section "OPD personalization").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import jax
+
+from jaxopd import train
+from jaxopd.config import load_config_file
+from jaxopd.data.tokenizer import load_tokenizer
+from jaxopd.distill import rollouts as rollouts_lib
+from jaxopd.distill.driver import train_distill
+from jaxopd.distill.teacher import load_model
+from jaxopd.sampling import Sampler
+from jaxopd.tasks import arithmetic
+
+import opd_vs_baselines  # noqa: E402  (same directory: RESULTS.md section writer)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARITHMETIC = ROOT / "data" / "tasks" / "arithmetic"
+SECTION = "## OPD personalization"
+
+
+def accuracy(path: pathlib.Path, prompts: list[str]) -> float:
+    """Greedy accuracy of the checkpoint at `path` on `prompts` (arithmetic checker)."""
+    model, params = load_model(path)
+    tokenizer = load_tokenizer(ARITHMETIC / "tokenizer.json")
+    distill = load_config_file(ROOT / "configs" / "tiny_distill.py").distill
+    sampler = Sampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id)
+    result = rollouts_lib.rollout(sampler, params, tokenizer, prompts, jax.random.key(0), group_size=1,
+                                  add_bos=True, checker=arithmetic.check, greedy=True)
+    return float(result.rewards.mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--start", default="/tmp/jaxopd_opd_vs_baselines/reverse_kl_seed0")
+    parser.add_argument("--workdir", default="/tmp/jaxopd_personalization")
+    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--opd-steps", type=int, default=60)
+    args = parser.parse_args()
+    workdir, start = pathlib.Path(args.workdir), pathlib.Path(args.start)
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_problems = list(arithmetic.read_jsonl(ARITHMETIC / "subtraction.jsonl"))
+    seen = {p["prompt"] for p in train_problems}
+    held_out_subtraction = [p["prompt"] for p in arithmetic.make_problems(600, max_digits=3, ops="-", seed=7)
+                            if p["prompt"] not in seen][:256]
+    held_out_addition = rollouts_lib.read_prompts(str(ARITHMETIC / "eval.jsonl"), "prompt", 256)
+    corpus = workdir / "subtraction_docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": p["prompt"] + p["answer"]}) + "\n" for p in train_problems))
+
+    finetuned = workdir / "finetuned"
+    config = load_config_file(ROOT / "configs" / "tiny_distill.py", {
+        "loss": "ce", "workdir": str(finetuned), "steps": args.finetune_steps, "seq_len": 48, "loss_chunk_size": 48,
+        "eval_every": 0, "checkpoint_every": args.finetune_steps, "progress_bar": False,
+        "init_from.path": str(start / "checkpoints"), "data.paths": str(corpus), "data.eval_fraction": 0.0,
+        "optimizer.schedule.decay_end": args.finetune_steps, "optimizer.schedule.peak_lr": 3e-3})
+    if not (finetuned / "checkpoints").exists():
+        train.train(config)
+
+    recovered = workdir / "recovered"
+    config = load_config_file(ROOT / "configs" / "tiny_distill.py", {
+        "workdir": str(recovered), "steps": args.opd_steps, "eval_every": args.opd_steps,
+        "checkpoint_every": args.opd_steps, "progress_bar": False,
+        "init_from.path": str(finetuned / "checkpoints"), "distill.teacher": str(start),
+        "optimizer.schedule.decay_end": args.opd_steps})
+    if not (recovered / "checkpoints").exists():
+        train_distill(config)
+
+    rows = []
+    for label, path in (("A: start", start), (f"B: + CE on subtraction docs ({args.finetune_steps} steps)", finetuned),
+                        (f"C: B + OPD on addition prompts, teacher A ({args.opd_steps} steps)", recovered)):
+        rows.append((label, accuracy(path, held_out_addition), accuracy(path, held_out_subtraction)))
+    lines = [SECTION, "",
+             f"`PYTHONPATH=. python benchmarks/opd_personalization.py --finetune-steps {args.finetune_steps} "
+             f"--opd-steps {args.opd_steps}`: greedy accuracy on 256 held-out prompts of each kind.", "",
+             "| model | addition (old skill) | subtraction (new knowledge) |", "|---|---|---|"]
+    lines += [f"| {label} | {add:.3f} | {sub:.3f} |" for label, add, sub in rows]
+    section = "\n".join(lines) + "\n"
+    opd_vs_baselines.write_section(ROOT / "benchmarks" / "RESULTS.md", section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Distillation and RL objectives for the trainer's one `train_step`, selected statically by `config.loss`.
+
+Importing this module registers them in `jaxopd.train_step.OBJECTIVES` next to "ce":
+
+- "reverse_kl": on-policy distillation (the seed's method). Per-token advantage
+  A_t = kl_coef * (log pi_teacher(x_t) - log pi_sampler(x_t)) [+ reward_weight * task advantage], discount 0, in the
+  importance-sampled policy-gradient loss (ratio against the sampler's log-probs, PPO clip optional).
+- "grpo": the sparse-reward RL baseline: A_t = the group-normalized final reward of the sample (Shao et al. 2024).
+- "teacher_sft": off-policy distillation, next-token cross-entropy on teacher samples (the "ce" objective itself).
+- "full_reverse_kl", "forward_kl", "jsd": exact full-vocabulary divergences to the teacher at every completion
+  position (GKD, Agarwal et al. 2024), from the teacher's hidden states and unembedding carried in the batch.
+
+Rollout batches follow the Batch contract (`jaxopd.sampling.sequence_layout`: tokens, targets, positions,
+segment_ids, loss_mask on completion targets) plus, aligned with `targets`, `target_sampler_logprobs`,
+`teacher_logprobs` and `task_advantages` `[rows, seq]`; the full divergences read `teacher_hidden [rows, seq, d_t]`
+and `teacher_unembed [d_t, vocab]` (repeated per microbatch). Config block: `config.distill`
+(configs/tiny_distill.py documents every key).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxopd import train_step
+from jaxopd.kernels import losses
+from jaxopd.model import unembedding
+
+Batch = dict[str, jax.Array]
+
+POLICY_GRADIENT_LOSSES = ("reverse_kl", "grpo")
+DIVERGENCE_LOSSES = {"full_reverse_kl": "reverse_kl", "forward_kl": "forward_kl", "jsd": "jsd"}
+DISTILL_LOSSES = (*POLICY_GRADIENT_LOSSES, "teacher_sft", *DIVERGENCE_LOSSES)
+
+
+def _totals(batch: Batch, config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+    loss_mask = batch["loss_mask"]
+    sequences = (loss_mask.sum(-1) > 0).sum()
+    return {"tokens": jnp.maximum(loss_mask.sum(), 1.0), "sequences": jnp.maximum(sequences, 1.0),
+            "microbatches": jnp.float32(batch["tokens"].shape[0])}
+
+
+def _balance_loss(features, totals, config) -> jax.Array:
+    """The MoE sequence-wise balance loss, weighted as in the "ce" objective (DeepSeek-V3 eq. 17-20)."""
+    return config.moe_balance_weight * features.moe_balance_loss / totals["microbatches"]
+
+
+def _student_features(model: nn.Module, params: Any, batch: Batch):
+    return model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
+                       positions=batch["positions"], method="features")
+
+
+def sampled_kl(batch: Batch) -> jax.Array:
+    """Per-token sampled reverse KL log pi_sampler(x_t) - log pi_teacher(x_t) on the completion, 0 elsewhere."""
+    return jnp.where(batch["loss_mask"] > 0, batch["target_sampler_logprobs"] - batch["teacher_logprobs"], 0.0)
+
+
+def rollout_advantages(batch: Batch, loss: str, config: ml_collections.ConfigDict) -> jax.Array:
+    """Per-token advantages `[rows, seq]` of a policy-gradient loss (no gradient)."""
+    distill = config.distill
+    task = batch["task_advantages"] * batch["loss_mask"]
+    if loss == "grpo":
+        return task
+    kl = losses.sampled_reverse_kl_advantages(batch["target_sampler_logprobs"], batch["teacher_logprobs"],
+                                              batch["loss_mask"], coef=distill.kl_coef)
+    if distill.kl_baseline:
+        # A constant baseline leaves the gradient's expectation unchanged (E[grad log pi] = 0) but removes the
+        # -KL offset that every sampled token's advantage shares, which otherwise pushes down every sampled token
+        # and moves mass to tokens that were not sampled. Here: the mean advantage over the microbatch's tokens.
+        mask = batch["loss_mask"]
+        kl = (kl - jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)) * mask
+    return kl + distill.reward_weight * task
+
+
+def _policy_gradient_loss(loss_name: str):
+    def loss(model, params, batch, totals, config):
+        distill = config.distill
+        features = _student_features(model, params, batch)
+        logprobs = losses.token_logprobs(features.hidden, unembedding(params, model.config), batch["targets"],
+                                         chunk_size=config.loss_chunk_size, temperature=distill.temperature)
+        advantages = rollout_advantages(batch, loss_name, config)
+        value, metrics = losses.policy_gradient_loss(
+            logprobs, batch["target_sampler_logprobs"], advantages, batch["loss_mask"],
+            clip_epsilon=distill.clip_epsilon, advantage_clip=distill.advantage_clip, normalize=distill.normalize)
+        # policy_gradient_loss averages over this microbatch; reweight so the microbatches sum to the step's mean.
+        count = metrics.pop("token_count")
+        if distill.normalize == "tokens":
+            weight = count / totals["tokens"]
+        else:
+            weight = (batch["loss_mask"].sum(-1) > 0).sum() / totals["sequences"]
+        metrics = {name: value * weight for name, value in metrics.items()}
+        if loss_name == "reverse_kl":  # the "grpo" batch carries no teacher scores
+            metrics["reverse_kl"] = sampled_kl(batch).sum() / totals["tokens"]
+        metrics["moe_load"] = features.moe_load
+        return value * weight + _balance_loss(features, totals, config), metrics
+    return loss
+
+
+def _divergence_loss(divergence: str):
+    def loss(model, params, batch, totals, config):
+        features = _student_features(model, params, batch)
+        per_token = losses.chunked_divergence(
+            features.hidden, unembedding(params, model.config), batch["teacher_hidden"], batch["teacher_unembed"],
+            chunk_size=config.loss_chunk_size, divergence=divergence, beta=config.distill.jsd_beta,
+            temperature=config.distill.temperature)
+        value = jnp.sum(per_token * batch["loss_mask"]) / totals["tokens"]
+        metrics = {divergence: value, "reverse_kl": sampled_kl(batch).sum() / totals["tokens"],
+                   "moe_load": features.moe_load}
+        return value + _balance_loss(features, totals, config), metrics
+    return loss
+
+
+def _register() -> None:
+    objectives = {name: train_step.Objective(_totals, _policy_gradient_loss(name)) for name in POLICY_GRADIENT_LOSSES}
+    objectives["teacher_sft"] = train_step.OBJECTIVES["ce"]
+    for name, divergence in DIVERGENCE_LOSSES.items():
+        objectives[name] = train_step.Objective(_totals, _divergence_loss(divergence))
+    train_step.OBJECTIVES.update(objectives)
+
+
+_register()

@@ -1,0 +1,102 @@
+"""Prompts in, scored rollouts out: the prompt stream (grain), batched rollouts with their rewards, FLOP counts.
+
+One rollout batch is `prompts_per_step` prompts, each sampled `group_size` times (the group's samples contiguous,
+as GRPO's normalization expects), laid out by `jaxopd.sampling.sequence_layout` as training rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from jaxopd.data.pipeline import resolve_path
+from jaxopd.data.sources import JsonlSource, expand_paths
+from jaxopd.flops import decode_flops_per_token, flops_per_token
+from jaxopd.model import ModelConfig
+from jaxopd.sampling import SampleOutput, Sampler, left_pad, sequence_layout
+
+# Per-token counts depend only on (config, context length): cache them, a step asks for thousands.
+_decode_flops = functools.lru_cache(maxsize=None)(decode_flops_per_token)
+_forward_flops = functools.lru_cache(maxsize=None)(flops_per_token)
+
+
+class PromptStream:
+    """Prompt texts from JSON Lines files (`field` of each line), shuffled with `seed`, reshuffled every epoch and
+    repeated forever, through grain; `get_state()`/`set_state()` resume exactly."""
+
+    def __init__(self, paths: str, field: str, seed: int):
+        source = JsonlSource(expand_paths([resolve_path(p) for p in paths.split(",") if p]), text_field=field)
+        dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+        self._iterator = iter(dataset.to_iter_dataset())
+
+    def next(self, count: int) -> list[str]:
+        return [next(self._iterator).decode("utf-8") for _ in range(count)]
+
+    def get_state(self) -> Any:
+        return self._iterator.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self._iterator.set_state(state)
+
+
+def read_prompts(paths: str, field: str, count: int) -> list[str]:
+    """The first `count` prompts of JSON Lines files, in file order (the fixed eval set)."""
+    source = JsonlSource(expand_paths([resolve_path(p) for p in paths.split(",") if p]), text_field=field)
+    if count > len(source):
+        raise ValueError(f"{count} eval prompts requested but {paths} has {len(source)}; lower distill.eval_prompts")
+    return [source[i].decode("utf-8") for i in range(count)]
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """Sampled completions laid out as training rows (`layout`: sequence_layout's dict of `[rows, seq]` arrays),
+    their decoded texts, the task rewards `[rows]`, and the prompt/completion lengths used for FLOP counts."""
+
+    layout: dict[str, jax.Array]
+    completions: list[str]
+    rewards: np.ndarray
+    prompt_lengths: np.ndarray
+    completion_lengths: np.ndarray
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], add_bos: bool) -> list[list[int]]:
+    prefix = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+    return [prefix + tokenizer.encode(prompt) for prompt in prompts]
+
+
+def rollout(sampler: Sampler, params: Any, tokenizer: Any, prompts: Sequence[str], rng: jax.Array, *,
+            group_size: int, add_bos: bool, checker: Callable[[str, str], bool], **sampling: Any) -> Rollouts:
+    """Samples `group_size` completions per prompt and checks each with `checker(prompt, completion_text)`."""
+    repeated = [prompt for prompt in prompts for _ in range(group_size)]
+    padded, lengths = left_pad(encode_prompts(tokenizer, repeated, add_bos), sampler.max_prompt_len,
+                               sampler.pad_id)
+    output: SampleOutput = sampler(params, padded, lengths, rng, **sampling)
+    tokens, completion_lengths = jax.device_get((output.tokens, output.lengths))
+    completions = [tokenizer.decode(row[:length]) for row, length in zip(tokens, completion_lengths)]
+    rewards = np.asarray([float(checker(p, c)) for p, c in zip(repeated, completions)], np.float32)
+    return Rollouts(sequence_layout(padded, lengths, output), completions, rewards, lengths,
+                    np.asarray(completion_lengths))
+
+
+def sampling_flops(config: ModelConfig, prompt_lengths: np.ndarray, completion_lengths: np.ndarray) -> float:
+    """Forward FLOPs of generating the completions: the prefill of each prompt plus one cached decode step per
+    completion token, each attending to the tokens before it (jaxopd.flops conventions)."""
+    total = 0.0
+    for prompt_length, completion_length in zip(prompt_lengths.tolist(), completion_lengths.tolist()):
+        total += prompt_length * _forward_flops(config, prompt_length, training=False)
+        total += sum(_decode_flops(config, prompt_length + j) for j in range(completion_length))
+    return total
+
+
+def sequence_flops(config: ModelConfig, segment_ids: np.ndarray, *, training: bool) -> float:
+    """FLOPs of a full-sequence pass (forward, or forward + backward) over each row's real tokens."""
+    total = 0.0
+    for length in (np.asarray(segment_ids) > 0).sum(-1).tolist():
+        if length:
+            total += length * _forward_flops(config, length, training=training)
+    return total

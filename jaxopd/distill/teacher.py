@@ -1,0 +1,150 @@
+"""The teacher: loading any jaxopd or Hugging Face checkpoint onto the mesh, the tokenizer check, and jitted scoring.
+
+A teacher is just another (model, params) pair placed on the student's mesh with the trainer's logical-axis rules
+(FSDP/tensor shards), called through a jitted function that returns the log-prob of every given token. Scoring goes
+through `losses.token_logprobs` on the model's final hidden states, chunked over the sequence, so the float32
+`[batch, seq, vocab]` logits never exist at once.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxopd import checkpoint, config as config_lib, sharding
+from jaxopd.kernels import losses
+from jaxopd.model import ModelConfig, Transformer, unembedding
+
+PROBE_TEXT = "The teacher and the student must share a tokenizer: 0123456789 +-*/= (){}[] def f(x): return x\n"
+
+
+def _checkpoint_dir(path: pathlib.Path) -> pathlib.Path:
+    """A run's workdir or its `checkpoints/` directory -> the directory of step checkpoints."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def _is_hf(path: pathlib.Path) -> bool:
+    config_file = path / "config.json"
+    return config_file.exists() and "model_type" in json.loads(config_file.read_text())
+
+
+def model_from_dict(model_fields: dict[str, Any]) -> Transformer:
+    """The Transformer described by a run config's `model` section (as saved in checkpoints and config.json)."""
+    return Transformer(config_lib.to_model_config(config_lib.model_config_dict(model_fields)))
+
+
+def abstract_params(model: Transformer, mesh: jax.sharding.Mesh) -> Any:
+    """The model's params as shape structs carrying their NamedShardings on `mesh` (trainer's logical-axis rules)."""
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    shardings = sharding.logical_shardings(boxed, mesh)
+    return jax.tree.map(lambda shape, named: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=named),
+                        nn.meta.unbox(boxed), shardings)
+
+
+def load_model(path: str | pathlib.Path, mesh: Optional[jax.sharding.Mesh] = None, hf_dtype: str = "float32"
+               ) -> tuple[Transformer, Any]:
+    """(model, params) from a jaxopd checkpoint directory (a run workdir, its checkpoints/, or one written by
+    `save_model`; the newest step, params in their saved dtype) or a Hugging Face checkpoint (params in `hf_dtype`;
+    "bfloat16" halves a large teacher's memory on accelerators), params read straight into their shards on `mesh`
+    (default: a mesh of all devices, params FSDP-sharded over them)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint {path} does not exist; give a jaxopd run/checkpoint directory or a Hugging "
+                         "Face checkpoint directory")
+    mesh = mesh if mesh is not None else sharding.make_mesh(
+        ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1)))
+    if _is_hf(path):
+        from jaxopd import load_hf
+
+        with sharding.mesh_context(mesh):
+            return load_hf(path, dtype=hf_dtype, mesh=mesh, rules=sharding.LOGICAL_AXIS_RULES)
+    directory = _checkpoint_dir(path)
+    manager = ocp.CheckpointManager(directory.absolute(), item_handlers={"config": ocp.JsonCheckpointHandler()},
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step()
+    if step is None:
+        raise ValueError(f"no checkpoint steps in {directory}: expected a jaxopd run or a Hugging Face checkpoint")
+    run_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    manager.close()
+    model = model_from_dict(run_config["model"])
+    return model, checkpoint.load_params(directory, abstract_params(model, mesh), step)
+
+
+def save_model(path: str | pathlib.Path, model_fields: dict[str, Any], params: Any, step: int = 0, *,
+               overwrite: bool = False) -> pathlib.Path:
+    """Writes params (no optimizer state) and `{"model": model_fields}` as a jaxopd checkpoint that `load_model`,
+    `checkpoint.load_params` and `config.init_from` (kind "checkpoint") read. An existing directory is replaced
+    only with overwrite=True."""
+    path = pathlib.Path(path).absolute()
+    if path.exists():
+        if not overwrite:
+            raise ValueError(f"{path} exists; pass overwrite=True to replace it")
+        shutil.rmtree(path)
+    manager = ocp.CheckpointManager(path, item_handlers={"params": ocp.StandardCheckpointHandler(),
+                                                         "config": ocp.JsonCheckpointHandler()},
+                                    options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                               config=ocp.args.JsonSave({"model": dict(model_fields)})), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return path
+
+
+def check_tokenizers(student_config: ModelConfig, teacher_config: ModelConfig, student_tokenizer: Any,
+                     teacher_tokenizer: Any, probe: str = PROBE_TEXT) -> None:
+    """Raises ValueError, before anything is compiled, unless student and teacher score the same token ids:
+    equal model vocabularies, equal tokenizer vocabularies, and the same ids for a probe text."""
+    if student_config.vocab_size != teacher_config.vocab_size:
+        raise ValueError(f"student vocab_size={student_config.vocab_size} != teacher vocab_size="
+                         f"{teacher_config.vocab_size}: on-policy distillation scores the student's token ids with the "
+                         "teacher, so both models need the same tokenizer; pick a teacher of the student's family")
+    if student_tokenizer.vocab_size != teacher_tokenizer.vocab_size:
+        raise ValueError(f"student tokenizer has {student_tokenizer.vocab_size} tokens, the teacher's "
+                         f"{teacher_tokenizer.vocab_size}: set distill.teacher.tokenizer to the student's tokenizer")
+    student_ids, teacher_ids = student_tokenizer.encode(probe), teacher_tokenizer.encode(probe)
+    if student_ids != teacher_ids:
+        first = next((i for i, (a, b) in enumerate(zip(student_ids, teacher_ids)) if a != b),
+                     min(len(student_ids), len(teacher_ids)))
+        raise ValueError(f"student and teacher tokenizers encode the probe text {probe!r} differently (first "
+                         f"difference at token {first}: {student_ids[first:first + 4]} vs {teacher_ids[first:first + 4]}"
+                         "): they are different tokenizers; distill only between models that share one")
+    if student_tokenizer.vocab_size > student_config.vocab_size:
+        raise ValueError(f"the tokenizer has {student_tokenizer.vocab_size} tokens but the model only "
+                         f"{student_config.vocab_size}; raise model.vocab_size")
+
+
+def make_scorer(model: Transformer, chunk_size: int, *, return_hidden: bool = False
+                ) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
+    """score(params, batch) -> {"logprobs": [rows, seq] log-prob of batch["targets"] at each position (float32),
+    and with return_hidden "hidden": [rows, seq, d] final hidden states}, jitted. batch: tokens, targets, positions,
+    segment_ids `[rows, seq]` (the Batch contract); run it inside `sharding.mesh_context(mesh)`."""
+    def score(params, batch):
+        features = model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
+                               positions=batch["positions"], method="features")
+        logprobs = losses.token_logprobs(features.hidden, unembedding(params, model.config), batch["targets"],
+                                         chunk_size=chunk_size)
+        result = {"logprobs": logprobs}
+        if return_hidden:
+            result["hidden"] = features.hidden
+        return result
+    return jax.jit(score)
+
+
+def score_texts(model: Transformer, params: Any, prompt_ids: Sequence[int], completion_ids: Sequence[int],
+                chunk_size: int = 512) -> np.ndarray:
+    """Log-probs `[len(completion_ids)]` of each completion token after the prompt, from one forward pass."""
+    tokens = np.asarray([list(prompt_ids) + list(completion_ids)], np.int32)
+    length = tokens.shape[1]
+    batch = {"tokens": tokens, "targets": np.append(tokens[:, 1:], [[0]], axis=1).astype(np.int32),
+             "positions": np.arange(length, dtype=np.int32)[None], "segment_ids": np.ones_like(tokens)}
+    logprobs = make_scorer(model, chunk_size)(params, batch)["logprobs"]
+    return np.asarray(logprobs[0, len(prompt_ids) - 1:length - 1])

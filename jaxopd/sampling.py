@@ -1,0 +1,191 @@
+"""Batched generation with a KV cache: one jitted prefill of the left-padded prompts, then a decode loop.
+
+    sampler = Sampler(model, max_prompt_len=16, max_new_tokens=8, stop_tokens=(eos_id,), pad_id=pad_id)
+    prompts, lengths = left_pad([[5, 6, 7], [8, 9]], 16, pad_id)
+    out = sampler(params, prompts, lengths, jax.random.key(0), temperature=1.0)
+    out.tokens, out.logprobs, out.mask        # [batch, max_new_tokens] each
+
+Prompts are left-padded so every prompt ends at column `max_prompt_len - 1` and all rows decode in step; each row's
+positions count from its own first token and padding has segment id 0, so the model never attends to it. The
+cache is the model's own (`jaxopd.model.init_cache`: for MLA only the compressed latent and the rope key; decoding
+uses the absorbed form).
+
+`logprobs` are the log-probabilities of the sampled tokens under the distribution actually sampled from (after
+temperature, top-k and top-p), which is what an importance ratio against the sampler needs; with `greedy` they are
+the plain log-softmax of the logits at the chosen token. `mask` is 1 on the completion up to and including the first
+stop token; after it a row emits `pad_id` with mask 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopd.model import init_cache
+
+
+@chex.dataclass(frozen=True)
+class SampleOutput:
+    """Completions `tokens [batch, new]` int32, their sampler `logprobs [batch, new]` float32 and `mask [batch, new]`
+    float32 (1 up to and including the first stop token), and `lengths [batch]` int32 (= mask.sum(-1))."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+
+
+def left_pad(prompts: Sequence[Sequence[int]], max_prompt_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (left-padded `[batch, max_prompt_len]` int32, lengths `[batch]` int32)."""
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    if len(prompts) == 0 or lengths.min() < 1 or lengths.max() > max_prompt_len:
+        raise ValueError(f"prompt lengths {lengths.tolist()} must lie in [1, max_prompt_len={max_prompt_len}]; "
+                         "raise max_prompt_len or shorten the prompts")
+    padded = np.full((len(prompts), max_prompt_len), pad_id, np.int32)
+    for row, prompt in enumerate(prompts):
+        padded[row, max_prompt_len - len(prompt):] = prompt
+    return padded, lengths
+
+
+def prompt_layout(prompt_lengths: jax.Array, max_prompt_len: int) -> tuple[jax.Array, jax.Array]:
+    """(positions, segment_ids) `[batch, max_prompt_len]` of left-padded prompts: positions count from each row's
+    first real token (0 on padding), segment id 1 on real tokens and 0 on padding."""
+    column = jnp.arange(max_prompt_len)[None, :]
+    start = max_prompt_len - prompt_lengths[:, None]
+    real = column >= start
+    return jnp.where(real, column - start, 0).astype(jnp.int32), real.astype(jnp.int32)
+
+
+def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None) -> jax.Array:
+    """Logits `[batch, vocab]` of the distribution to sample from: divided by temperature, then everything outside
+    the top_k tokens and outside the smallest set whose probability reaches top_p set to -inf (the top token is
+    always kept)."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # A token is kept when the probability of the tokens ranked above it is still below top_p.
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def _check_options(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0; use greedy=True for argmax decoding")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k!r} must be >= 1 or None")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must lie in (0, 1] or be None")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Jitted generation for one model and fixed shapes: prompts `[batch, max_prompt_len]`, completions
+    `[batch, max_new_tokens]`. Call it with params, left-padded prompts, their lengths and an RNG key; sampling
+    options are static (each new combination compiles once)."""
+
+    model: nn.Module
+    max_prompt_len: int
+    max_new_tokens: int
+    stop_tokens: tuple[int, ...]
+    pad_id: int
+    cache_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.max_prompt_len < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"max_prompt_len={self.max_prompt_len} and max_new_tokens={self.max_new_tokens} "
+                             "must both be >= 1")
+        jitted = jax.jit(self._generate, static_argnames=("temperature", "top_k", "top_p", "greedy"))
+        object.__setattr__(self, "_jitted", jitted)
+
+    def __call__(self, params: Any, prompts: jax.Array, prompt_lengths: jax.Array, rng: jax.Array, *,
+                 temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 greedy: bool = False) -> SampleOutput:
+        """prompts `[batch, max_prompt_len]` left-padded, prompt_lengths `[batch]` -> SampleOutput."""
+        _check_options(temperature, top_k, top_p)
+        chex.assert_shape(prompts, (None, self.max_prompt_len))
+        chex.assert_shape(prompt_lengths, (prompts.shape[0],))
+        return self._jitted(params, prompts, prompt_lengths, rng, temperature=float(temperature), top_k=top_k,
+                              top_p=top_p, greedy=greedy)
+
+    def _generate(self, params, prompts, prompt_lengths, rng, *, temperature, top_k, top_p, greedy):
+        batch, prompt_len = prompts.shape
+        variables = {"params": params}
+        cache = init_cache(self.model.config, batch, prompt_len + self.max_new_tokens, self.cache_dtype)
+        positions, segment_ids = prompt_layout(prompt_lengths, prompt_len)
+        logits, cache = self.model.apply(variables, prompts, positions=positions, segment_ids=segment_ids,
+                                         cache=cache, cache_index=jnp.int32(0), method="decode")
+        stop_tokens = jnp.asarray(self.stop_tokens, jnp.int32)
+
+        def choose(step_logits, key):
+            """Next token `[batch]` and its log-prob under the distribution it was drawn from."""
+            if greedy:
+                token = jnp.argmax(step_logits, axis=-1)
+                logprobs = jax.nn.log_softmax(step_logits.astype(jnp.float32), axis=-1)
+            else:
+                filtered = filter_logits(step_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+                token = jax.random.categorical(key, filtered, axis=-1)
+                logprobs = jax.nn.log_softmax(filtered, axis=-1)
+            return token.astype(jnp.int32), jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+
+        def body(carry):
+            step, step_logits, cache, done, tokens, logprobs, mask = carry
+            token, logprob = choose(step_logits, jax.random.fold_in(rng, step))
+            live = jnp.logical_not(done)
+            token = jnp.where(live, token, self.pad_id)
+            tokens = tokens.at[:, step].set(token)
+            logprobs = logprobs.at[:, step].set(jnp.where(live, logprob, 0.0))
+            mask = mask.at[:, step].set(live.astype(jnp.float32))
+            done = done | jnp.isin(token, stop_tokens)
+            # Feed the token back: it sits at column prompt_len + step, position prompt_length + step.
+            next_logits, cache = self.model.apply(
+                variables, token[:, None], positions=(prompt_lengths + step)[:, None],
+                segment_ids=live.astype(jnp.int32)[:, None], cache=cache, cache_index=prompt_len + step,
+                method="decode")
+            return step + 1, next_logits[:, -1], cache, done, tokens, logprobs, mask
+
+        def cond(carry):
+            step, done = carry[0], carry[3]
+            return (step < self.max_new_tokens) & jnp.logical_not(jnp.all(done))
+
+        shape = (batch, self.max_new_tokens)
+        init = (jnp.int32(0), logits[:, -1], cache, jnp.zeros(batch, bool), jnp.full(shape, self.pad_id, jnp.int32),
+                jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+        _, _, _, _, tokens, logprobs, mask = jax.lax.while_loop(cond, body, init)
+        return SampleOutput(tokens=tokens, logprobs=logprobs, mask=mask, lengths=mask.sum(-1).astype(jnp.int32))
+
+
+def sequence_layout(prompts: jax.Array, prompt_lengths: jax.Array, completions: SampleOutput) -> dict[str, jax.Array]:
+    """Prompt + completion as one training/scoring row per sample, in the Batch contract's layout.
+
+    Returns `[batch, max_prompt_len + new]` arrays: tokens, positions, segment_ids (1 on real tokens), targets (the
+    next token), loss_mask (1 where the target is a completion token under the mask) and `target_sampler_logprobs`
+    (the sampler's log-prob of each target, 0 elsewhere).
+    """
+    batch, prompt_len = prompts.shape
+    tokens = jnp.concatenate([prompts, completions.tokens], axis=1)
+    prompt_positions, prompt_segments = prompt_layout(prompt_lengths, prompt_len)
+    new = completions.tokens.shape[1]
+    completion_positions = prompt_lengths[:, None] + jnp.arange(new)[None, :]
+    positions = jnp.concatenate([prompt_positions, jnp.where(completions.mask > 0, completion_positions, 0)], axis=1)
+    segment_ids = jnp.concatenate([prompt_segments, completions.mask.astype(jnp.int32)], axis=1)
+    # Column c predicts the token at c + 1: the prompt's last column predicts the first completion token.
+    shift = lambda x, fill: jnp.concatenate([x[:, 1:], jnp.full((batch, 1), fill, x.dtype)], axis=1)
+    zeros = jnp.zeros((batch, prompt_len - 1), jnp.float32)
+    loss_mask = jnp.concatenate([zeros, completions.mask, jnp.zeros((batch, 1), jnp.float32)], axis=1)
+    sampler_logprobs = jnp.concatenate([zeros, completions.logprobs, jnp.zeros((batch, 1), jnp.float32)], axis=1)
+    return {"tokens": tokens, "positions": positions.astype(jnp.int32), "segment_ids": segment_ids,
+            "targets": shift(tokens, 0), "loss_mask": loss_mask, "target_sampler_logprobs": sampler_logprobs}

@@ -1,0 +1,178 @@
+"""Distillation objectives through the trainer's real train_step, the teacher's tokenizer check, and the driver's
+exact resume. References are written independently: full logits and float64 numpy, never the code under test."""
+
+import json
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxopd import optim, train_step
+from jaxopd.config import load_config_file
+from jaxopd.data.tokenizer import load_tokenizer
+from jaxopd.distill import driver, objectives  # noqa: F401  (registers the objectives)
+from jaxopd.distill.teacher import check_tokenizers, make_scorer, save_model
+from jaxopd.model import ModelConfig, Transformer, unembedding
+from jaxopd.sampling import Sampler, left_pad, sequence_layout
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TOKENIZER = ROOT / "data" / "tasks" / "arithmetic" / "tokenizer.json"
+STUDENT = dict(vocab_size=17, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
+TEACHER = dict(vocab_size=17, d_model=24, num_layers=1, num_heads=3, num_kv_heads=1, head_dim=8, mlp_dim=48)
+PAD, EOS = 0, 2
+
+
+def config_for(loss: str, workdir="/tmp/unused", **overrides):
+    fields = {f"model.{name}": value for name, value in STUDENT.items()}
+    fields.update({"loss": loss, "workdir": str(workdir), "init_from.path": "", "progress_bar": False,
+                   "batch_size": 16, "microbatch_size": 16, "distill.eval_prompts_count": 8,
+                   "optimizer.weight_decay": 0.0, **overrides})
+    return load_config_file(ROOT / "configs" / "tiny_distill.py", fields)
+
+
+def init(fields, seed):
+    model = Transformer(ModelConfig(**fields))
+    params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"])
+    return model, params
+
+
+def rollout_batch(model, params, teacher_model, teacher_params, seed=0):
+    """Real rollouts of `model` on arithmetic prompts, scored by the teacher, as a one-microbatch step batch."""
+    tokenizer = load_tokenizer(TOKENIZER)
+    prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in ("12+5=", "7+80=", "300+41=", "9+9=")] * 2
+    padded, lengths = left_pad(prompts, 10, PAD)
+    out = Sampler(model, 10, 5, (EOS,), PAD)(params, padded, lengths, jax.random.key(seed))
+    layout = sequence_layout(jnp.asarray(padded), jnp.asarray(lengths), out)
+    scores = make_scorer(teacher_model, 8, return_hidden=True)(teacher_params, layout)
+    layout.update(teacher_logprobs=scores["logprobs"], teacher_hidden=scores["hidden"],
+                  task_advantages=jnp.zeros_like(layout["loss_mask"]))
+    return layout
+
+
+def one_step(config, model, params, layout):
+    optimizer = optim.make_optimizer(config.optimizer)
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
+             "rng": jax.random.key_data(jax.random.key(0))}
+    batch = jax.tree.map(lambda x: x[None], layout)
+    return jax.jit(train_step.make_train_step(model, optimizer, config))(state, batch)
+
+
+def test_teacher_equal_to_student_gives_zero_advantages_and_zero_gradient():
+    config = config_for("reverse_kl")
+    model, params = init(STUDENT, 0)
+    layout = rollout_batch(model, params, model, params)
+    mask = np.asarray(layout["loss_mask"]) > 0
+    # Scored in a separate full forward, the teacher's log-probs match the sampler's to float32 rounding ...
+    np.testing.assert_allclose(np.asarray(layout["teacher_logprobs"])[mask],
+                               np.asarray(layout["target_sampler_logprobs"])[mask], atol=2e-5)
+    new_state, metrics = one_step(config, model, params, layout)
+    assert abs(float(metrics["advantage_mean"])) < 2e-5 and float(metrics["grad_norm"]) < 1e-4
+    # ... and with the teacher's log-probs identical to the sampler's the advantages, gradient and update are 0.
+    layout["teacher_logprobs"] = layout["target_sampler_logprobs"]
+    new_state, metrics = one_step(config, model, params, layout)
+    assert float(metrics["advantage_mean"]) == 0.0 and float(metrics["reverse_kl"]) == 0.0
+    assert float(metrics["grad_norm"]) == 0.0
+    jax.tree.map(lambda new, old: np.testing.assert_array_equal(np.asarray(new), np.asarray(old)),
+                 new_state["params"], params)
+
+
+def _reference_logprobs(model, params, layout):
+    logits = model.apply({"params": params}, layout["tokens"], segment_ids=layout["segment_ids"],
+                         positions=layout["positions"])
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), layout["targets"][..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize("loss,baseline", [("reverse_kl", False), ("reverse_kl", True), ("grpo", False)])
+def test_policy_gradient_is_the_advantage_weighted_score_function(loss, baseline):
+    config = config_for(loss, **{"distill.kl_coef": 0.5, "distill.reward_weight": 0.25,
+                                 "distill.kl_baseline": baseline})
+    model, params = init(STUDENT, 1)
+    teacher_model, teacher_params = init(TEACHER, 2)
+    layout = rollout_batch(model, params, teacher_model, teacher_params)
+    mask = layout["loss_mask"]
+    rewards = jnp.asarray(np.random.default_rng(0).normal(size=(mask.shape[0], 1)), jnp.float32)
+    layout["task_advantages"] = rewards * mask  # one value per sample, on its completion tokens
+    objective = train_step.OBJECTIVES[loss]
+    totals = objective.totals(jax.tree.map(lambda x: x[None], layout), config)
+    grads = jax.grad(lambda p: objective.loss(model, p, layout, totals, config)[0])(params)
+    if loss == "reverse_kl":  # per-token OPD advantage (minus its token mean) plus the weighted task reward
+        opd = np.asarray(0.5 * (layout["teacher_logprobs"] - layout["target_sampler_logprobs"]) * mask, np.float64)
+        if baseline:
+            opd = opd - opd.sum() / np.asarray(mask).sum()
+        advantages = (jnp.asarray(opd, jnp.float32) + 0.25 * rewards) * mask
+    else:  # sparse reward only
+        advantages = rewards * mask
+
+    def reference(p):  # on-policy the ratio is 1 and its gradient is grad log pi: REINFORCE with per-token A_t
+        return -jnp.sum(advantages * _reference_logprobs(model, p, layout)) / jnp.sum(mask)
+
+    expected = jax.grad(reference)(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), grads, expected)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(expected)) > 1e-4  # a gradient that is not 0
+
+
+@pytest.mark.parametrize("loss", ["full_reverse_kl", "forward_kl", "jsd"])
+def test_full_vocabulary_divergences_match_float64_numpy(loss):
+    config = config_for(loss, **{"distill.jsd_beta": 0.3})
+    model, params = init(STUDENT, 3)
+    teacher_model, teacher_params = init(TEACHER, 4)
+    layout = rollout_batch(model, params, teacher_model, teacher_params)
+    layout["teacher_unembed"] = unembedding(teacher_params, teacher_model.config)
+    objective = train_step.OBJECTIVES[loss]
+    value = objective.loss(model, params, layout, objective.totals(jax.tree.map(lambda x: x[None], layout), config),
+                           config)[0]
+
+    def log_probs(m, p):
+        logits = np.asarray(m.apply({"params": p}, layout["tokens"], segment_ids=layout["segment_ids"],
+                                    positions=layout["positions"]), np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+    log_s, log_t = log_probs(model, params), log_probs(teacher_model, teacher_params)
+    kl = lambda log_p, log_q: (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    if loss == "full_reverse_kl":
+        per_token = kl(log_s, log_t)
+    elif loss == "forward_kl":
+        per_token = kl(log_t, log_s)
+    else:  # GKD eq. 1 with beta = 0.3: beta KL(t || m) + (1 - beta) KL(s || m), m = beta t + (1 - beta) s
+        log_m = np.log(0.3 * np.exp(log_t) + 0.7 * np.exp(log_s))
+        per_token = 0.3 * kl(log_t, log_m) + 0.7 * kl(log_s, log_m)
+    mask = np.asarray(layout["loss_mask"])
+    np.testing.assert_allclose(float(value), (per_token * mask).sum() / mask.sum(), rtol=1e-4)
+
+
+def test_tokenizer_mismatch_is_reported_before_anything_runs():
+    arithmetic = load_tokenizer(TOKENIZER)
+    corpus = load_tokenizer(ROOT / "data" / "tokenizer.model")
+    student = ModelConfig(**STUDENT)
+    check_tokenizers(student, ModelConfig(**TEACHER), arithmetic, arithmetic)  # the same tokenizer passes
+    with pytest.raises(ValueError, match="vocab_size=17 != teacher vocab_size=4096"):
+        check_tokenizers(student, student.replace(vocab_size=4096), arithmetic, corpus)
+    with pytest.raises(ValueError, match="tokenizer has 17 tokens, the teacher's 4096"):
+        check_tokenizers(student, student, arithmetic, corpus)
+
+
+@pytest.mark.slow
+def test_driver_resumes_exactly(tmp_path):
+    teacher_model, teacher_params = init(TEACHER, 5)
+    save_model(tmp_path / "teacher", TEACHER, teacher_params)
+    common = {"distill.teacher": str(tmp_path / "teacher"), "checkpoint_every": 2, "eval_every": 2,
+              "log_every": 1, "async_checkpoints": False}
+    whole = driver.train_distill(config_for("reverse_kl", tmp_path / "whole", steps=4, **common))
+    driver.train_distill(config_for("reverse_kl", tmp_path / "split", steps=2, **common))
+    resumed = driver.train_distill(config_for("reverse_kl", tmp_path / "split", steps=4, **common))
+
+    def lines(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if "per_second" not in k and "seconds" not in k}
+                for row in rows if row["step"] > 2]
+
+    assert lines("whole") and lines("whole") == lines("split")
+    assert whole["eval/accuracy"] == resumed["eval/accuracy"] and whole["loss"] == resumed["loss"]
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "flops/training" in row]
+    total = sum(row["flops/sampling"] + row["flops/teacher_scoring"] + row["flops/training"] for row in steps)
+    assert steps[-1]["flops/total"] == pytest.approx(total) and min(row["flops/teacher_scoring"] for row in steps) > 0
