@@ -70,3 +70,33 @@ def test_saved_config_is_the_resolved_one(config_file, tmp_path):
     config = config_lib.load_config_file(config_file, {"seed": 5})
     saved = json.loads(config_lib.save_config(config, tmp_path / "work").read_text())
     assert saved["seed"] == 5 and saved["model"]["d_model"] == 16
+
+
+@pytest.mark.parametrize("name", ["tiny_pretrain", "llama3_1b_gpu", "deepseek_v3_671b_pretrain"])
+def test_shipped_configs_load_and_validate(name):
+    from jaxopd import train
+    config = config_lib.load_config_file(config_lib.REPO_ROOT / "configs" / f"{name}.py")
+    train.validate(config)
+    config_lib.to_model_config(config.model)
+
+
+def test_deepseek_v3_config_follows_the_paper():
+    from jaxopd import optim, sharding
+    config = config_lib.load_config_file(config_lib.REPO_ROOT / "configs" / "deepseek_v3_671b_pretrain.py")
+    ramp = optim.batch_ramp(config.batch_size, config.seq_len, config.microbatch_size, config.batch_ramp.start,
+                            config.batch_ramp.tokens)
+    schedule = config.optimizer.schedule
+    lr = optim.learning_rate_schedule(schedule)
+    # DeepSeek-V3 §4.2: 3072 -> 15360 sequences over the first 469B tokens, 14.8T tokens of 4K in all.
+    assert ramp.batch_size(0) == 3072 and ramp.batch_size(config.steps - 1) == 15360
+    assert ramp.tokens_before(ramp.step_at_tokens(469e9) - 1) < 469e9 <= ramp.tokens_before(ramp.step_at_tokens(469e9))
+    assert ramp.tokens_before(config.steps) >= 14.8e12 > ramp.tokens_before(config.steps - 1)
+    # LR: 2K warmup steps to 2.2e-4, constant until 10T tokens, cosine to 2.2e-5 at 14.3T, 7.3e-6 for the last 167B.
+    assert float(lr(1000)) == pytest.approx(1.1e-4) and float(lr(2000)) == pytest.approx(2.2e-4)
+    assert ramp.tokens_before(schedule.decay_start) >= 10e12 > ramp.tokens_before(schedule.decay_start - 1)
+    assert float(lr(schedule.decay_start)) == pytest.approx(2.2e-4)
+    assert float(lr(schedule.decay_end)) == pytest.approx(2.2e-5)
+    assert ramp.tokens_before(schedule.final_step) >= 14.3e12 + 333e9 > ramp.tokens_before(schedule.final_step - 1)
+    assert float(lr(config.steps - 1)) == pytest.approx(7.3e-6)
+    assert sharding.mesh_shape(config.mesh, 1024) == (1, 16, 64, 1)
+    assert config.microbatch_size % (16 * 64) == 0
