@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -136,6 +136,19 @@ def mesh_context(mesh: Mesh) -> Iterator[None]:
     `nn.with_logical_constraint` annotations and shard_map over the mesh axes)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         yield
+
+
+def within_mesh(mesh: Mesh, jitted: Callable[..., Any]) -> Callable[..., Any]:
+    """`jitted`, traced and run inside `mesh_context(mesh)` (what the model's sharding annotations need)."""
+    def call(*args):
+        with mesh_context(mesh):
+            return jitted(*args)
+    return call
+
+
+def abstract_arrays(tree: Any, shardings: Any) -> Any:
+    """`tree`'s arrays as ShapeDtypeStructs carrying `shardings` (a restore target: orbax reads into those shards)."""
+    return jax.tree.map(lambda x, named: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=named), tree, shardings)
 
 
 def initialize_distributed(distributed: ml_collections.ConfigDict) -> None:

@@ -91,18 +91,14 @@ def unigram_entropy(config: ml_collections.ConfigDict, num_batches: int) -> floa
     return metrics_lib.unigram_entropy(counts)
 
 
-def _abstract_with_shardings(state: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-
-
-def _init_params(config: ml_collections.ConfigDict, run: "Run") -> None:
+def load_initial_params(config: ml_collections.ConfigDict, run: "Run") -> None:
     """Replaces freshly initialized params with params from config.init_from: a jaxopd run's checkpoint, or a Hugging
     Face checkpoint (read straight into its shards; params it lacks, e.g. MTP modules transformers drops, keep their
     initialization and are listed)."""
     source = config.init_from
     if not source.path:
         return
-    abstract = _abstract_with_shardings(run.state["params"], run.shardings["params"])
+    abstract = sharding.abstract_arrays(run.state["params"], run.shardings["params"])
     if source.kind == "checkpoint":
         run.state["params"] = checkpoint.load_params(source.path, abstract)
         return
@@ -154,15 +150,8 @@ def build(config: ml_collections.ConfigDict, devices: Optional[list[jax.Device]]
     step_fn = jax.jit(train_step.make_train_step(model, optimizer, config, shardings["params"]), donate_argnums=0,
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
     eval_fn = jax.jit(train_step.make_eval_step(model, config), in_shardings=(shardings["params"], batch_sharding))
-    return Run(mesh, model, state, shardings, _within(mesh, step_fn), _within(mesh, eval_fn))
-
-
-def _within(mesh: jax.sharding.Mesh, jitted: Any) -> Any:
-    """`jitted`, traced and run inside the mesh context the model's sharding annotations need."""
-    def call(*args):
-        with sharding.mesh_context(mesh):
-            return jitted(*args)
-    return call
+    return Run(mesh, model, state, shardings, sharding.within_mesh(mesh, step_fn),
+               sharding.within_mesh(mesh, eval_fn))
 
 
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -185,12 +174,12 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     data = StepBatches(config)
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", every=config.checkpoint_every,
                                            keep=config.keep_checkpoints, async_save=config.async_checkpoints)
-    restored = checkpointer.restore_latest(_abstract_with_shardings(state, shardings))
+    restored = checkpointer.restore_latest(sharding.abstract_arrays(state, shardings))
     if restored is not None:
         state, data_state = restored
         data.set_state(data_state)
     else:
-        _init_params(config, run)
+        load_initial_params(config, run)
         state = run.state
     start = int(state["step"])
     step_fn, eval_fn = run.step_fn, run.eval_fn

@@ -93,7 +93,7 @@ def build(config: ml_collections.ConfigDict) -> Distiller:
     step_fn = jax.jit(train_step.make_train_step(run.model, optim.make_optimizer(config.optimizer), config),
                       donate_argnums=0, in_shardings=(run.shardings, batch_shardings),
                       out_shardings=(run.shardings, None))
-    run = dataclasses.replace(run, step_fn=train._within(run.mesh, step_fn))
+    run = dataclasses.replace(run, step_fn=sharding.within_mesh(run.mesh, step_fn))
     samplers = [Sampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id)
                 for model in (run.model, teacher_model)]
 
@@ -179,13 +179,13 @@ def train_distill(config: ml_collections.ConfigDict) -> dict[str, Any]:
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", every=config.checkpoint_every,
                                            keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     state, flops_total = run.state, 0.0
-    restored = checkpointer.restore_latest(train._abstract_with_shardings(run.state, run.shardings))
+    restored = checkpointer.restore_latest(sharding.abstract_arrays(run.state, run.shardings))
     if restored is not None:
         state, loop_state = restored
         prompts.set_state(loop_state["prompts"])
         flops_total = loop_state["flops_total"]
     else:
-        train._init_params(config, run)
+        train.load_initial_params(config, run)
         state = run.state
     start = int(state["step"])
     writer = metrics_lib.MetricsWriter(workdir)
