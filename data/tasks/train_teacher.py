@@ -85,7 +85,7 @@ def write_teacher_samples(teacher: pathlib.Path, corpus: pathlib.Path, batch: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/jaxopd_arithmetic")
-    parser.add_argument("--teacher-steps", type=int, default=1000)
+    parser.add_argument("--teacher-steps", type=int, default=2000)
     parser.add_argument("--student-steps", type=int, default=250)
     args = parser.parse_args()
     workdir = pathlib.Path(args.workdir)
