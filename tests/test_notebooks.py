@@ -54,7 +54,6 @@ def execute(path: pathlib.Path) -> dict:
 
 def run_notebook(name: str, tmp_path: pathlib.Path) -> tuple[list[dict], dict]:
     """Executes notebooks/<name> in a subprocess from the notebooks folder; returns (metrics.jsonl lines, result)."""
-    pytest.importorskip("matplotlib", reason="the notebooks plot with matplotlib (not a jaxopd dependency)")
     notebook = json.loads((NOTEBOOKS / name).read_text())
     assert notebook["nbformat"] == 4 and isinstance(notebook["metadata"], dict)
     for cell in notebook["cells"]:
