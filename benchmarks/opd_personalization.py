@@ -1,9 +1,10 @@
 """The seed's "personalization" experiment in small: learn something new, lose an old skill, get it back by OPD
 with the model's own earlier checkpoint as the teacher.
 
-    PYTHONPATH=. python benchmarks/opd_personalization.py [--start DIR] [--finetune-steps 150] [--opd-steps 60]
+    PYTHONPATH=. python benchmarks/opd_personalization.py [--start DIR] [--finetune-steps 150] [--opd-steps 150]
 
-  A  the starting student (default: the OPD student of benchmarks/opd_vs_baselines.py, seed 0), good at addition;
+  A  the starting student, good at addition (default: the SFT-on-teacher-samples run of
+     benchmarks/opd_vs_baselines.py, seed 0, its best student);
   B  A fine-tuned by next-token CE on new documents, worked subtraction problems ("835-62=773"): subtraction is
      learned, addition suffers;
   C  B trained by OPD on addition prompts only, teacher = A (same tokenizer, its own earlier self).
@@ -48,10 +49,10 @@ def accuracy(path: pathlib.Path, prompts: list[str]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--start", default="/tmp/jaxopd_opd_vs_baselines/reverse_kl_seed0")
+    parser.add_argument("--start", default="/tmp/jaxopd_opd_vs_baselines/teacher_sft_seed0")
     parser.add_argument("--workdir", default="/tmp/jaxopd_personalization")
     parser.add_argument("--finetune-steps", type=int, default=150)
-    parser.add_argument("--opd-steps", type=int, default=60)
+    parser.add_argument("--opd-steps", type=int, default=150)
     args = parser.parse_args()
     workdir, start = pathlib.Path(args.workdir), pathlib.Path(args.start)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,7 @@ def main() -> None:
     finetuned = workdir / "finetuned"
     config = load_config_file(ROOT / "configs" / "tiny_distill.py", {
         "loss": "ce", "workdir": str(finetuned), "steps": args.finetune_steps, "seq_len": 48, "loss_chunk_size": 48,
+        "batch_size": 64, "microbatch_size": 64,  # packed rows of ~5 documents each
         "eval_every": 0, "checkpoint_every": args.finetune_steps, "progress_bar": False,
         "init_from.path": str(start / "checkpoints"), "data.paths": str(corpus), "data.eval_fraction": 0.0,
         "optimizer.schedule.decay_end": args.finetune_steps, "optimizer.schedule.peak_lr": 3e-3})
