@@ -127,7 +127,7 @@ class Sampler:
         cache = init_cache(self.model.config, batch, prompt_len + self.max_new_tokens, self.cache_dtype)
         positions, segment_ids = prompt_layout(prompt_lengths, prompt_len)
         logits, cache = self.model.apply(variables, prompts, positions=positions, segment_ids=segment_ids,
-                                         cache=cache, cache_index=jnp.int32(0), method="decode")
+                                         cache=cache, cache_index=jnp.int32(0), last_only=True, method="decode")
         stop_tokens = jnp.asarray(self.stop_tokens, jnp.int32)
 
         def choose(step_logits, key):

@@ -161,6 +161,7 @@ class Transformer(nn.Module):
         positions: Optional[jnp.ndarray] = None,
         cache: Optional[dict] = None,
         cache_index: jnp.ndarray | int = 0,
+        last_only: bool = False,
     ) -> tuple[jnp.ndarray, dict]:
         """Run `tokens [b, t]` (a prompt chunk, or t = 1 new token) written at cache slots
         [cache_index, cache_index + t) against everything cached so far.
@@ -169,6 +170,8 @@ class Transformer(nn.Module):
         positions `[b, t]`: RoPE positions; default the slot indices cache_index + arange(t), right for rows that
         start at slot 0. For left-padded prompts pass them, restarting at 0 on each row's first real token.
         Returns (logits `[b, t, vocab]` float32, the updated cache). The MTP modules are not run.
+        last_only: logits of the last column only, `[b, 1, vocab]`: all a sampler needs after a prefill, and the
+        prompt's float32 `[b, t, vocab]` (tens of GB for a 150K vocabulary and long prompts) never exists.
         """
         c = self.config
         if cache is None:
@@ -182,6 +185,8 @@ class Transformer(nn.Module):
         for layer, layer_cache in zip(self.layers, cache["layers"]):
             x, _, layer_cache = layer(x, positions, segment_ids, layer_cache, cache_index, cache_segment_ids)
             layer_caches.append(layer_cache)
+        if last_only:
+            x = x[:, -1:]
         logits = self.logits(self.final_norm(x))
         return logits, {"segment_ids": cache_segment_ids, "layers": tuple(layer_caches)}
 

@@ -16,10 +16,10 @@ def _forward(config, params, tokens, segment_ids, positions):
     return Transformer(config).apply({"params": params}, tokens, segment_ids, positions)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _decode(config, params, tokens, positions, segment_ids, cache, cache_index):
+@functools.partial(jax.jit, static_argnames=("config", "last_only"))
+def _decode(config, params, tokens, positions, segment_ids, cache, cache_index, last_only=False):
     return Transformer(config).apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids,
-                                     cache=cache, cache_index=cache_index, method="decode")
+                                     cache=cache, cache_index=cache_index, last_only=last_only, method="decode")
 
 
 @pytest.mark.parametrize("name", ["mla_moe", "gqa"])
@@ -47,6 +47,20 @@ def test_prefill_then_steps_equal_full_forward_with_left_padding(name):
                                    err_msg=f"slots [{begin}, {end})")
     np.testing.assert_array_equal(cache["segment_ids"][:, :total], segment_ids)
     assert not np.asarray(cache["segment_ids"][:, total:]).any()
+
+
+def test_last_only_prefill_gives_the_last_column_and_the_same_cache():
+    config = CONFIGS["mla_moe"]
+    params = init_params(config)
+    tokens = random_tokens(config, (2, 5))
+    full = _forward(config, params, tokens, None, None)
+    logits, cache = _decode(config, params, tokens, None, None, init_cache(config, 2, 8, "float32"), jnp.int32(0),
+                            last_only=True)
+    assert logits.shape == (2, 1, config.vocab_size)
+    np.testing.assert_allclose(logits[:, 0], full[:, -1], atol=5e-5)
+    _, all_columns_cache = _decode(config, params, tokens, None, None, init_cache(config, 2, 8, "float32"),
+                                   jnp.int32(0))
+    jax.tree.map(np.testing.assert_array_equal, cache, all_columns_cache)
 
 
 def test_decode_positions_default_to_cache_slots():
