@@ -23,8 +23,6 @@ from jaxopd import sharding, train, train_step
 from jaxopd.config import load_config_file
 from jaxopd.distill import driver
 from jaxopd.distill import rollouts as rollouts_lib
-from jaxopd.kernels import losses
-from jaxopd.model import unembedding
 
 import opd_vs_baselines  # noqa: E402  (same directory: RESULTS.md section writer)
 
@@ -50,20 +48,15 @@ def main() -> None:
     d = driver.build(config)
     train.load_initial_params(config, d.run)
     params = d.run.state["params"]
-    student, teacher = d.run.model, d.teacher_model
+    student = d.run.model
     group_size = config.distill.group_size
     prompts = rollouts_lib.read_prompts(config.distill.prompts, config.distill.prompt_field,
                                         args.rollouts // group_size)
 
     def exact_kl(p, layout):
-        """Mean exact per-token KL(student || teacher) over the completion positions."""
-        hidden = [model.apply({"params": q}, layout["tokens"], segment_ids=layout["segment_ids"],
-                              positions=layout["positions"], method="features").hidden
-                  for model, q in ((student, p), (teacher, d.teacher_params))]
-        per_token = losses.chunked_divergence(hidden[0], unembedding(p, student.config), hidden[1],
-                                              unembedding(d.teacher_params, teacher.config),
-                                              chunk_size=config.loss_chunk_size)
-        return jnp.sum(per_token * layout["loss_mask"]) / jnp.sum(layout["loss_mask"])
+        """Mean exact per-token KL(student || teacher) over the completion positions (the driver's eval measure)."""
+        kl_sum, count = d.eval_kl(p, d.teacher_params, layout)
+        return kl_sum / count
 
     def sampled_loss(p, batch, baseline):
         variant = config.copy_and_resolve_references()

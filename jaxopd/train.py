@@ -98,16 +98,16 @@ def load_initial_params(config: ml_collections.ConfigDict, run: "Run") -> None:
     source = config.init_from
     if not source.path:
         return
-    path = resolve_path(source.path)  # the bundled checkpoints are found from any working directory
+    source_path = resolve_path(source.path)  # the bundled checkpoints are found from any working directory
     abstract = sharding.abstract_arrays(run.state["params"], run.shardings["params"])
     if source.kind == "checkpoint":
-        run.state["params"] = checkpoint.load_params(path, abstract)
+        run.state["params"] = checkpoint.load_params(source_path, abstract)
         return
     if source.kind != "hf":
         raise ValueError(f"init_from.kind={source.kind!r}: use 'checkpoint' or 'hf'")
     from jaxopd import load_hf  # the optional Hugging Face import path, only needed here
 
-    _, loaded = load_hf(path, dtype=config.model.param_dtype, mesh=run.mesh, rules=sharding.LOGICAL_AXIS_RULES)
+    _, loaded = load_hf(source_path, dtype=config.model.param_dtype, mesh=run.mesh, rules=sharding.LOGICAL_AXIS_RULES)
     loaded = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
     current = jax.tree_util.tree_flatten_with_path(run.state["params"])
     unknown = set(loaded) - {path for path, _ in current[0]}
