@@ -1,17 +1,19 @@
 """The seed's "personalization" experiment in small: learn something new, lose an old skill, get it back by OPD
 with the model's own earlier checkpoint as the teacher.
 
-    PYTHONPATH=. python benchmarks/opd_personalization.py [--start DIR] [--finetune-steps 150] [--opd-steps 150] \
-        [--opd-lrs 1.5e-4,5e-4] [--mix-old 0.3]
+    PYTHONPATH=. python benchmarks/opd_personalization.py [--new facts|subtraction] [--finetune-steps 400] \
+        [--opd-steps 150] [--opd-lrs 1.5e-4,5e-4] [--mix-old 0.3]
 
-  A  the starting student, good at addition (default: the SFT-on-teacher-samples run of
-     benchmarks/opd_vs_baselines.py, seed 0, its best student);
-  B  A fine-tuned by next-token CE on new documents, worked subtraction problems ("835-62=773"), optionally mixed
-     with some addition documents (`--mix-old`, as the seed mixes chat data into mid-training): subtraction is
-     learned, addition suffers;
+  A  the starting student, good at addition: the bundled student continued by SFT on teacher samples (the best SFT
+     run of benchmarks/opd_vs_baselines.py: 300 steps, peak LR 1.5e-3), built here unless --start names one;
+  B  A fine-tuned by next-token CE on new documents, optionally mixed with some addition documents (`--mix-old`, as
+     the seed mixes chat data into mid-training). `--new facts` (the seed's "internal documents"): a table of
+     arbitrary key -> value facts written " 482=917", knowledge that cannot be computed, recalled from the prompt
+     " 482="; `--new subtraction`: worked subtraction problems "835-62=773", a second skill in the old task's format.
+     Addition suffers;
   C  B trained by OPD on addition prompts only, teacher = A (same tokenizer, its own earlier self).
-Greedy accuracy of A, B and C on held-out addition and subtraction prompts goes to benchmarks/RESULTS.md
-(section "OPD personalization").
+Greedy accuracy of A, B and C on held-out addition prompts and on the new material (fact recall; held-out
+subtraction problems) goes to benchmarks/RESULTS.md (sections "OPD personalization, ...").
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+from typing import Callable
 
 import jax
+import numpy as np
 
 from jaxopd import train
 from jaxopd.config import load_config_file
@@ -36,58 +40,99 @@ import opd_vs_baselines  # noqa: E402  (same directory: RESULTS.md section write
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARITHMETIC = ROOT / "data" / "tasks" / "arithmetic"
 SECTION = "## OPD personalization"
+DISTILL_CONFIG = ROOT / "configs" / "tiny_distill.py"
 
 
-def accuracy(path: pathlib.Path, prompts: list[str]) -> float:
-    """Greedy accuracy of the checkpoint at `path` on `prompts` (arithmetic checker)."""
+def accuracy(path: pathlib.Path, prompts: list[str], checker: Callable[[str, str], bool]) -> float:
+    """Greedy accuracy of the checkpoint at `path` on `prompts`, each completion judged by `checker`."""
     model, params = load_model(path)
     tokenizer = load_tokenizer(ARITHMETIC / "tokenizer.json")
-    distill = load_config_file(ROOT / "configs" / "tiny_distill.py").distill
+    distill = load_config_file(DISTILL_CONFIG).distill
     sampler = Sampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id)
     result = rollouts_lib.rollout(sampler, params, tokenizer, prompts, jax.random.key(0), group_size=1,
-                                  add_bos=True, checker=arithmetic.check, greedy=True)
+                                  add_bos=True, checker=checker, greedy=True)
     return float(result.rewards.mean())
+
+
+def make_facts(count: int, seed: int = 11) -> dict[str, str]:
+    """`count` arbitrary facts: prompt " {key}=" (distinct 3-digit keys; the leading space marks a lookup) ->
+    a random value of 1 to 3 digits."""
+    rng = np.random.default_rng(seed)
+    keys = rng.choice(np.arange(100, 1000), size=count, replace=False)
+    return {f" {key}=": str(int(rng.integers(0, 1000))) for key in keys}
+
+
+def new_material(kind: str, num_facts: int) -> tuple[list[dict[str, str]], list[str], Callable[[str, str], bool]]:
+    """The new documents (prompt + answer), the prompts that test them, and their checker."""
+    if kind == "facts":
+        facts = make_facts(num_facts)
+        documents = [{"prompt": prompt, "answer": value} for prompt, value in facts.items()]
+        return documents, list(facts), lambda prompt, completion: (
+            completion.split(arithmetic.EOS, 1)[0].replace(arithmetic.PAD, "") == facts[prompt])
+    documents = list(arithmetic.read_jsonl(ARITHMETIC / "subtraction.jsonl"))
+    seen = {p["prompt"] for p in documents}
+    held_out = [p["prompt"] for p in arithmetic.make_problems(3000, max_digits=2, ops="-", seed=7)
+                if p["prompt"] not in seen][:256]
+    return documents, held_out, arithmetic.check
+
+
+def build_start(workdir: pathlib.Path) -> pathlib.Path:
+    """A: the bundled student after 300 more steps of SFT on teacher samples at peak LR 1.5e-3."""
+    start = workdir / "start_teacher_sft_lr0.0015"
+    if not (start / "checkpoints").exists():
+        train_distill(load_config_file(DISTILL_CONFIG, {
+            "loss": "teacher_sft", "workdir": str(start), "steps": 300, "eval_every": 300, "checkpoint_every": 300,
+            "progress_bar": False, "optimizer.schedule.decay_end": 300, "optimizer.schedule.peak_lr": 1.5e-3,
+            "optimizer.schedule.end_lr": 1.5e-4}))
+    return start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--start", default="/tmp/jaxopd_opd_vs_baselines/teacher_sft_lr0.0005_seed0")
+    parser.add_argument("--new", choices=("facts", "subtraction"), default="facts", help="what B learns")
+    parser.add_argument("--facts", type=int, default=200, help="--new facts: how many")
+    parser.add_argument("--start", default="", help="A's checkpoint directory (default: built in --workdir)")
     parser.add_argument("--workdir", default="/tmp/jaxopd_personalization")
-    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--finetune-steps", type=int, default=400)
+    parser.add_argument("--finetune-lr", type=float, default=3e-3)
     parser.add_argument("--opd-steps", type=int, default=150)
     parser.add_argument("--mix-old", type=float, default=0.0,
                         help="old-task (addition) documents mixed into B's corpus, as a fraction of the new ones")
     parser.add_argument("--opd-lrs", default="5e-4", help="peak learning rates of C, one run each (a tenth at the end)")
     args = parser.parse_args()
-    workdir, start = pathlib.Path(args.workdir), pathlib.Path(args.start)
+    workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    train_problems = list(arithmetic.read_jsonl(ARITHMETIC / "subtraction.jsonl"))
-    seen = {p["prompt"] for p in train_problems}
-    held_out_subtraction = [p["prompt"] for p in arithmetic.make_problems(3000, max_digits=2, ops="-", seed=7)
-                            if p["prompt"] not in seen][:256]
+    start = pathlib.Path(args.start) if args.start else build_start(workdir)
+    documents, new_prompts, new_checker = new_material(args.new, args.facts)
     held_out_addition = rollouts_lib.read_prompts(str(ARITHMETIC / "eval.jsonl"), "prompt", 256)
-    # The new documents, optionally mixed with some old-task documents (the seed mixes chat data into mid-training).
-    old_task = list(arithmetic.read_jsonl(ARITHMETIC / "train.jsonl"))[:int(args.mix_old * len(train_problems))]
-    corpus = workdir / f"docs_mix{args.mix_old:g}.jsonl"
+    name = f"{args.new}{args.facts if args.new == 'facts' else ''}_mix{args.mix_old:g}"
+    # The new documents, optionally mixed with some old-task documents (the seed mixes chat data into mid-training);
+    # few facts are repeated to the corpus size of the subtraction run, so both see as many tokens per epoch.
+    old_task = list(arithmetic.read_jsonl(ARITHMETIC / "train.jsonl"))
+    copies = max(1, 5000 // len(documents))
+    new_docs = documents * copies
+    corpus = workdir / f"docs_{name}.jsonl"
     corpus.write_text("".join(json.dumps({"text": p["prompt"] + p["answer"]}) + "\n"
-                              for p in train_problems + old_task))
+                              for p in new_docs + old_task[:int(args.mix_old * len(new_docs))]))
 
-    finetuned = workdir / f"finetuned_{args.finetune_steps}_mix{args.mix_old:g}"
-    config = load_config_file(ROOT / "configs" / "tiny_distill.py", {
+    finetuned = workdir / f"finetuned_{name}_{args.finetune_steps}_lr{args.finetune_lr:g}"
+    config = load_config_file(DISTILL_CONFIG, {
         "loss": "ce", "workdir": str(finetuned), "steps": args.finetune_steps, "seq_len": 48, "loss_chunk_size": 48,
         "batch_size": 64, "microbatch_size": 64,  # packed rows of ~5 documents each
         "eval_every": 0, "checkpoint_every": args.finetune_steps, "progress_bar": False,
         "init_from.path": str(start / "checkpoints"), "data.paths": str(corpus), "data.eval_fraction": 0.0,
-        "optimizer.schedule.decay_end": args.finetune_steps, "optimizer.schedule.peak_lr": 3e-3})
+        "optimizer.schedule.decay_end": args.finetune_steps, "optimizer.schedule.peak_lr": args.finetune_lr})
     if not (finetuned / "checkpoints").exists():
         train.train(config)
 
+    new_label = {"facts": f"{args.facts} facts", "subtraction": "subtraction docs"}[args.new]
     mixed = f" + {args.mix_old:g}x as many addition docs" if args.mix_old else ""
-    models = [("A: start", start), (f"B: A + CE on subtraction docs{mixed} ({args.finetune_steps} steps)", finetuned)]
+    models = [("A: start", start),
+              (f"B: A + CE on {new_label}{mixed} ({args.finetune_steps} steps, LR {args.finetune_lr:g})", finetuned)]
     kl_lines = []
     for lr in [float(lr) for lr in args.opd_lrs.split(",")]:
         recovered = workdir / f"{finetuned.name}_opd{args.opd_steps}_lr{lr:g}"
-        config = load_config_file(ROOT / "configs" / "tiny_distill.py", {
+        config = load_config_file(DISTILL_CONFIG, {
             "workdir": str(recovered), "steps": args.opd_steps, "eval_every": args.opd_steps,
             "checkpoint_every": args.opd_steps, "progress_bar": False,
             "init_from.path": str(finetuned / "checkpoints"), "distill.teacher": str(start),
@@ -102,13 +147,17 @@ def main() -> None:
         kl_lines.append(f"- peak LR {lr:g}: per-token reverse KL to A on held-out addition prompts "
                         f"{evals[0]['eval/reverse_kl']:.3f} -> {evals[-1]['eval/reverse_kl']:.3f} nats/token")
 
-    rows = [(label, accuracy(path, held_out_addition), accuracy(path, held_out_subtraction)) for label, path in models]
-    lines = [SECTION + (", old-task documents mixed into B" if args.mix_old else ""), "",
-             f"`PYTHONPATH=. python benchmarks/opd_personalization.py --finetune-steps {args.finetune_steps} "
-             f"--opd-steps {args.opd_steps} --opd-lrs {args.opd_lrs} --mix-old {args.mix_old:g}`: greedy accuracy on 256 held-out prompts of "
-             "each kind.", "",
-             "| model | addition (old skill) | subtraction (new knowledge) |", "|---|---|---|"]
-    lines += [f"| {label} | {add:.3f} | {sub:.3f} |" for label, add, sub in rows]
+    rows = [(label, accuracy(path, held_out_addition, arithmetic.check), accuracy(path, new_prompts, new_checker))
+            for label, path in models]
+    new_column = {"facts": f"fact recall ({len(new_prompts)} facts, new knowledge)",
+                  "subtraction": "held-out subtraction (new skill)"}[args.new]
+    heading = SECTION + {"facts": ", new facts", "subtraction": ", new skill (subtraction)"}[args.new]
+    lines = [heading + (", old-task documents mixed into B" if args.mix_old else ""), "",
+             f"`PYTHONPATH=. python benchmarks/opd_personalization.py --new {args.new} "
+             f"--finetune-steps {args.finetune_steps} --finetune-lr {args.finetune_lr:g} --opd-steps {args.opd_steps} "
+             f"--opd-lrs {args.opd_lrs} --mix-old {args.mix_old:g}`: greedy accuracy.", "",
+             f"| model | held-out addition (old skill, 256) | {new_column} |", "|---|---|---|"]
+    lines += [f"| {label} | {old:.3f} | {new:.3f} |" for label, old, new in rows]
     lines += ["", "During C:", *kl_lines]
     section = "\n".join(lines) + "\n"
     opd_vs_baselines.write_section(ROOT / "benchmarks" / "RESULTS.md", section)
