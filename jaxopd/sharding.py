@@ -171,3 +171,37 @@ def global_batch(batch: dict[str, np.ndarray], mesh: Mesh, leading_axes: int = 0
     axis, in process order)."""
     sharding = batch_sharding(mesh, leading_axes)
     return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in batch.items()}
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a global array whose first axis was assembled from the processes' rows in process
+    order (`global_batch`): its contiguous block of `rows / process_count` rows, read from the shards this process
+    holds (never a gather of the whole array), whatever the array's sharding."""
+    rows = array.shape[0] // jax.process_count()
+    start = jax.process_index() * rows
+    if array.is_fully_addressable:
+        return np.asarray(array)[start:start + rows]
+    local = np.empty((rows, *array.shape[1:]), array.dtype)
+    filled = np.zeros(local.shape, bool)
+    for shard in array.addressable_shards:
+        first, last, _ = shard.index[0].indices(array.shape[0])
+        low, high = max(first, start), min(last, start + rows)
+        if low < high:
+            target = (slice(low - start, high - start), *shard.index[1:])
+            local[target] = np.asarray(shard.data)[low - first:high - first]
+            filled[target] = True
+    if not filled.all():
+        raise ValueError(f"rows {start}:{start + rows} of an array sharded as {array.sharding} are not all held by "
+                         f"process {jax.process_index()}: shard its first axis over the mesh's batch axes")
+    return local
+
+
+def process_sum(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over the processes (float64, the same on every process); the values themselves on one."""
+    if jax.process_count() == 1:
+        return dict(values)
+    from jax.experimental import multihost_utils
+    # Gathered as the float64's two uint32 words: jax without x64 would round float64 to float32 on the way.
+    words = np.asarray(list(values.values()), np.float64).view(np.uint32)
+    gathered = np.asarray(multihost_utils.process_allgather(words), np.uint32).view(np.float64)
+    return dict(zip(values, gathered.sum(0).tolist()))

@@ -155,6 +155,13 @@ def test_tokenizer_mismatch_is_reported_before_anything_runs():
         check_tokenizers(student, student, arithmetic, corpus)
 
 
+def test_prompts_must_split_evenly_over_processes(monkeypatch):
+    driver.validate(config_for("reverse_kl"))  # 16 rollouts / group_size 4 = 4 prompts a step, 8 eval prompts
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    with pytest.raises(ValueError, match="4 prompts per step and distill.eval_prompts_count=8 must both be multiples"):
+        driver.validate(config_for("reverse_kl"))
+
+
 @pytest.mark.slow
 def test_driver_resumes_exactly(tmp_path):
     teacher_model, teacher_params = init(TEACHER, 5)

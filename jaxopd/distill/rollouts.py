@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import grain
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
+from jaxopd import sharding
 from jaxopd.data.pipeline import resolve_path
 from jaxopd.data.sources import JsonlSource, expand_paths
 from jaxopd.flops import decode_flops_per_token, flops_per_token
@@ -27,21 +29,32 @@ _forward_flops = functools.lru_cache(maxsize=None)(flops_per_token)
 
 class PromptStream:
     """Prompt texts from JSON Lines files (`field` of each line), shuffled with `seed`, reshuffled every epoch and
-    repeated forever, through grain; `get_state()`/`set_state()` resume exactly."""
+    repeated forever, through grain; `get_state()`/`set_state()` resume exactly.
 
-    def __init__(self, paths: str, field: str, seed: int):
+    On several processes every process holds the same global stream and `next(count)` returns its share: the
+    `process_index`-th of `process_count` contiguous parts of the next `count` prompts. So the prompts of a step are
+    the same whatever the number of processes, and the state (the global position) is too."""
+
+    def __init__(self, paths: str, field: str, seed: int, process_index: int = 0, process_count: int = 1):
         source = JsonlSource(expand_paths([resolve_path(p) for p in paths.split(",") if p]), text_field=field)
-        dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-        self._iterator = iter(dataset.to_iter_dataset())
+        self._dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+        self._process_index, self._process_count = process_index, process_count
+        self._next_index = 0  # global position of the next prompt (what grain's iterator state calls next_index)
 
     def next(self, count: int) -> list[str]:
-        return [next(self._iterator).decode("utf-8") for _ in range(count)]
+        """This process's part of the next `count` prompts (count must divide by the process count)."""
+        if count % self._process_count:
+            raise ValueError(f"{count} prompts do not split evenly over {self._process_count} processes")
+        share = count // self._process_count
+        start = self._next_index + self._process_index * share
+        self._next_index += count
+        return [self._dataset[index].decode("utf-8") for index in range(start, start + share)]
 
     def get_state(self) -> Any:
-        return self._iterator.get_state()
+        return {"next_index": self._next_index}
 
     def set_state(self, state: Any) -> None:
-        self._iterator.set_state(state)
+        self._next_index = int(state["next_index"])
 
 
 def read_prompts(paths: str, field: str, count: int) -> list[str]:
@@ -54,8 +67,9 @@ def read_prompts(paths: str, field: str, count: int) -> list[str]:
 
 @dataclasses.dataclass
 class Rollouts:
-    """Sampled completions laid out as training rows (`layout`: sequence_layout's dict of `[rows, seq]` arrays),
-    their decoded texts, the task rewards `[rows]`, and the prompt/completion lengths used for FLOP counts."""
+    """Sampled completions laid out as training rows (`layout`: sequence_layout's dict of `[rows, seq]` arrays, global
+    with a mesh), their decoded texts, the task rewards `[rows]`, and the prompt/completion lengths used for FLOP
+    counts (these four of this process's rows only)."""
 
     layout: dict[str, jax.Array]
     completions: list[str]
@@ -70,17 +84,27 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], add_bos: bool) -> lis
 
 
 def rollout(sampler: Sampler, params: Any, tokenizer: Any, prompts: Sequence[str], rng: jax.Array, *,
-            group_size: int, add_bos: bool, checker: Callable[[str, str], bool], **sampling: Any) -> Rollouts:
-    """Samples `group_size` completions per prompt and checks each with `checker(prompt, completion_text)`."""
+            group_size: int, add_bos: bool, checker: Callable[[str, str], bool], mesh: Optional[Mesh] = None,
+            **sampling: Any) -> Rollouts:
+    """Samples `group_size` completions per prompt and checks each with `checker(prompt, completion_text)`.
+
+    With a `mesh`, `prompts` are this process's share and its rows are assembled with the other processes' (in
+    process order) into global arrays split over the mesh's batch axes: the sampler runs on the global batch,
+    `layout` holds global arrays, and the texts, rewards and lengths are this process's rows, read from its own
+    shards."""
     repeated = [prompt for prompt in prompts for _ in range(group_size)]
     padded, lengths = left_pad(encode_prompts(tokenizer, repeated, add_bos), sampler.max_prompt_len,
                                sampler.pad_id)
-    output: SampleOutput = sampler(params, padded, lengths, rng, **sampling)
-    tokens, completion_lengths = jax.device_get((output.tokens, output.lengths))
+    inputs = {"prompts": padded, "lengths": lengths}
+    if mesh is not None:
+        inputs = sharding.global_batch(inputs, mesh)
+    output: SampleOutput = sampler(params, inputs["prompts"], inputs["lengths"], rng, **sampling)
+    read = sharding.local_rows if mesh is not None else np.asarray
+    tokens, completion_lengths = read(output.tokens), read(output.lengths)
     completions = [tokenizer.decode(row[:length]) for row, length in zip(tokens, completion_lengths)]
     rewards = np.asarray([float(checker(p, c)) for p, c in zip(repeated, completions)], np.float32)
-    return Rollouts(sequence_layout(padded, lengths, output), completions, rewards, lengths,
-                    np.asarray(completion_lengths))
+    return Rollouts(sequence_layout(inputs["prompts"], inputs["lengths"], output), completions, rewards, lengths,
+                    completion_lengths)
 
 
 def sampling_flops(config: ModelConfig, prompt_lengths: np.ndarray, completion_lengths: np.ndarray) -> float:

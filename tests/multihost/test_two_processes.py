@@ -2,11 +2,7 @@
 collectives) train the same steps as one process with 8 devices, given the same data sharding (data_shards=2)."""
 
 import json
-import os
 import pathlib
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,14 +10,7 @@ import pytest
 from jaxopd import config as config_lib, train
 
 CONFIG = pathlib.Path(__file__).parents[1] / "tiny_train_config.py"
-REPO = pathlib.Path(__file__).resolve().parents[2]
 OVERRIDES = {"steps": 3, "checkpoint_every": 3, "data_shards": 2, "eval_every": 0, "unigram_entropy_batches": 0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(workdir):
@@ -30,21 +19,8 @@ def _losses(workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-    address = f"127.0.0.1:{_free_port()}"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "jaxopd.train", f"--config={CONFIG}", f"--config.workdir={tmp_path / 'multi'}",
-             *[f"--config.{key}={value}" for key, value in OVERRIDES.items()],
-             f"--config.distributed.coordinator_address={address}", "--config.distributed.num_processes=2",
-             f"--config.distributed.process_id={process_id}"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for process_id in range(2)]
-    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
-    for worker, output in zip(workers, outputs):
-        assert worker.returncode == 0, output[-3000:]
-
+def test_two_processes_match_one_process(tmp_path, run_processes):
+    run_processes(CONFIG, tmp_path / "multi", OVERRIDES)
     train.train(config_lib.load_config_file(CONFIG, {"workdir": str(tmp_path / "single"), **OVERRIDES}))
     np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=2e-5)
     # Each process saved its own data-iterator state in the shared checkpoint.
