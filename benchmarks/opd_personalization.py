@@ -152,7 +152,7 @@ def main() -> None:
     new_column = {"facts": f"fact recall ({len(new_prompts)} facts, new knowledge)",
                   "subtraction": "held-out subtraction (new skill)"}[args.new]
     heading = SECTION + {"facts": ", new facts", "subtraction": ", new skill (subtraction)"}[args.new]
-    lines = [heading + (", old-task documents mixed into B" if args.mix_old else ""), "",
+    lines = [heading + (f", old-task documents mixed into B ({args.mix_old:g}x)" if args.mix_old else ""), "",
              f"`PYTHONPATH=. python benchmarks/opd_personalization.py --new {args.new} "
              f"--finetune-steps {args.finetune_steps} --finetune-lr {args.finetune_lr:g} --opd-steps {args.opd_steps} "
              f"--opd-lrs {args.opd_lrs} --mix-old {args.mix_old:g}`: greedy accuracy.", "",
