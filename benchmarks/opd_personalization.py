@@ -5,7 +5,9 @@ with the model's own earlier checkpoint as the teacher.
         [--opd-steps 150] [--opd-lrs 1.5e-4,5e-4] [--mix-old 0.3]
 
   A  the starting student, good at addition: the bundled student continued by SFT on teacher samples (the best SFT
-     run of benchmarks/opd_vs_baselines.py: 300 steps, peak LR 1.5e-3), built here unless --start names one;
+     run of benchmarks/opd_vs_baselines.py: 300 steps, peak LR 1.5e-3), built here unless --start names one (any
+     architecture: B and C take A's; `--start data/tasks/arithmetic/teacher` runs the experiment on the 5x larger
+     bundled teacher);
   B  A fine-tuned by next-token CE on new documents, optionally mixed with some addition documents (`--mix-old`, as
      the seed mixes chat data into mid-training). `--new facts` (the seed's "internal documents"): a table of
      arbitrary key -> value facts written " 482=917", knowledge that cannot be computed, recalled from the prompt
@@ -13,7 +15,7 @@ with the model's own earlier checkpoint as the teacher.
      Addition suffers;
   C  B trained by OPD on addition prompts only, teacher = A (same tokenizer, its own earlier self).
 Greedy accuracy of A, B and C on held-out addition prompts and on the new material (fact recall; held-out
-subtraction problems) goes to benchmarks/RESULTS.md (sections "OPD personalization, ...").
+subtraction problems) goes to benchmarks/RESULTS.md (sections "OPD personalization (<A's size>), ...").
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ import jax
 import numpy as np
 
 from jaxopd import train
-from jaxopd.config import load_config_file
+from jaxopd.config import load_config_file, model_config_dict, to_model_config
 from jaxopd.data.tokenizer import load_tokenizer
 from jaxopd.distill import rollouts as rollouts_lib
 from jaxopd.distill.driver import train_distill
-from jaxopd.distill.teacher import load_model
+from jaxopd.distill.teacher import load_model, read_model_fields
+from jaxopd.flops import count_params
 from jaxopd.sampling import Sampler
 from jaxopd.tasks import arithmetic
 
@@ -103,6 +106,8 @@ def main() -> None:
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     start = pathlib.Path(args.start) if args.start else build_start(workdir)
+    start_model = model_config_dict(read_model_fields(start)[1])  # B and C are A's architecture
+    size = f"{count_params(to_model_config(start_model))['total'] / 1e3:.0f}k-param model"
     documents, new_prompts, new_checker = new_material(args.new, args.facts)
     held_out_addition = rollouts_lib.read_prompts(str(ARITHMETIC / "eval.jsonl"), "prompt", 256)
     name = f"{args.new}{args.facts if args.new == 'facts' else ''}_mix{args.mix_old:g}"
@@ -120,8 +125,9 @@ def main() -> None:
         "loss": "ce", "workdir": str(finetuned), "steps": args.finetune_steps, "seq_len": 48, "loss_chunk_size": 48,
         "batch_size": 64, "microbatch_size": 64,  # packed rows of ~5 documents each
         "eval_every": 0, "checkpoint_every": args.finetune_steps, "progress_bar": False,
-        "init_from.path": str(start / "checkpoints"), "data.paths": str(corpus), "data.eval_fraction": 0.0,
+        "init_from.path": str(start), "data.paths": str(corpus), "data.eval_fraction": 0.0,
         "optimizer.schedule.decay_end": args.finetune_steps, "optimizer.schedule.peak_lr": args.finetune_lr})
+    config.model = start_model
     if not (finetuned / "checkpoints").exists():
         train.train(config)
 
@@ -138,6 +144,7 @@ def main() -> None:
             "init_from.path": str(finetuned / "checkpoints"), "distill.teacher": str(start),
             "optimizer.schedule.decay_end": args.opd_steps, "optimizer.schedule.peak_lr": lr,
             "optimizer.schedule.end_lr": lr / 10})
+        config.model = start_model
         if not (recovered / "checkpoints").exists():
             train_distill(config)
         label = f"C: B + OPD on addition prompts, teacher A ({args.opd_steps} steps, peak LR {lr:g})"
@@ -151,9 +158,10 @@ def main() -> None:
             for label, path in models]
     new_column = {"facts": f"fact recall ({len(new_prompts)} facts, new knowledge)",
                   "subtraction": "held-out subtraction (new skill)"}[args.new]
-    heading = SECTION + {"facts": ", new facts", "subtraction": ", new skill (subtraction)"}[args.new]
+    heading = f"{SECTION} ({size})" + {"facts": ", new facts", "subtraction": ", new skill (subtraction)"}[args.new]
     lines = [heading + (f", old-task documents mixed into B ({args.mix_old:g}x)" if args.mix_old else ""), "",
              f"`PYTHONPATH=. python benchmarks/opd_personalization.py --new {args.new} "
+             + (f"--start {args.start} " if args.start else "") +
              f"--finetune-steps {args.finetune_steps} --finetune-lr {args.finetune_lr:g} --opd-steps {args.opd_steps} "
              f"--opd-lrs {args.opd_lrs} --mix-old {args.mix_old:g}`: greedy accuracy.", "",
              f"| model | held-out addition (old skill, 256) | {new_column} |", "|---|---|---|"]

@@ -71,10 +71,18 @@ class Checkpointer:
         self.manager.close()
 
 
+def step_directory(path: str | pathlib.Path) -> pathlib.Path:
+    """A run's workdir or its `checkpoints/` directory (or one written by `save_model`) -> the directory of step
+    checkpoints."""
+    path = pathlib.Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
 def load_params(path: str | pathlib.Path, abstract_params: Any, step: Optional[int] = None) -> Any:
-    """Params only from a jaxopd checkpoint directory (the newest step unless `step` is given), read into the
-    shardings of `abstract_params` (for fine-tuning from, or as a distillation teacher)."""
-    manager = ocp.CheckpointManager(pathlib.Path(path).absolute(), item_handlers={
+    """Params only from a jaxopd checkpoint directory (a run workdir or its checkpoints/; the newest step unless
+    `step` is given), read into the shardings of `abstract_params` (for fine-tuning from, or as a distillation
+    teacher)."""
+    manager = ocp.CheckpointManager(step_directory(path).absolute(), item_handlers={
         "params": ocp.StandardCheckpointHandler()}, options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step() if step is None else step
     if step is None:

@@ -63,3 +63,8 @@ def test_load_params_only(tmp_path):
     params = checkpoint.load_params(tmp_path, _abstract(_state(0))["params"])
     np.testing.assert_array_equal(params["w"], 4.0)
     np.testing.assert_array_equal(checkpoint.load_params(tmp_path, _abstract(_state(0))["params"], step=2)["w"], 2.0)
+
+
+def test_load_params_from_a_run_workdir(tmp_path):
+    _save_steps(tmp_path / "checkpoints", [2, 4])
+    np.testing.assert_array_equal(checkpoint.load_params(tmp_path, _abstract(_state(0))["params"])["w"], 4.0)

@@ -27,11 +27,6 @@ from jaxopd.model import ModelConfig, Transformer, unembedding
 PROBE_TEXT = "The teacher and the student must share a tokenizer: 0123456789 +-*/= (){}[] def f(x): return x\n"
 
 
-def _checkpoint_dir(path: pathlib.Path) -> pathlib.Path:
-    """A run's workdir or its `checkpoints/` directory -> the directory of step checkpoints."""
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
-
-
 def _is_hf(path: pathlib.Path) -> bool:
     config_file = path / "config.json"
     return config_file.exists() and "model_type" in json.loads(config_file.read_text())
@@ -67,7 +62,15 @@ def load_model(path: str | pathlib.Path, mesh: Optional[jax.sharding.Mesh] = Non
 
         with sharding.mesh_context(mesh):
             return load_hf(path, dtype=hf_dtype, mesh=mesh, rules=sharding.LOGICAL_AXIS_RULES)
-    directory = _checkpoint_dir(path)
+    step, model_fields = read_model_fields(path)
+    model = model_from_dict(model_fields)
+    return model, checkpoint.load_params(path, abstract_params(model, mesh), step)
+
+
+def read_model_fields(path: str | pathlib.Path) -> tuple[int, dict[str, Any]]:
+    """(newest step, the `model` section of its saved config) of a jaxopd checkpoint directory (a run workdir, its
+    checkpoints/, or one written by `save_model`): what a run continuing from it sets as `config.model`."""
+    directory = checkpoint.step_directory(path)
     manager = ocp.CheckpointManager(directory.absolute(), item_handlers={"config": ocp.JsonCheckpointHandler()},
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step()
@@ -75,8 +78,7 @@ def load_model(path: str | pathlib.Path, mesh: Optional[jax.sharding.Mesh] = Non
         raise ValueError(f"no checkpoint steps in {directory}: expected a jaxopd run or a Hugging Face checkpoint")
     run_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     manager.close()
-    model = model_from_dict(run_config["model"])
-    return model, checkpoint.load_params(directory, abstract_params(model, mesh), step)
+    return step, run_config["model"]
 
 
 def save_model(path: str | pathlib.Path, model_fields: dict[str, Any], params: Any, step: int = 0, *,
