@@ -191,7 +191,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
         writer.write(0, {"unigram_entropy": entropy})
     peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
     train_flops_per_token = model_flops_per_token(config) if peak is not None else None
-    preempted = _preemption_flag()
+    preempted = preemption_flag()
     bar = metrics_lib.ProgressBar(config.steps, start, enabled=is_main and config.progress_bar)
     pending, last, interval_tokens, interval_start = [], {}, 0, time.perf_counter()
 
@@ -261,7 +261,7 @@ def model_flops_per_token(config: ml_collections.ConfigDict) -> float:
     return flops_per_token(config_lib.to_model_config(config.model), config.seq_len, training=True)
 
 
-def _preemption_flag():
+def preemption_flag():
     """A callable telling whether the run should save and stop: SIGTERM (TPU/GPU preemption) on one process;
     on several, JAX's preemption sync point so that every process stops at the same step."""
     if jax.process_count() > 1:

@@ -163,7 +163,7 @@ def test_prompts_must_split_evenly_over_processes(monkeypatch):
 
 
 @pytest.mark.slow
-def test_driver_resumes_exactly(tmp_path):
+def test_driver_resumes_exactly(tmp_path, monkeypatch, capsys):
     teacher_model, teacher_params = init(TEACHER, 5)
     save_model(tmp_path / "teacher", TEACHER, teacher_params)
     common = {"distill.teacher": str(tmp_path / "teacher"), "checkpoint_every": 2, "eval_every": 2,
@@ -172,13 +172,24 @@ def test_driver_resumes_exactly(tmp_path):
     driver.train_distill(config_for("reverse_kl", tmp_path / "split", steps=2, **common))
     resumed = driver.train_distill(config_for("reverse_kl", tmp_path / "split", steps=4, **common))
 
-    def lines(name):
+    def lines(name, after):
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in row.items() if "per_second" not in k and "seconds" not in k}
-                for row in rows if row["step"] > 2]
+                for row in rows if row["step"] > after]
 
-    assert lines("whole") and lines("whole") == lines("split")
+    assert lines("whole", 2) and lines("whole", 2) == lines("split", 2)
     assert whole["eval/accuracy"] == resumed["eval/accuracy"] and whole["loss"] == resumed["loss"]
+
+    # A preemption (SIGTERM, or the multi-process sync point) after step 3, between scheduled checkpoints: the
+    # driver saves step 3 and stops; the rerun continues from it exactly.
+    with monkeypatch.context() as patched:
+        calls = iter(range(1, 100))
+        patched.setattr(driver.train, "preemption_flag", lambda: lambda: next(calls) == 3)
+        driver.train_distill(config_for("reverse_kl", tmp_path / "preempted", steps=4, **common))
+    assert "preempted: saved step 3;" in capsys.readouterr().out
+    assert sorted(int(step.name) for step in (tmp_path / "preempted" / "checkpoints").iterdir()) == [2, 3]
+    driver.train_distill(config_for("reverse_kl", tmp_path / "preempted", steps=4, **common))
+    assert lines("whole", 3) and lines("whole", 3) == lines("preempted", 3)
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "flops/training" in row]
     total = sum(row["flops/sampling"] + row["flops/teacher_scoring"] + row["flops/training"] for row in steps)

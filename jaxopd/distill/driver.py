@@ -242,6 +242,7 @@ def train_distill(config: ml_collections.ConfigDict) -> dict[str, Any]:
             _print_eval("before", before)
         writer.write(0, {**before, "flops/total": flops_total})
     bar = metrics_lib.ProgressBar(config.steps, start, enabled=is_main and config.progress_bar)
+    preempted = train.preemption_flag()
     last = {}
     try:
         for step in range(start, config.steps):
@@ -285,7 +286,9 @@ def train_distill(config: ml_collections.ConfigDict) -> dict[str, Any]:
                       "step_seconds": time.perf_counter() - step_start}
             if "teacher_seconds" in timings:
                 values["teacher_scoring_tokens_per_second"] = tokens / max(timings["teacher_seconds"], 1e-9)
-            if done % config.log_every == 0 or done == config.steps:
+            was_preempted = preempted()
+            stop = was_preempted or done == config.steps
+            if done % config.log_every == 0 or stop:
                 writer.write(done, values)
                 bar.update(done, values)
             last = values
@@ -293,9 +296,13 @@ def train_distill(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 eval_values = evaluate(d, state["params"], eval_rng)
                 writer.write(done, {**eval_values, "flops/total": flops_total})
                 last = {**values, **eval_values}
-            if checkpointer.should_save(done) or done == config.steps:
+            if checkpointer.should_save(done) or stop:
                 checkpointer.save(done, state, {"prompts": prompts.get_state(), "flops_total": flops_total},
                                   config.to_dict())
+            if was_preempted:
+                if is_main:
+                    print(f"preempted: saved step {done}; rerun the same command to resume", flush=True)
+                break
     finally:
         checkpointer.wait()
         checkpointer.close()
