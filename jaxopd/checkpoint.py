@@ -2,6 +2,8 @@
 
 One step directory holds four items: `params` and `train` (opt_state, step, rng) as sharded arrays,
 `data` (each process's iterator `get_state()` as process_<i>-of-<n>.json) and `config` (the resolved config).
+A run resumes on the process count that wrote its checkpoint, unless its data state is the same on every process
+(`same_data_state_on_every_process`, as the distillation driver's global prompt position), which any count reads.
 Saves are asynchronous and atomic (orbax writes a temporary directory and renames it when every item is committed),
 so an interrupted save never looks like a checkpoint. A finished checkpoint that fails to restore (a truncated or
 deleted file) is reported and the previous one used.
@@ -9,8 +11,10 @@ deleted file) is reported and the previous one used.
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
+import re
 from typing import Any, Optional
 
 import jax
@@ -20,15 +24,18 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     """Saves every `every` steps keeping the newest `keep`; restores the newest checkpoint that restores cleanly."""
 
-    def __init__(self, directory: str | pathlib.Path, *, every: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str | pathlib.Path, *, every: int, keep: int, async_save: bool = True,
+                 same_data_state_on_every_process: bool = False):
         self.every = every
-        data_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        self._process_count = jax.process_count()
+        self._data_file = f"process_{jax.process_index()}-of-{self._process_count}.json"
+        self._same_data_state = same_data_state_on_every_process
         handlers = {
             "params": ocp.StandardCheckpointHandler(),
             "train": ocp.StandardCheckpointHandler(),
             # primary_host=None: every process writes its own data-iterator state.
             "data": ocp.JsonCheckpointHandler(
-                data_file, multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None)),
+                self._data_file, multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None)),
             "config": ocp.JsonCheckpointHandler(),
         }
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
@@ -53,16 +60,40 @@ class Checkpointer:
         """
         abstract_train = {key: value for key, value in abstract_state.items() if key != "params"}
         for step in sorted(self.manager.all_steps(), reverse=True):
+            data_file = self._data_file_to_read(step)
+            items = dict(params=ocp.args.StandardRestore(abstract_state["params"]),
+                         train=ocp.args.StandardRestore(abstract_train))
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract_state["params"]),
-                    train=ocp.args.StandardRestore(abstract_train), data=ocp.args.JsonRestore()))
+                if data_file == self._data_file:
+                    restored = self.manager.restore(step, args=ocp.args.Composite(**items, data=ocp.args.JsonRestore()))
+                else:  # written by another process count: the state every process saved alike
+                    restored = dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
+                    restored["data"] = json.loads((self._step_path(step) / "data" / data_file).read_text())
             except Exception as error:  # a damaged checkpoint: any read error; fall back to the one before
                 logging.warning("checkpoint at step %d in %s does not restore (%s: %s); trying the previous one",
                                 step, self.manager.directory, type(error).__name__, error)
                 continue
             return {"params": restored["params"], **restored["train"]}, restored["data"]
         return None
+
+    def _step_path(self, step: int) -> pathlib.Path:
+        return pathlib.Path(self.manager.directory) / str(step)
+
+    def _data_file_to_read(self, step: int) -> str:
+        """This process's data-state file, or, in a checkpoint written by another process count, process 0's when
+        every process saved the same state; otherwise resuming would silently restart the data, so it raises."""
+        written = {int(match.group(1)) for path in (self._step_path(step) / "data").glob("process_*-of-*.json")
+                   if (match := re.fullmatch(r"process_\d+-of-(\d+)\.json", path.name))}
+        if not written or self._process_count in written:
+            return self._data_file  # a damaged checkpoint lacking the file is skipped by the restore
+        count = min(written)
+        if not self._same_data_state:
+            raise ValueError(
+                f"checkpoint step {step} in {self.manager.directory} was written by {count} processes and this run "
+                f"has {self._process_count}: each process's data-iterator position belongs to its shard of the data, "
+                f"so resume with {count} processes, or start a new workdir from these weights with "
+                f"init_from.path={self._step_path(step).parent}")
+        return f"process_0-of-{count}.json"
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -1,5 +1,5 @@
 """Checkpoints: latest restored exactly, keep-last-K, a damaged newest checkpoint falls back to the previous one,
-params-only loading."""
+resuming on another process count, params-only loading."""
 
 import json
 import pathlib
@@ -7,6 +7,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxopd import checkpoint
 
@@ -52,6 +53,30 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path):
     (tmp_path / "4" / "data" / "process_0-of-1.json").unlink()
     state, data_state = checkpoint.Checkpointer(tmp_path, every=2, keep=3).restore_latest(_abstract(_state(0)))
     assert data_state == [{"produced": 2}]
+
+
+def _as_if_written_by_two_processes(step_dir):
+    """Renames a one-process checkpoint's data state to what two processes write (each its own, here alike)."""
+    data = step_dir / "data"
+    state = (data / "process_0-of-1.json").read_text()
+    (data / "process_0-of-1.json").unlink()
+    for index in range(2):
+        (data / f"process_{index}-of-2.json").write_text(state)
+
+
+def test_another_process_count_resumes_only_a_data_state_every_process_shares(tmp_path):
+    _save_steps(tmp_path, [2, 4])
+    for step in (2, 4):
+        _as_if_written_by_two_processes(tmp_path / str(step))
+    # Per-process data positions (the trainer's sharded pipeline) cannot move to one process: a clear error, not a
+    # silent restart from step 0.
+    with pytest.raises(ValueError, match="written by 2 processes and this run has 1.*resume with 2 processes"):
+        checkpoint.Checkpointer(tmp_path, every=2, keep=2).restore_latest(_abstract(_state(0)))
+    state, data_state = checkpoint.Checkpointer(tmp_path, every=2, keep=2, same_data_state_on_every_process=True
+                                                ).restore_latest(_abstract(_state(0)))
+    assert data_state == [{"produced": 4}]
+    np.testing.assert_array_equal(state["params"]["w"], 4.0)
+    np.testing.assert_array_equal(state["opt_state"]["mu"], -4.0)
 
 
 def test_no_checkpoint_gives_none(tmp_path):

@@ -218,8 +218,10 @@ def train_distill(config: ml_collections.ConfigDict) -> dict[str, Any]:
     run = d.run
     prompts = rollouts_lib.PromptStream(distill.prompts, distill.prompt_field, config.seed, jax.process_index(),
                                         jax.process_count())
+    # The prompt position and cumulative FLOPs are global, saved alike by every process: any process count resumes.
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", every=config.checkpoint_every,
-                                           keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+                                           keep=config.keep_checkpoints, async_save=config.async_checkpoints,
+                                           same_data_state_on_every_process=True)
     state, flops_total = run.state, 0.0
     restored = checkpointer.restore_latest(sharding.abstract_arrays(run.state, run.shardings))
     if restored is not None:
