@@ -1,8 +1,8 @@
 """The seed's "personalization" experiment in small: learn something new, lose an old skill, get it back by OPD
 with the model's own earlier checkpoint as the teacher.
 
-    PYTHONPATH=. python benchmarks/opd_personalization.py [--new facts|subtraction] [--finetune-steps 400] \
-        [--opd-steps 150] [--opd-lrs 1.5e-4,5e-4] [--mix-old 0.3]
+    PYTHONPATH=. python benchmarks/opd_personalization.py [--new facts|subtraction] [--start DIR] \
+        [--finetune-steps 400] [--opd-steps 150] [--opd-lrs 1.5e-4,5e-4] [--mix-old 0.3] [--seeds 0,1,2]
 
   A  the starting student, good at addition: the bundled student continued by SFT on teacher samples (the best SFT
      run of benchmarks/opd_vs_baselines.py: 300 steps, peak LR 1.5e-3), built here unless --start names one (any
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--mix-old", type=float, default=0.0,
                         help="old-task (addition) documents mixed into B's corpus, as a fraction of the new ones")
     parser.add_argument("--opd-lrs", default="5e-4", help="peak learning rates of C, one run each (a tenth at the end)")
+    parser.add_argument("--seeds", default="0", help="seeds of B and C (data order, sampling); A is shared")
     args = parser.parse_args()
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -120,52 +121,67 @@ def main() -> None:
     corpus.write_text("".join(json.dumps({"text": p["prompt"] + p["answer"]}) + "\n"
                               for p in new_docs + old_task[:int(args.mix_old * len(new_docs))]))
 
-    finetuned = workdir / f"finetuned_{name}_{args.finetune_steps}_lr{args.finetune_lr:g}"
-    config = load_config_file(DISTILL_CONFIG, {
-        "loss": "ce", "workdir": str(finetuned), "steps": args.finetune_steps, "seq_len": 48, "loss_chunk_size": 48,
-        "batch_size": 64, "microbatch_size": 64,  # packed rows of ~5 documents each
-        "eval_every": 0, "checkpoint_every": args.finetune_steps, "progress_bar": False,
-        "init_from.path": str(start), "data.paths": str(corpus), "data.eval_fraction": 0.0,
-        "optimizer.schedule.decay_end": args.finetune_steps, "optimizer.schedule.peak_lr": args.finetune_lr})
-    config.model = start_model
-    if not (finetuned / "checkpoints").exists():
-        train.train(config)
-
     new_label = {"facts": f"{args.facts} facts", "subtraction": "subtraction docs"}[args.new]
     mixed = f" + {args.mix_old:g}x as many addition docs" if args.mix_old else ""
-    models = [("A: start", start),
-              (f"B: A + CE on {new_label}{mixed} ({args.finetune_steps} steps, LR {args.finetune_lr:g})", finetuned)]
-    kl_lines = []
-    for lr in [float(lr) for lr in args.opd_lrs.split(",")]:
-        recovered = workdir / f"{finetuned.name}_opd{args.opd_steps}_lr{lr:g}"
+    labels = [f"B: A + CE on {new_label}{mixed} ({args.finetune_steps} steps, LR {args.finetune_lr:g})"]
+    lrs = [float(lr) for lr in args.opd_lrs.split(",")]
+    labels += [f"C: B + OPD on addition prompts, teacher A ({args.opd_steps} steps, peak LR {lr:g})" for lr in lrs]
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    paths: dict[str, list[pathlib.Path]] = {label: [] for label in labels}  # label -> one checkpoint per seed
+    kl: dict[float, list[tuple[float, float]]] = {lr: [] for lr in lrs}  # eval/reverse_kl to A before, after C
+    for seed in seeds:
+        finetuned = workdir / (f"finetuned_{name}_{args.finetune_steps}_lr{args.finetune_lr:g}"
+                               + (f"_seed{seed}" if seed else ""))
         config = load_config_file(DISTILL_CONFIG, {
-            "workdir": str(recovered), "steps": args.opd_steps, "eval_every": args.opd_steps,
-            "checkpoint_every": args.opd_steps, "progress_bar": False,
-            "init_from.path": str(finetuned / "checkpoints"), "distill.teacher": str(start),
-            "optimizer.schedule.decay_end": args.opd_steps, "optimizer.schedule.peak_lr": lr,
-            "optimizer.schedule.end_lr": lr / 10})
+            "loss": "ce", "workdir": str(finetuned), "steps": args.finetune_steps, "seq_len": 48,
+            "loss_chunk_size": 48, "batch_size": 64, "microbatch_size": 64,  # packed rows of ~5 documents each
+            "eval_every": 0, "checkpoint_every": args.finetune_steps, "progress_bar": False, "seed": seed,
+            "init_from.path": str(start), "data.paths": str(corpus), "data.eval_fraction": 0.0,
+            "optimizer.schedule.decay_end": args.finetune_steps, "optimizer.schedule.peak_lr": args.finetune_lr})
         config.model = start_model
-        if not (recovered / "checkpoints").exists():
-            train_distill(config)
-        label = f"C: B + OPD on addition prompts, teacher A ({args.opd_steps} steps, peak LR {lr:g})"
-        models.append((label, recovered))
-        evals = [json.loads(line) for line in (recovered / "metrics.jsonl").read_text().splitlines()
-                 if "eval/reverse_kl" in json.loads(line)]
-        kl_lines.append(f"- peak LR {lr:g}: per-token reverse KL to A on held-out addition prompts "
-                        f"{evals[0]['eval/reverse_kl']:.3f} -> {evals[-1]['eval/reverse_kl']:.3f} nats/token")
+        if not (finetuned / "checkpoints").exists():
+            train.train(config)
+        paths[labels[0]].append(finetuned)
+        for lr, label in zip(lrs, labels[1:]):
+            recovered = workdir / f"{finetuned.name}_opd{args.opd_steps}_lr{lr:g}"
+            config = load_config_file(DISTILL_CONFIG, {
+                "workdir": str(recovered), "steps": args.opd_steps, "eval_every": args.opd_steps,
+                "checkpoint_every": args.opd_steps, "progress_bar": False, "seed": seed,
+                "init_from.path": str(finetuned), "distill.teacher": str(start),
+                "optimizer.schedule.decay_end": args.opd_steps, "optimizer.schedule.peak_lr": lr,
+                "optimizer.schedule.end_lr": lr / 10})
+            config.model = start_model
+            if not (recovered / "checkpoints").exists():
+                train_distill(config)
+            paths[label].append(recovered)
+            logged = map(json.loads, (recovered / "metrics.jsonl").read_text().splitlines())
+            evals = [line["eval/reverse_kl"] for line in logged if "eval/reverse_kl" in line]
+            kl[lr].append((evals[0], evals[-1]))
 
-    rows = [(label, accuracy(path, held_out_addition, arithmetic.check), accuracy(path, new_prompts, new_checker))
-            for label, path in models]
+    def cell(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.3f}"
+        return f"{np.mean(values):.3f} ± {np.std(values):.3f} ({', '.join(f'{v:.2f}' for v in values)})"
+
+    rows = [("A: start", cell([accuracy(start, held_out_addition, arithmetic.check)]),
+             cell([accuracy(start, new_prompts, new_checker)]))]
+    rows += [(label, cell([accuracy(path, held_out_addition, arithmetic.check) for path in paths[label]]),
+              cell([accuracy(path, new_prompts, new_checker) for path in paths[label]])) for label in labels]
+    kl_lines = [f"- peak LR {lr:g}: per-token reverse KL to A on held-out addition prompts "
+                f"{np.mean([before for before, _ in kl[lr]]):.3f} -> {np.mean([after for _, after in kl[lr]]):.3f} "
+                "nats/token" + (" (mean over seeds)" if len(seeds) > 1 else "") for lr in lrs]
     new_column = {"facts": f"fact recall ({len(new_prompts)} facts, new knowledge)",
                   "subtraction": "held-out subtraction (new skill)"}[args.new]
     heading = f"{SECTION} ({size})" + {"facts": ", new facts", "subtraction": ", new skill (subtraction)"}[args.new]
+    seed_note = f"; B and C with seeds {args.seeds}: mean ± std (per seed)" if len(seeds) > 1 else ""
     lines = [heading + (f", old-task documents mixed into B ({args.mix_old:g}x)" if args.mix_old else ""), "",
              f"`PYTHONPATH=. python benchmarks/opd_personalization.py --new {args.new} "
              + (f"--start {args.start} " if args.start else "") +
              f"--finetune-steps {args.finetune_steps} --finetune-lr {args.finetune_lr:g} --opd-steps {args.opd_steps} "
-             f"--opd-lrs {args.opd_lrs} --mix-old {args.mix_old:g}`: greedy accuracy.", "",
+             f"--opd-lrs {args.opd_lrs} --mix-old {args.mix_old:g}"
+             + (f" --seeds {args.seeds}" if len(seeds) > 1 else "") + f"`: greedy accuracy{seed_note}.", "",
              f"| model | held-out addition (old skill, 256) | {new_column} |", "|---|---|---|"]
-    lines += [f"| {label} | {old:.3f} | {new:.3f} |" for label, old, new in rows]
+    lines += [f"| {label} | {old} | {new} |" for label, old, new in rows]
     lines += ["", "During C:", *kl_lines]
     section = "\n".join(lines) + "\n"
     opd_vs_baselines.write_section(ROOT / "benchmarks" / "RESULTS.md", section)
