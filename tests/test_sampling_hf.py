@@ -1,5 +1,7 @@
 """Greedy generation with the KV cache equals transformers' `generate` on random parity models loaded by load_hf."""
 
+import contextlib
+
 import jax
 import numpy as np
 import pytest
@@ -40,7 +42,11 @@ def test_greedy_matches_transformers_generate(make, tmp_path):
             out = reference.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
                                      pad_token_id=0)
         expected.append(out[0, len(prompt):].tolist())
-    model, params = jaxopd.load_hf(tmp_path, dtype="float32")
+    # transformers' DeepSeek-V3 config asks for an MTP module it never stores: load_hf says so and loads without it.
+    expected_warning = (pytest.warns(UserWarning, match="no model.layers.2.* tensors are stored")
+                        if make is deepseek_v3 else contextlib.nullcontext())
+    with expected_warning:
+        model, params = jaxopd.load_hf(tmp_path, dtype="float32")
     prompts, lengths = left_pad(PROMPTS, 6, 0)
     # No stop tokens: transformers generates exactly NEW tokens, so compare all of them.
     out = Sampler(model, 6, NEW, (), 0)(params, prompts, lengths, jax.random.key(0),
