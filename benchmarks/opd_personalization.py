@@ -46,15 +46,16 @@ SECTION = "## OPD personalization"
 DISTILL_CONFIG = ROOT / "configs" / "tiny_distill.py"
 
 
-def accuracy(path: pathlib.Path, prompts: list[str], checker: Callable[[str, str], bool]) -> float:
-    """Greedy accuracy of the checkpoint at `path` on `prompts`, each completion judged by `checker`."""
+def accuracies(path: pathlib.Path, tests: list[tuple[list[str], Callable[[str, str], bool]]]) -> list[float]:
+    """Greedy accuracy of the checkpoint at `path` on each (prompts, checker) of `tests`, completions judged by the
+    checker; the model is loaded once."""
     model, params = load_model(path)
     tokenizer = load_tokenizer(ARITHMETIC / "tokenizer.json")
     distill = load_config_file(DISTILL_CONFIG).distill
     sampler = Sampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id)
-    result = rollouts_lib.rollout(sampler, params, tokenizer, prompts, jax.random.key(0), group_size=1,
-                                  add_bos=True, checker=checker, greedy=True)
-    return float(result.rewards.mean())
+    return [float(rollouts_lib.rollout(sampler, params, tokenizer, prompts, jax.random.key(0), group_size=1,
+                                       add_bos=True, checker=checker, greedy=True).rewards.mean())
+            for prompts, checker in tests]
 
 
 def make_facts(count: int, seed: int = 11) -> dict[str, str]:
@@ -163,10 +164,11 @@ def main() -> None:
             return f"{values[0]:.3f}"
         return f"{np.mean(values):.3f} ± {np.std(values):.3f} ({', '.join(f'{v:.2f}' for v in values)})"
 
-    rows = [("A: start", cell([accuracy(start, held_out_addition, arithmetic.check)]),
-             cell([accuracy(start, new_prompts, new_checker)]))]
-    rows += [(label, cell([accuracy(path, held_out_addition, arithmetic.check) for path in paths[label]]),
-              cell([accuracy(path, new_prompts, new_checker) for path in paths[label]])) for label in labels]
+    tests = [(held_out_addition, arithmetic.check), (new_prompts, new_checker)]
+    rows = []
+    for label, label_paths in [("A: start", [start]), *paths.items()]:
+        old, new = zip(*(accuracies(path, tests) for path in label_paths))  # one (old, new) per seed
+        rows.append((label, cell(list(old)), cell(list(new))))
     kl_lines = [f"- peak LR {lr:g}: per-token reverse KL to A on held-out addition prompts "
                 f"{np.mean([before for before, _ in kl[lr]]):.3f} -> {np.mean([after for _, after in kl[lr]]):.3f} "
                 "nats/token" + (" (mean over seeds)" if len(seeds) > 1 else "") for lr in lrs]

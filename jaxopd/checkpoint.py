@@ -92,7 +92,7 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.manager.directory} was written by {count} processes and this run "
                 f"has {self._process_count}: each process's data-iterator position belongs to its shard of the data, "
                 f"so resume with {count} processes, or start a new workdir from these weights with "
-                f"init_from.path={self._step_path(step).parent}")
+                f"init_from.path={self.manager.directory}")
         return f"process_0-of-{count}.json"
 
     def wait(self) -> None:
