@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="penalty.html")
     args = parser.parse_args(argv)
 
-    from jaxopd.data.pipeline import resolve_path
+    from jaxopd.bundled import resolve_path
     from jaxopd.data.tokenizer import load_tokenizer
     from jaxopd.distill.teacher import load_model, score_texts
 
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("error: --completion encodes to no tokens")
     logprobs = {}
     for role, path in (("student", args.student), ("teacher", args.teacher)):
-        model, params = load_model(path)
+        model, params = load_model(resolve_path(path))
         logprobs[role] = score_texts(model, params, prompt_ids, completion_ids)
     page = render_html([tokenizer.id_to_token(i) for i in prompt_ids], [tokenizer.id_to_token(i) for i in completion_ids],
                        logprobs["student"].tolist(), logprobs["teacher"].tolist(),

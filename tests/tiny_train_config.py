@@ -1,6 +1,6 @@
 """Run config for the trainer tests: a very small MLA + MoE + MTP model on the bundled corpus, 20 short steps."""
 
-from jaxopd.config import base_config, model_config_dict
+from jaxopd.training.config import base_config, model_config_dict
 
 
 def get_config():

@@ -23,58 +23,63 @@ in `stats["padding_batches"]`; one with more stops early. With several processes
 
 from __future__ import annotations
 
-import os
-import pathlib
-from typing import Any
+import dataclasses
+from typing import Any, Literal, Optional
 
 import grain
 from absl import flags as absl_flags
 import ml_collections
 import numpy as np
 
+from jaxopd.bundled import resolve_path
+from jaxopd.configdict import config_dict_of, from_config_dict
 from jaxopd.data import sources
 from jaxopd.data.fim import TokenizeDocument
 from jaxopd.data.packing import BestFitPackDataset, ConcatThenSplitDataset
 from jaxopd.data.tokenizer import DEFAULT_FIM_TOKENS, Tokenizer, load_tokenizer
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-PACKING_KINDS = ("best_fit", "concat")
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
 
-def default_data_config() -> ml_collections.ConfigDict:
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
     """The `config.data` block: the bundled Python-stdlib corpus with its 4096-piece tokenizer, 10% PSM FIM."""
-    placeholder = ml_collections.config_dict.placeholder
-    config = ml_collections.ConfigDict()
-    config.source = "jsonl"  # "text" | "jsonl" | "array_record" | "parquet"
-    config.paths = "data/corpus/python_stdlib.jsonl.gz"  # comma-separated files or globs
-    config.text_field = "text"  # jsonl / parquet: field or column holding the document
-    config.separator = placeholder(str)  # text: None = one document per file, else the string between documents
-    config.tokenizer = "data/tokenizer.model"  # sentencepiece .model, or tokenizer.json / HF checkpoint directory
-    config.tokenizer_kind = "auto"  # "auto" | "sentencepiece" | "hf"
-    config.fim_tokens = ",".join(DEFAULT_FIM_TOKENS)  # begin,hole,end (DeepSeek: <｜fim▁begin｜>,...)
-    config.add_bos = True
-    config.fim_rate = 0.1  # DeepSeek-V3 report, Section 4.1
-    config.fim_mode = "psm"  # "psm" | "spm"
-    config.packing = "best_fit"  # "best_fit" | "concat" (concatenate-then-split, for comparison)
-    config.packing_buffer = 1024  # pieces (best_fit) held for Best-Fit-Decreasing
-    config.shuffle = True
-    config.num_epochs = placeholder(int)  # None: repeat forever
-    config.num_workers = 0  # tokenization processes (grain mp_prefetch); 0 = in the main process
-    config.read_threads = 2  # threads reading + tokenizing ahead in each process
-    config.eval_fraction = 0.02  # documents held out for split="eval"
-    config.eval_batches = placeholder(int)  # batches per eval pass (required with several processes)
-    config.split_seed = 0  # fixes the train/eval split independently of the training seed
-    return config
+
+    source: Literal["text", "jsonl", "array_record", "parquet"] = "jsonl"
+    paths: str = "data/corpus/python_stdlib.jsonl.gz"  # comma-separated files or globs
+    text_field: str = "text"  # jsonl / parquet: field or column holding the document
+    separator: Optional[str] = None  # text: None = one document per file, else the string between documents
+    tokenizer: str = "data/tokenizer.model"  # sentencepiece .model, or tokenizer.json / HF checkpoint directory
+    tokenizer_kind: Literal["auto", "sentencepiece", "hf"] = "auto"
+    fim_tokens: str = ",".join(DEFAULT_FIM_TOKENS)  # begin,hole,end (DeepSeek: <｜fim▁begin｜>,...)
+    add_bos: bool = True
+    fim_rate: float = 0.1  # DeepSeek-V3 report, Section 4.1
+    fim_mode: Literal["psm", "spm"] = "psm"
+    packing: Literal["best_fit", "concat"] = "best_fit"  # "concat": concatenate-then-split, for comparison
+    packing_buffer: int = 1024  # pieces (best_fit) held for Best-Fit-Decreasing
+    shuffle: bool = True
+    num_epochs: Optional[int] = None  # None: repeat forever
+    num_workers: int = 0  # tokenization processes (grain mp_prefetch); 0 = in the main process
+    read_threads: int = 2  # threads reading + tokenizing ahead in each process
+    eval_fraction: float = 0.02  # documents held out for split="eval"
+    eval_batches: Optional[int] = None  # batches per eval pass (required with several processes)
+    split_seed: int = 0  # fixes the train/eval split independently of the training seed
 
 
-def resolve_path(path: str) -> str:
-    """A relative path as given if it exists from the working directory, else relative to the repository root
-    (so the bundled data/ is found from anywhere)."""
-    if os.path.isabs(path) or os.path.exists(path) or any(c in path for c in "*?["):
-        return path
-    candidate = REPO_ROOT / path
-    return str(candidate) if candidate.exists() else path
+def default_data_config() -> ml_collections.ConfigDict:
+    """DataConfig's defaults as the ConfigDict a run config's `data` block starts from."""
+    return config_dict_of(DataConfig)
+
+
+def as_data_config(data_config: DataConfig | ml_collections.ConfigDict) -> DataConfig:
+    """A DataConfig, checked, from a ConfigDict `data` block (tests, notebooks, `python -m jaxopd.data`)."""
+    if isinstance(data_config, DataConfig):
+        return data_config
+    problems: list[str] = []
+    result = from_config_dict(DataConfig, data_config, problems, where="data")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return result
 
 
 def _resolve_paths(paths: str) -> list[str]:
@@ -188,7 +193,7 @@ def _document_dataset(data_config, *, seed: int, process_index: int, process_cou
     return documents.map_with_index(lambda position, document: (position // per_host, *document))
 
 
-def make_pipeline(data_config: ml_collections.ConfigDict, *, seq_len: int, batch_size: int, seed: int,
+def make_pipeline(data_config: DataConfig | ml_collections.ConfigDict, *, seq_len: int, batch_size: int, seed: int,
                   process_index: int | None = None, process_count: int | None = None, split: str = "train",
                   num_batches: int | None = None) -> DataIterator:
     """This host's batches: dicts of numpy arrays [batch_size, seq_len] per the Batch contract.
@@ -197,14 +202,13 @@ def make_pipeline(data_config: ml_collections.ConfigDict, *, seq_len: int, batch
     default to jax.process_index() / jax.process_count(). num_batches fixes the number of batches of a finite pass
     (default: data.eval_batches for split="eval"); see the module docstring.
     """
+    data_config = as_data_config(data_config)
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len} is too short: a row needs at least 2 tokens (one input, one target)")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r} is not 'train' or 'eval'")
-    if data_config.packing not in PACKING_KINDS:
-        raise ValueError(f"data.packing={data_config.packing!r} is not one of {PACKING_KINDS}")
     if not 0.0 <= data_config.eval_fraction < 1.0:
         raise ValueError(f"data.eval_fraction={data_config.eval_fraction} must be in [0, 1)")
     if split == "eval" and data_config.eval_fraction == 0:

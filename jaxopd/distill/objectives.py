@@ -1,6 +1,5 @@
-"""Distillation and RL objectives for the trainer's one `train_step`, selected statically by `config.loss`.
-
-Importing this module registers them in `jaxopd.train_step.OBJECTIVES` next to "ce":
+"""Distillation and RL objectives for the one train step (jaxopd/training/step.py); jaxopd/train.py's table names
+them for `config.loss`:
 
 - "reverse_kl": on-policy distillation (the seed's method). Per-token advantage
   A_t = kl_coef * (log pi_teacher(x_t) - log pi_sampler(x_t)) [+ reward_weight * task advantage], discount 0, in the
@@ -14,7 +13,8 @@ Rollout batches follow the Batch contract (`jaxopd.sampling.sequence_layout`: to
 segment_ids, loss_mask on completion targets) plus, aligned with `targets`, `target_sampler_logprobs`,
 `teacher_logprobs` and `task_advantages` `[rows, seq]`; the full divergences read `teacher_hidden [rows, seq, d_t]`
 and `teacher_unembed [d_t, vocab]` (repeated per microbatch). Config block: `config.distill`
-(configs/tiny_distill.py documents every key).
+(jaxopd/training/config.py: DistillConfig documents every key). The policy-gradient and advantage math they use is
+in policy_gradient.py beside this file.
 """
 
 from __future__ import annotations
@@ -24,20 +24,20 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from jaxopd import train_step
+from jaxopd.distill import policy_gradient
 from jaxopd.kernels import losses
 from jaxopd.model import unembedding
+from jaxopd.training.config import RunConfig
+from jaxopd.training.objectives import Batch, Objective
 
-Batch = dict[str, jax.Array]
+# What each loss needs from the rollouts (read by the batch source, jaxopd/distill/source.py).
+TEACHER_SAMPLES = ("teacher_sft",)  # the teacher samples the completions
+WITHOUT_TEACHER_SCORES = ("teacher_sft", "grpo")  # no teacher forward pass on the completions
+DIVERGENCES = {"full_reverse_kl": "reverse_kl", "forward_kl": "forward_kl", "jsd": "jsd"}  # teacher hidden states
 
-POLICY_GRADIENT_LOSSES = ("reverse_kl", "grpo")
-DIVERGENCE_LOSSES = {"full_reverse_kl": "reverse_kl", "forward_kl": "forward_kl", "jsd": "jsd"}
-DISTILL_LOSSES = (*POLICY_GRADIENT_LOSSES, "teacher_sft", *DIVERGENCE_LOSSES)
 
-
-def _totals(batch: Batch, config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+def _totals(batch: Batch, config: RunConfig) -> dict[str, jax.Array]:
     loss_mask = batch["loss_mask"]
     sequences = (loss_mask.sum(-1) > 0).sum()
     return {"tokens": jnp.maximum(loss_mask.sum(), 1.0), "sequences": jnp.maximum(sequences, 1.0),
@@ -46,7 +46,7 @@ def _totals(batch: Batch, config: ml_collections.ConfigDict) -> dict[str, jax.Ar
 
 def _balance_loss(features, totals, config) -> jax.Array:
     """The MoE sequence-wise balance loss, weighted as in the "ce" objective (DeepSeek-V3 eq. 17-20)."""
-    return config.moe_balance_weight * features.moe_balance_loss / totals["microbatches"]
+    return config.objective.moe_balance_weight * features.moe_balance_loss / totals["microbatches"]
 
 
 def _student_features(model: nn.Module, params: Any, batch: Batch):
@@ -59,13 +59,13 @@ def sampled_kl(batch: Batch) -> jax.Array:
     return jnp.where(batch["loss_mask"] > 0, batch["target_sampler_logprobs"] - batch["teacher_logprobs"], 0.0)
 
 
-def rollout_advantages(batch: Batch, loss: str, config: ml_collections.ConfigDict) -> jax.Array:
+def rollout_advantages(batch: Batch, loss: str, config: RunConfig) -> jax.Array:
     """Per-token advantages `[rows, seq]` of a policy-gradient loss (no gradient)."""
     distill = config.distill
     task = batch["task_advantages"] * batch["loss_mask"]
     if loss == "grpo":
         return task
-    kl = losses.sampled_reverse_kl_advantages(batch["target_sampler_logprobs"], batch["teacher_logprobs"],
+    kl = policy_gradient.sampled_reverse_kl_advantages(batch["target_sampler_logprobs"], batch["teacher_logprobs"],
                                               batch["loss_mask"], coef=distill.kl_coef)
     if distill.kl_baseline:
         # A constant baseline leaves the gradient's expectation unchanged (E[grad log pi] = 0) but removes the
@@ -81,9 +81,9 @@ def _policy_gradient_loss(loss_name: str):
         distill = config.distill
         features = _student_features(model, params, batch)
         logprobs = losses.token_logprobs(features.hidden, unembedding(params, model.config), batch["targets"],
-                                         chunk_size=config.loss_chunk_size, temperature=distill.temperature)
+                                         chunk_size=config.objective.loss_chunk_size, temperature=distill.temperature)
         advantages = rollout_advantages(batch, loss_name, config)
-        value, metrics = losses.policy_gradient_loss(
+        value, metrics = policy_gradient.policy_gradient_loss(
             logprobs, batch["target_sampler_logprobs"], advantages, batch["loss_mask"],
             clip_epsilon=distill.clip_epsilon, advantage_clip=distill.advantage_clip, normalize=distill.normalize)
         # policy_gradient_loss averages over this microbatch; reweight so the microbatches sum to the step's mean.
@@ -105,7 +105,7 @@ def _divergence_loss(divergence: str):
         features = _student_features(model, params, batch)
         per_token = losses.chunked_divergence(
             features.hidden, unembedding(params, model.config), batch["teacher_hidden"], batch["teacher_unembed"],
-            chunk_size=config.loss_chunk_size, divergence=divergence, beta=config.distill.jsd_beta,
+            chunk_size=config.objective.loss_chunk_size, divergence=divergence, beta=config.distill.jsd_beta,
             temperature=config.distill.temperature)
         value = jnp.sum(per_token * batch["loss_mask"]) / totals["tokens"]
         metrics = {divergence: value, "reverse_kl": sampled_kl(batch).sum() / totals["tokens"],
@@ -114,12 +114,8 @@ def _divergence_loss(divergence: str):
     return loss
 
 
-def _register() -> None:
-    objectives = {name: train_step.Objective(_totals, _policy_gradient_loss(name)) for name in POLICY_GRADIENT_LOSSES}
-    objectives["teacher_sft"] = train_step.OBJECTIVES["ce"]
-    for name, divergence in DIVERGENCE_LOSSES.items():
-        objectives[name] = train_step.Objective(_totals, _divergence_loss(divergence))
-    train_step.OBJECTIVES.update(objectives)
-
-
-_register()
+REVERSE_KL = Objective(_totals, _policy_gradient_loss("reverse_kl"), headline="reverse_kl")
+GRPO = Objective(_totals, _policy_gradient_loss("grpo"), headline="reward")
+FULL_REVERSE_KL = Objective(_totals, _divergence_loss("reverse_kl"), headline="reverse_kl")
+FORWARD_KL = Objective(_totals, _divergence_loss("forward_kl"), headline="forward_kl")
+JSD = Objective(_totals, _divergence_loss("jsd"), headline="jsd")

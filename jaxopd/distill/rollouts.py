@@ -15,12 +15,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxopd import sharding
-from jaxopd.data.pipeline import resolve_path
+from jaxopd.training import sharding
+from jaxopd.bundled import resolve_path
 from jaxopd.data.sources import JsonlSource, expand_paths
-from jaxopd.flops import decode_flops_per_token, flops_per_token
+from jaxopd.training.flops import decode_flops_per_token, flops_per_token
 from jaxopd.model import ModelConfig
-from jaxopd.sampling import SampleOutput, Sampler, left_pad, sequence_layout
+from jaxopd.distill.sampling import SampleOutput, Sampler, left_pad, sequence_layout
 
 # Per-token counts depend only on (config, context length): cache them, a step asks for thousands.
 _decode_flops = functools.lru_cache(maxsize=None)(decode_flops_per_token)

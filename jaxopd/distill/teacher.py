@@ -16,11 +16,11 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxopd import checkpoint, config as config_lib, sharding
+from jaxopd.training import checkpoint, sharding
+from jaxopd.training.config import MeshConfig, model_config_dict, to_model_config
 from jaxopd.kernels import losses
 from jaxopd.model import ModelConfig, Transformer, unembedding
 
@@ -34,7 +34,7 @@ def _is_hf(path: pathlib.Path) -> bool:
 
 def model_from_dict(model_fields: dict[str, Any]) -> Transformer:
     """The Transformer described by a run config's `model` section (as saved in checkpoints and config.json)."""
-    return Transformer(config_lib.to_model_config(config_lib.model_config_dict(model_fields)))
+    return Transformer(to_model_config(model_config_dict(model_fields)))
 
 
 def abstract_params(model: Transformer, mesh: jax.sharding.Mesh) -> Any:
@@ -55,8 +55,7 @@ def load_model(path: str | pathlib.Path, mesh: Optional[jax.sharding.Mesh] = Non
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist; give a jaxopd run/checkpoint directory or a Hugging "
                          "Face checkpoint directory")
-    mesh = mesh if mesh is not None else sharding.make_mesh(
-        ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1)))
+    mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=1, fsdp=-1))
     if _is_hf(path):
         from jaxopd import load_hf
 

@@ -10,39 +10,12 @@ Baselines with the same driver: --config.loss=teacher_sft (off-policy distillati
 --config.loss=full_reverse_kl | forward_kl | jsd (GKD).
 """
 
-import ml_collections
-
-from jaxopd.config import base_config, model_config_dict
+from jaxopd.training.config import base_config, model_config_dict
 
 ARITHMETIC = "data/tasks/arithmetic"
 # The student: a Qwen3-style GQA model (the teacher's architecture is read from its checkpoint).
 STUDENT_MODEL = dict(vocab_size=17, d_model=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12, mlp_dim=128,
                      qk_norm=True, max_position_embeddings=64)
-
-
-def distill_config() -> ml_collections.ConfigDict:
-    """The `config.distill` block with its defaults."""
-    placeholder = ml_collections.config_dict.placeholder
-    return ml_collections.ConfigDict(dict(
-        task="arithmetic",  # the checker that scores completions (jaxopd.distill.driver.TASK_CHECKERS)
-        prompts=f"{ARITHMETIC}/train.jsonl",  # JSON Lines, comma-separated files or globs
-        eval_prompts=f"{ARITHMETIC}/eval.jsonl",
-        prompt_field="prompt",
-        eval_prompts_count=256,  # held-out prompts per eval (greedy accuracy + reverse KL on one sample each)
-        teacher=f"{ARITHMETIC}/teacher",  # jaxopd checkpoint directory or Hugging Face checkpoint
-        teacher_tokenizer="",  # "" = data.tokenizer; else the teacher's own, checked against it up front
-        group_size=4,  # samples per prompt; batch_size rollouts per step = batch_size / group_size prompts
-        max_prompt_len=8,  # BOS + prompt tokens (left-padded to this): "<bos>99+99=" is 7
-        max_new_tokens=5,  # "198<eos>" is 4
-        temperature=1.0,  # sampling temperature; 1.0 for OPD (the student's own distribution)
-        kl_coef=1.0,  # advantage = kl_coef * (log p_teacher - log p_student) ...
-        kl_baseline=True,  # subtract the mean OPD advantage of the batch's tokens (variance reduction, unbiased)
-        reward_weight=0.0,  # ... + reward_weight * group-normalized task reward
-        clip_epsilon=placeholder(float),  # PPO clip of the importance ratio vs the sampler (None: unclipped)
-        advantage_clip=placeholder(float),  # clip |advantage| (None: no clipping)
-        normalize="tokens",  # "tokens" (mean over all completion tokens) or "sequences"
-        jsd_beta=0.5,  # loss="jsd": GKD's beta
-    ))
 
 
 def get_config():
@@ -51,7 +24,13 @@ def get_config():
     config.model = model_config_dict(STUDENT_MODEL)
     config.init_from.update(kind="checkpoint", path=f"{ARITHMETIC}/student_init")
     config.loss = "reverse_kl"
-    config.distill = distill_config()
+    config.distill.update(
+        prompts=f"{ARITHMETIC}/train.jsonl",  # JSON Lines with a "prompt" field
+        eval_prompts=f"{ARITHMETIC}/eval.jsonl",
+        teacher=f"{ARITHMETIC}/teacher",
+        max_prompt_len=8,  # BOS + prompt tokens (left-padded to this): "<bos>99+99=" is 7
+        max_new_tokens=5,  # "198<eos>" is 4
+    )
     config.steps = 150
     config.batch_size = 512  # rollouts per step: 128 prompts x group_size 4
     config.microbatch_size = 512

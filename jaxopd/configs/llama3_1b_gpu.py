@@ -7,7 +7,7 @@ for real runs point data.paths at the corpus and data.tokenizer at the Llama 3 t
     python -m jaxopd.train --config=configs/llama3_1b_gpu.py --config.workdir=/tmp/llama1b
 """
 
-from jaxopd.config import base_config, load_model_preset
+from jaxopd.training.config import base_config, load_model_preset
 
 
 def get_config():

@@ -19,9 +19,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxopd.training.config import DistributedConfig, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -46,9 +47,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+def mesh_shape(mesh_config: MeshConfig, num_devices: int) -> tuple[int, ...]:
     """Sizes for MESH_AXES from config.mesh; one axis may be -1, meaning all the devices the others leave."""
-    sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+    sizes = [int(getattr(mesh_config, axis)) for axis in MESH_AXES]
     if sum(size == -1 for size in sizes) > 1:
         raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
     if any(size == 0 or size < -1 for size in sizes):
@@ -65,7 +66,7 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
     return tuple(sizes)
 
 
-def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(mesh_config: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """The device mesh over all (or the given) devices, axes MESH_AXES, sharding propagated automatically."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(mesh_config, len(devices))
@@ -151,7 +152,7 @@ def abstract_arrays(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, named: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=named), tree, shardings)
 
 
-def initialize_distributed(distributed: ml_collections.ConfigDict) -> None:
+def initialize_distributed(distributed: DistributedConfig) -> None:
     """Joins the multi-host job when launched as one: config.distributed.coordinator_address (or the standard
     JAX_COORDINATOR_ADDRESS) with num_processes/process_id, or `auto_detect` on a TPU pod/SLURM where JAX finds them.
     Cross-process collectives on CPU use gloo (the jax default; set explicitly so tests do not depend on it)."""

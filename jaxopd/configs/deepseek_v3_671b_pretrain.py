@@ -17,7 +17,7 @@ Replace data.paths/data.tokenizer with the real corpus and the DeepSeek-V3 token
     python -m jaxopd.train --config=configs/deepseek_v3_671b_pretrain.py   # on every worker: see tpu/launch.sh
 """
 
-from jaxopd.config import base_config, load_model_preset
+from jaxopd.training.config import base_config, load_model_preset
 from jaxopd.optim import batch_ramp
 
 SEQ_LEN = 4096

@@ -90,15 +90,24 @@ class MetricsWriter:
 
 
 class ProgressBar:
-    """tqdm bar over the run's steps with loss and tokens/s; tqdm supplies the ETA."""
+    """tqdm bar over the run's steps with the objective's headline figure, tokens/s and the latest eval results;
+    tqdm supplies the ETA."""
 
-    def __init__(self, total: int, initial: int, *, enabled: bool = True):
+    def __init__(self, total: int, initial: int, *, headline: str, enabled: bool = True):
         self._bar = tqdm.tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+        self._headline = headline
+        self._figures: dict[str, str] = {}
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
         self._bar.update(step - self._bar.n)
-        self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}",
-                              refresh=False)
+        if self._headline in metrics:
+            self._figures[self._headline] = f"{metrics[self._headline]:.4f}"
+        self._figures["tok_s"] = f"{metrics['tokens_per_second']:.0f}"
+        self._bar.set_postfix(self._figures, refresh=False)
+
+    def show_eval(self, metrics: dict[str, Any]) -> None:
+        self._figures.update({name: f"{value:.4f}" for name, value in metrics.items()})
+        self._bar.set_postfix(self._figures)
 
     def close(self) -> None:
         self._bar.close()

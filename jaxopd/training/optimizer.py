@@ -16,29 +16,24 @@ from typing import Any, Callable
 
 import flax.core.meta as meta
 import jax
-import ml_collections
 import optax
+
+from jaxopd.training.config import OptimizerConfig, ScheduleConfig
 
 FROZEN_PARAMS = ("expert_bias",)
 
 
-def learning_rate_schedule(schedule: ml_collections.ConfigDict) -> optax.Schedule:
+def learning_rate_schedule(schedule: ScheduleConfig) -> optax.Schedule:
     """The learning rate as a function of the optimizer step.
 
     kinds: "constant" (peak_lr); "warmup_cosine" (0 -> peak_lr linearly over warmup_steps, cosine to end_lr at
     decay_end, then end_lr); "deepseek_v3" (DeepSeek-V3 §4.2: linear warmup to peak_lr over warmup_steps, constant
     until decay_start, cosine to end_lr at decay_end, constant end_lr, then final_lr from final_step on).
     """
-    kind = schedule.kind
+    kind = schedule.kind  # ScheduleConfig checked the kind and the order of the breakpoints
     if kind == "constant":
         return optax.constant_schedule(schedule.peak_lr)
     decay_start = schedule.decay_start if kind == "deepseek_v3" else schedule.warmup_steps
-    if kind not in ("warmup_cosine", "deepseek_v3"):
-        raise ValueError(f"optimizer.schedule.kind={kind!r}: use 'constant', 'warmup_cosine' or 'deepseek_v3'")
-    if not 0 <= schedule.warmup_steps <= decay_start <= schedule.decay_end:
-        raise ValueError(
-            f"optimizer.schedule needs 0 <= warmup_steps <= decay_start <= decay_end, got {schedule.warmup_steps}, "
-            f"{decay_start}, {schedule.decay_end}")
     pieces = [
         optax.linear_schedule(0.0, schedule.peak_lr, max(schedule.warmup_steps, 1)),
         optax.constant_schedule(schedule.peak_lr),
@@ -48,8 +43,6 @@ def learning_rate_schedule(schedule: ml_collections.ConfigDict) -> optax.Schedul
     ]
     boundaries = [schedule.warmup_steps, decay_start, schedule.decay_end]
     if kind == "deepseek_v3" and schedule.final_step >= 0:
-        if schedule.final_step < schedule.decay_end:
-            raise ValueError(f"optimizer.schedule.final_step={schedule.final_step} is before decay_end")
         pieces.append(optax.constant_schedule(schedule.final_lr))
         boundaries.append(schedule.final_step)
     return optax.join_schedules(pieces, boundaries)
@@ -119,7 +112,7 @@ def weight_decay_mask(params: Any) -> Any:
     return _map_params(decays, params)
 
 
-def make_optimizer(optimizer: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(optimizer: OptimizerConfig) -> optax.GradientTransformation:
     """AdamW (clipping by global norm first) on trained params; the frozen ones get a zero update."""
     adamw = optax.chain(
         optax.clip_by_global_norm(optimizer.grad_clip_norm) if optimizer.grad_clip_norm > 0 else optax.identity(),

@@ -5,7 +5,7 @@ entropy (both logged in metrics.jsonl).
     python -m jaxopd.train --config=configs/tiny_pretrain.py [--config.workdir=/tmp/tiny]
 """
 
-from jaxopd.config import base_config, load_model_preset
+from jaxopd.training.config import base_config, load_model_preset
 
 
 def get_config():
