@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxopd import checkpoint, config as config_lib, metrics as metrics_lib, optim, sharding, train, train_step
 from jaxopd.data.pipeline import resolve_path
 from jaxopd.data.tokenizer import load_tokenizer
-from jaxopd.distill import objectives, rollouts as rollouts_lib, teacher as teacher_lib
+from jaxopd.distill import objectives, policy_gradient, rollouts as rollouts_lib, teacher as teacher_lib
 from jaxopd.kernels import losses
 from jaxopd.model import unembedding
 from jaxopd.sampling import Sampler
@@ -124,7 +124,7 @@ def build(config: ml_collections.ConfigDict) -> Distiller:
 
     def microbatches(layout, rewards):
         """The step's rows `[batch, ...]` with their group-normalized task advantages, as `[micro, rows, ...]`."""
-        advantages = losses.group_normalized_advantages(rewards, distill.group_size)
+        advantages = policy_gradient.group_normalized_advantages(rewards, distill.group_size)
         layout = {**layout, "task_advantages": advantages[:, None] * layout["loss_mask"]}
         return {key: value.reshape(micro, config.microbatch_size, *value.shape[1:]) for key, value in layout.items()}
 

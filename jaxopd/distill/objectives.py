@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxopd import train_step
+from jaxopd.distill import policy_gradient
 from jaxopd.kernels import losses
 from jaxopd.model import unembedding
 
@@ -65,8 +66,8 @@ def rollout_advantages(batch: Batch, loss: str, config: ml_collections.ConfigDic
     task = batch["task_advantages"] * batch["loss_mask"]
     if loss == "grpo":
         return task
-    kl = losses.sampled_reverse_kl_advantages(batch["target_sampler_logprobs"], batch["teacher_logprobs"],
-                                              batch["loss_mask"], coef=distill.kl_coef)
+    kl = policy_gradient.sampled_reverse_kl_advantages(batch["target_sampler_logprobs"], batch["teacher_logprobs"],
+                                                       batch["loss_mask"], coef=distill.kl_coef)
     if distill.kl_baseline:
         # A constant baseline leaves the gradient's expectation unchanged (E[grad log pi] = 0) but removes the
         # -KL offset that every sampled token's advantage shares, which otherwise pushes down every sampled token
@@ -83,7 +84,7 @@ def _policy_gradient_loss(loss_name: str):
         logprobs = losses.token_logprobs(features.hidden, unembedding(params, model.config), batch["targets"],
                                          chunk_size=config.loss_chunk_size, temperature=distill.temperature)
         advantages = rollout_advantages(batch, loss_name, config)
-        value, metrics = losses.policy_gradient_loss(
+        value, metrics = policy_gradient.policy_gradient_loss(
             logprobs, batch["target_sampler_logprobs"], advantages, batch["loss_mask"],
             clip_epsilon=distill.clip_epsilon, advantage_clip=distill.advantage_clip, normalize=distill.normalize)
         # policy_gradient_loss averages over this microbatch; reweight so the microbatches sum to the step's mean.
