@@ -1,12 +1,9 @@
 """Causal attention over packed documents (segment ids + per-token positions), GQA, and DeepSeek MLA.
 
-Masking rule, shared by every function here: query token i sees key token j when both are in the same nonzero segment
-and kv_position[j] <= q_position[i] (and, with a sliding window W, q_position[i] - kv_position[j] < W, as in
-transformers' Mistral/Qwen2). Segment id 0 marks padding (or an empty cache slot): it sees nothing and is seen by
-nothing; a query that sees nothing gets a zero output rather than NaN. Because the rule uses positions rather than
-array indices, the same call serves training (q = kv), a decode step (t=1 query against a cache) and chunked prefill.
-
-Softmax runs in float32; outputs come back in the query dtype.
+Every function here applies the masking rule of masks.py (same nonzero segment, key position <= query position,
+optional sliding window; padding sees nothing and a query that sees nothing gets a zero output), so the same call
+serves training, a decode step against a cache and chunked prefill. Softmax runs in float32; outputs come back in the
+query dtype. Shapes: see jaxopd/kernels/__init__.py.
 """
 
 from __future__ import annotations
@@ -17,32 +14,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jaxopd.kernels.blockwise_attention import blockwise_attention
+from jaxopd.kernels.masks import attention_mask, masked_softmax
+
 _IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "splash")
-
-
-def _attention_mask(
-    q_segment_ids: jnp.ndarray,
-    kv_segment_ids: jnp.ndarray,
-    q_positions: jnp.ndarray,
-    kv_positions: jnp.ndarray,
-    sliding_window: Optional[int],
-) -> jnp.ndarray:
-    """`[batch, q_len, kv_len]` bool: which keys each query may attend to (see module docstring)."""
-    same_segment_BxTxS = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (q_segment_ids[:, :, None] != 0)
-    distance_BxTxS = q_positions[:, :, None] - kv_positions[:, None, :]
-    mask_BxTxS = same_segment_BxTxS & (distance_BxTxS >= 0)
-    if sliding_window is not None:
-        mask_BxTxS &= distance_BxTxS < sliding_window
-    return mask_BxTxS
-
-
-def _masked_softmax(logits: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    """float32 softmax over the last axis that puts exactly 0 on masked keys, and 0 on rows with no visible key.
-
-    A finite floor (not -inf) keeps fully masked rows finite (uniform), and the final `where` zeroes them.
-    """
-    logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
 
 
 def _check_mask_inputs(name, q_len, kv_len, batch, q_segment_ids, kv_segment_ids, q_positions, kv_positions):
@@ -177,9 +152,6 @@ def attention(
         if not isinstance(block, int) or block < 1:
             raise ValueError(f"attention: {name}={block!r} must be a positive int (a tile size in tokens)")
     if implementation == "blockwise":
-        # Imported here because blockwise_attention imports this module's mask rule.
-        from jaxopd.kernels.blockwise_attention import blockwise_attention
-
         return blockwise_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                    q_positions=q_positions, kv_positions=kv_positions, scale=scale,
                                    sliding_window=sliding_window, block_q=block_q, block_kv=block_kv)
@@ -188,14 +160,14 @@ def attention(
             raise ValueError(f"attention implementation='splash' needs q_len == kv_len (self-attention), got "
                              f"{q_len} vs {kv_len}: use 'blockwise' for decode or chunked prefill")
         return _attention_splash(q, k, v, q_segment_ids, kv_segment_ids, scale, sliding_window, block_q, block_kv)
-    mask_BxTxS = _attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
+    mask_BxTxS = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
     if implementation == "cudnn":
         return _attention_jax_nn(q, k, v, mask_BxTxS, scale, "cudnn")
 
     groups = heads // kv_heads
     q_BxTxKxGxD = q.reshape(batch, q_len, kv_heads, groups, key_dim)
     logits_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k, preferred_element_type=jnp.float32) * scale
-    probs_BxKxGxTxS = _masked_softmax(logits_BxKxGxTxS, mask_BxTxS[:, None, None])
+    probs_BxKxGxTxS = masked_softmax(logits_BxKxGxTxS, mask_BxTxS[:, None, None])
     out_BxTxKxGxV = jnp.einsum(
         "bkgts,bskv->btkgv", probs_BxKxGxTxS.astype(v.dtype), v, preferred_element_type=jnp.float32
     )
@@ -312,8 +284,8 @@ def mla_absorbed_decode(
     logits_BxHxTxS = jnp.einsum(
         "bthc,bsc->bhts", q_latent_BxTxHxC.astype(latent.dtype), latent, preferred_element_type=jnp.float32
     ) + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32)
-    mask_BxTxS = _attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, None)
-    probs_BxHxTxS = _masked_softmax(logits_BxHxTxS * scale, mask_BxTxS[:, None])
+    mask_BxTxS = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, None)
+    probs_BxHxTxS = masked_softmax(logits_BxHxTxS * scale, mask_BxTxS[:, None])
     out_latent_BxTxHxC = jnp.einsum(
         "bhts,bsc->bthc", probs_BxHxTxS.astype(latent.dtype), latent, preferred_element_type=jnp.float32
     )

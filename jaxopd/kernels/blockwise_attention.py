@@ -1,8 +1,8 @@
 """Memory-efficient attention in pure JAX: softmax accumulated online over key blocks, never a [q_len, kv_len] array.
 
-Same inputs, masking rule and result as `attention.attention` (call it with implementation="blockwise", which checks
-the inputs). The algorithm is that of Rabe & Staats 2021 ("Self-attention does not need O(n^2) memory") and
-FlashAttention-2 (Dao 2023, Alg. 1 and 2):
+Same inputs, masking rule (masks.py) and result as `attention.attention` (call it with implementation="blockwise",
+which checks the inputs). The algorithm is that of Rabe & Staats 2021 ("Self-attention does not need O(n^2) memory")
+and FlashAttention-2 (Dao 2023, Alg. 1 and 2):
 
 - forward: for each query block, a scan over key blocks keeps the running row max m, row sum l and unnormalised
   output acc in float32 (acc <- acc * exp(m_old - m_new) + exp(logits - m_new) v); it returns the output and the
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxopd.kernels.attention import _attention_mask
+from jaxopd.kernels.masks import attention_mask
 
 # Finite floor for masked logits: the running max starts here, and exp(floor - real max) underflows to 0 without the
 # inf - inf = NaN that -inf would give on rows that have seen no key yet.
@@ -60,7 +60,7 @@ def _visible_tiles(q_segment_blocks, kv_segment_blocks, q_position_blocks, kv_po
 
         def tile(key_inputs):
             kv_segment_ids, kv_positions = key_inputs
-            mask_BxQxS = _attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
+            mask_BxQxS = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
             return mask_BxQxS.any(axis=(1, 2))
 
         return lax.map(tile, (kv_segment_blocks, kv_position_blocks))
@@ -71,7 +71,7 @@ def _visible_tiles(q_segment_blocks, kv_segment_blocks, q_position_blocks, kv_po
 def _tile_logits(q_BxQxKxGxD, k_BxSxKxD, q_segment_ids, kv_segment_ids, q_positions, kv_positions, scale,
                  sliding_window):
     """float32 scaled logits of one tile, the masked ones set to the floor; also the mask broadcast to them."""
-    mask_BxQxS = _attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
+    mask_BxQxS = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
     logits_BxQxKxGxS = jnp.einsum("bqkgd,bskd->bqkgs", q_BxQxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32)
     visible_BxQx1x1xS = mask_BxQxS[:, :, None, None, :]
     return jnp.where(visible_BxQx1x1xS, logits_BxQxKxGxS * scale, _MASKED), visible_BxQx1x1xS

@@ -7,6 +7,7 @@ import pytest
 
 from jaxopd.kernels import attention as attention_lib
 from jaxopd.kernels.attention import attention, mla_absorbed_decode, mla_naive
+from jaxopd.kernels.masks import attention_mask
 
 
 def _brute_force(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, scale, sliding_window=None):
@@ -112,7 +113,7 @@ def test_jax_nn_route_matches_einsum_route():
     rng = np.random.default_rng(5)
     q, k, v = _random(rng, 2, 9, 4, 12), _random(rng, 2, 9, 2, 12), _random(rng, 2, 9, 2, 8)
     ids, positions = jnp.asarray(SEGMENT_IDS), jnp.asarray(POSITIONS)
-    mask = attention_lib._attention_mask(ids, ids, positions, positions, None)
+    mask = attention_mask(ids, ids, positions, positions, None)
     routed = attention_lib._attention_jax_nn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, 0.3, "xla")
     expected = _brute_force(q, k, v, SEGMENT_IDS, SEGMENT_IDS, POSITIONS, POSITIONS, 0.3)
     assert routed.shape == (2, 9, 4, 8)
