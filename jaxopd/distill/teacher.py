@@ -70,8 +70,7 @@ def read_model_fields(path: str | pathlib.Path) -> tuple[int, dict[str, Any]]:
     """(newest step, the `model` section of its saved config) of a jaxopd checkpoint directory (a run workdir, its
     checkpoints/, or one written by `save_model`): what a run continuing from it sets as `config.model`."""
     directory = checkpoint.step_directory(path)
-    manager = ocp.CheckpointManager(directory.absolute(), item_handlers={"config": ocp.JsonCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = checkpoint.read_only_manager(directory, {"config": ocp.JsonCheckpointHandler()})
     step = manager.latest_step()
     if step is None:
         raise ValueError(f"no checkpoint steps in {directory}: expected a jaxopd run or a Hugging Face checkpoint")

@@ -109,12 +109,29 @@ def step_directory(path: str | pathlib.Path) -> pathlib.Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    """orbax warns that a directory opened read-only is read-only; that is what we asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+_READ_ONLY_NOTICE = _DropReadOnlyNotice()
+
+
+def read_only_manager(path: str | pathlib.Path, item_handlers: dict[str, Any]) -> ocp.CheckpointManager:
+    """A CheckpointManager that reads the step checkpoints of a run workdir, its `checkpoints/`, or a directory
+    written by `save_model`, and never writes."""
+    logging.getLogger("absl").addFilter(_READ_ONLY_NOTICE)  # once: addFilter skips a filter it has
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    return ocp.CheckpointManager(step_directory(path).absolute(), item_handlers=item_handlers, options=options)
+
+
 def load_params(path: str | pathlib.Path, abstract_params: Any, step: Optional[int] = None) -> Any:
     """Params only from a jaxopd checkpoint directory (a run workdir or its checkpoints/; the newest step unless
     `step` is given), read into the shardings of `abstract_params` (for fine-tuning from, or as a distillation
     teacher)."""
-    manager = ocp.CheckpointManager(step_directory(path).absolute(), item_handlers={
-        "params": ocp.StandardCheckpointHandler()}, options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = read_only_manager(path, {"params": ocp.StandardCheckpointHandler()})
     step = manager.latest_step() if step is None else step
     if step is None:
         raise ValueError(f"no jaxopd checkpoint in {path}: expected step directories written by jaxopd.train")
