@@ -42,10 +42,10 @@ def _attention_jax_nn(q, k, v, mask_BxTxS, scale, backend):
         v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, key_dim - value_dim)))
     elif value_dim > key_dim:
         q, k = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, value_dim - key_dim))) for x in (q, k))
-    out_BxTxHxV = jax.nn.dot_product_attention(
+    out_BxTxHxO = jax.nn.dot_product_attention(
         q, k, v, mask=mask_BxTxS[:, None], scale=scale, implementation=backend
     )[..., :value_dim]
-    return jnp.where(mask_BxTxS.any(-1)[:, :, None, None], out_BxTxHxV, 0).astype(q.dtype)
+    return jnp.where(mask_BxTxS.any(-1)[:, :, None, None], out_BxTxHxO, 0).astype(q.dtype)
 
 
 def _attention_splash(q, k, v, q_segment_ids, kv_segment_ids, scale, sliding_window, block_q, block_kv):
@@ -87,15 +87,15 @@ def _attention_splash(q, k, v, q_segment_ids, kv_segment_ids, scale, sliding_win
         splash_mask.MultiHeadMask([head_mask] * heads), block_sizes=block_sizes, head_shards=1, q_seq_shards=1,
         interpret=jax.default_backend() == "cpu")
 
-    def one_row(q_HxTxD, k_KxTxD, v_KxTxV, q_segment_ids_T, kv_segment_ids_T):
-        return kernel(q_HxTxD, k_KxTxD, v_KxTxV, segment_ids=splash.SegmentIds(q_segment_ids_T, kv_segment_ids_T))
+    def one_row(q_HxTxA, k_KxSxA, v_KxSxO, q_segment_ids_T, kv_segment_ids_S):
+        return kernel(q_HxTxA, k_KxSxA, v_KxSxO, segment_ids=splash.SegmentIds(q_segment_ids_T, kv_segment_ids_S))
 
     # The kernel has no scale argument: scaling q is the same.
-    out_BxHxTxV = jax.vmap(one_row)(
+    out_BxHxTxO = jax.vmap(one_row)(
         jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
         q_segment_ids, kv_segment_ids)
-    out_BxTxHxV = jnp.where((q_segment_ids != 0)[:, :, None, None], jnp.swapaxes(out_BxHxTxV, 1, 2), 0)
-    return out_BxTxHxV[:, :seq_len].astype(q.dtype)
+    out_BxTxHxO = jnp.where((q_segment_ids != 0)[:, :, None, None], jnp.swapaxes(out_BxHxTxO, 1, 2), 0)
+    return out_BxTxHxO[:, :seq_len].astype(q.dtype)
 
 
 def attention(
@@ -165,13 +165,13 @@ def attention(
         return _attention_jax_nn(q, k, v, mask_BxTxS, scale, "cudnn")
 
     groups = heads // kv_heads
-    q_BxTxKxGxD = q.reshape(batch, q_len, kv_heads, groups, key_dim)
-    logits_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k, preferred_element_type=jnp.float32) * scale
+    q_BxTxKxGxA = q.reshape(batch, q_len, kv_heads, groups, key_dim)
+    logits_BxKxGxTxS = jnp.einsum("btkga,bska->bkgts", q_BxTxKxGxA, k, preferred_element_type=jnp.float32) * scale
     probs_BxKxGxTxS = masked_softmax(logits_BxKxGxTxS, mask_BxTxS[:, None, None])
-    out_BxTxKxGxV = jnp.einsum(
-        "bkgts,bskv->btkgv", probs_BxKxGxTxS.astype(v.dtype), v, preferred_element_type=jnp.float32
+    out_BxTxKxGxO = jnp.einsum(
+        "bkgts,bsko->btkgo", probs_BxKxGxTxS.astype(v.dtype), v, preferred_element_type=jnp.float32
     )
-    return out_BxTxKxGxV.reshape(batch, q_len, heads, v.shape[-1]).astype(q.dtype)
+    return out_BxTxKxGxO.reshape(batch, q_len, heads, v.shape[-1]).astype(q.dtype)
 
 
 # ---- DeepSeek Multi-head Latent Attention (DeepSeek-V2 sec. 2.1) -----------------------------------------------------
@@ -236,12 +236,12 @@ def mla_naive(
     batch, q_len, kv_len = _check_mla_inputs("mla_naive", q_nope, q_rope, latent, k_rope, w_uk, w_uv)
     heads = q_nope.shape[2]
     k_nope_BxSxHxN = jnp.einsum("bsc,chn->bshn", latent, w_uk)
-    v_BxSxHxV = jnp.einsum("bsc,chv->bshv", latent, w_uv)
+    v_BxSxHxO = jnp.einsum("bsc,cho->bsho", latent, w_uv)
     k_rope_BxSxHxR = jnp.broadcast_to(k_rope[:, :, None, :], (batch, kv_len, heads, k_rope.shape[-1]))
     return attention(
         jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1),
         jnp.concatenate([k_nope_BxSxHxN, k_rope_BxSxHxR.astype(k_nope_BxSxHxN.dtype)], axis=-1),
-        v_BxSxHxV,
+        v_BxSxHxO,
         q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids,
         q_positions=q_positions,
@@ -289,7 +289,7 @@ def mla_absorbed_decode(
     out_latent_BxTxHxC = jnp.einsum(
         "bhts,bsc->bthc", probs_BxHxTxS.astype(latent.dtype), latent, preferred_element_type=jnp.float32
     )
-    out_BxTxHxV = jnp.einsum(
-        "bthc,chv->bthv", out_latent_BxTxHxC.astype(w_uv.dtype), w_uv, preferred_element_type=jnp.float32
+    out_BxTxHxO = jnp.einsum(
+        "bthc,cho->btho", out_latent_BxTxHxC.astype(w_uv.dtype), w_uv, preferred_element_type=jnp.float32
     )
-    return out_BxTxHxV.astype(q_nope.dtype)
+    return out_BxTxHxO.astype(q_nope.dtype)

@@ -16,6 +16,8 @@ Tiles whose mask is all false (future keys under causality, other documents, bey
 skipped with lax.cond, by a [num_q_blocks, num_kv_blocks] table computed once (`_visible_tiles`: a
 [batch, block_q, block_kv] integer comparison per tile, against a tile's matmuls that cost heads * head_dim times
 more). Every tile is still visited by the loops, so very small blocks pay loop overhead.
+
+Shapes: see jaxopd/kernels/__init__.py; inside a tile, I is its query block and J its key/value block.
 """
 
 from __future__ import annotations
@@ -60,21 +62,21 @@ def _visible_tiles(q_segment_blocks, kv_segment_blocks, q_position_blocks, kv_po
 
         def tile(key_inputs):
             kv_segment_ids, kv_positions = key_inputs
-            mask_BxQxS = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
-            return mask_BxQxS.any(axis=(1, 2))
+            mask_BxIxJ = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
+            return mask_BxIxJ.any(axis=(1, 2))
 
         return lax.map(tile, (kv_segment_blocks, kv_position_blocks))
 
     return lax.map(tiles_of_query_block, (q_segment_blocks, q_position_blocks)).any(-1)
 
 
-def _tile_logits(q_BxQxKxGxD, k_BxSxKxD, q_segment_ids, kv_segment_ids, q_positions, kv_positions, scale,
+def _tile_logits(q_BxIxKxGxA, k_BxJxKxA, q_segment_ids, kv_segment_ids, q_positions, kv_positions, scale,
                  sliding_window):
     """float32 scaled logits of one tile, the masked ones set to the floor; also the mask broadcast to them."""
-    mask_BxQxS = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
-    logits_BxQxKxGxS = jnp.einsum("bqkgd,bskd->bqkgs", q_BxQxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32)
-    visible_BxQx1x1xS = mask_BxQxS[:, :, None, None, :]
-    return jnp.where(visible_BxQx1x1xS, logits_BxQxKxGxS * scale, _MASKED), visible_BxQx1x1xS
+    mask_BxIxJ = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, sliding_window)
+    logits_BxIxKxGxJ = jnp.einsum("bikga,bjka->bikgj", q_BxIxKxGxA, k_BxJxKxA, preferred_element_type=jnp.float32)
+    visible_BxIx1x1xJ = mask_BxIxJ[:, :, None, None, :]
+    return jnp.where(visible_BxIx1x1xJ, logits_BxIxKxGxJ * scale, _MASKED), visible_BxIx1x1xJ
 
 
 def _forward(q_blocks, k_blocks, v_blocks, q_segment_blocks, kv_segment_blocks, q_position_blocks,
@@ -84,36 +86,36 @@ def _forward(q_blocks, k_blocks, v_blocks, q_segment_blocks, kv_segment_blocks, 
     value_dim = v_blocks.shape[-1]
 
     def attend_query_block(query_inputs):
-        q_BxQxKxGxD, q_segment_ids, q_positions, visible_key_blocks = query_inputs
-        stats_shape = q_BxQxKxGxD.shape[:-1]
+        q_BxIxKxGxA, q_segment_ids, q_positions, visible_key_blocks = query_inputs
+        stats_shape = q_BxIxKxGxA.shape[:-1]
         init = (jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
                 jnp.zeros(stats_shape + (value_dim,), jnp.float32))
 
         def key_block_step(carry, key_inputs):
-            k_BxSxKxD, v_BxSxKxV, kv_segment_ids, kv_positions, tile_visible = key_inputs
+            k_BxJxKxA, v_BxJxKxO, kv_segment_ids, kv_positions, tile_visible = key_inputs
 
             def accumulate(carry):
-                max_BxQxKxG, sum_BxQxKxG, acc_BxQxKxGxV = carry
-                logits_BxQxKxGxS, visible = _tile_logits(q_BxQxKxGxD, k_BxSxKxD, q_segment_ids, kv_segment_ids,
+                max_BxIxKxG, sum_BxIxKxG, acc_BxIxKxGxO = carry
+                logits_BxIxKxGxJ, visible = _tile_logits(q_BxIxKxGxA, k_BxJxKxA, q_segment_ids, kv_segment_ids,
                                                          q_positions, kv_positions, scale, sliding_window)
-                new_max_BxQxKxG = jnp.maximum(max_BxQxKxG, logits_BxQxKxGxS.max(-1))
-                probs_BxQxKxGxS = jnp.where(visible, jnp.exp(logits_BxQxKxGxS - new_max_BxQxKxG[..., None]), 0.0)
-                rescale_BxQxKxG = jnp.exp(max_BxQxKxG - new_max_BxQxKxG)
-                acc_BxQxKxGxV = acc_BxQxKxGxV * rescale_BxQxKxG[..., None] + jnp.einsum(
-                    "bqkgs,bskv->bqkgv", probs_BxQxKxGxS.astype(v_BxSxKxV.dtype), v_BxSxKxV,
+                new_max_BxIxKxG = jnp.maximum(max_BxIxKxG, logits_BxIxKxGxJ.max(-1))
+                probs_BxIxKxGxJ = jnp.where(visible, jnp.exp(logits_BxIxKxGxJ - new_max_BxIxKxG[..., None]), 0.0)
+                rescale_BxIxKxG = jnp.exp(max_BxIxKxG - new_max_BxIxKxG)
+                acc_BxIxKxGxO = acc_BxIxKxGxO * rescale_BxIxKxG[..., None] + jnp.einsum(
+                    "bikgj,bjko->bikgo", probs_BxIxKxGxJ.astype(v_BxJxKxO.dtype), v_BxJxKxO,
                     preferred_element_type=jnp.float32)
-                return new_max_BxQxKxG, sum_BxQxKxG * rescale_BxQxKxG + probs_BxQxKxGxS.sum(-1), acc_BxQxKxGxV
+                return new_max_BxIxKxG, sum_BxIxKxG * rescale_BxIxKxG + probs_BxIxKxGxJ.sum(-1), acc_BxIxKxGxO
 
             return lax.cond(tile_visible, accumulate, lambda carry: carry, carry), None
 
-        (max_BxQxKxG, sum_BxQxKxG, acc_BxQxKxGxV), _ = lax.scan(
+        (max_BxIxKxG, sum_BxIxKxG, acc_BxIxKxGxO), _ = lax.scan(
             key_block_step, init, (k_blocks, v_blocks, kv_segment_blocks, kv_position_blocks, visible_key_blocks))
         # A row that saw any key has sum >= 1 (its max term is exp(0)); the others stay exactly zero.
-        seen_BxQxKxG = sum_BxQxKxG > 0
-        safe_sum_BxQxKxG = jnp.where(seen_BxQxKxG, sum_BxQxKxG, 1.0)
-        out_BxQxKxGxV = jnp.where(seen_BxQxKxG[..., None], acc_BxQxKxGxV / safe_sum_BxQxKxG[..., None], 0.0)
-        logsumexp_BxQxKxG = jnp.where(seen_BxQxKxG, max_BxQxKxG + jnp.log(safe_sum_BxQxKxG), 0.0)
-        return out_BxQxKxGxV.astype(q_BxQxKxGxD.dtype), logsumexp_BxQxKxG
+        seen_BxIxKxG = sum_BxIxKxG > 0
+        safe_sum_BxIxKxG = jnp.where(seen_BxIxKxG, sum_BxIxKxG, 1.0)
+        out_BxIxKxGxO = jnp.where(seen_BxIxKxG[..., None], acc_BxIxKxGxO / safe_sum_BxIxKxG[..., None], 0.0)
+        logsumexp_BxIxKxG = jnp.where(seen_BxIxKxG, max_BxIxKxG + jnp.log(safe_sum_BxIxKxG), 0.0)
+        return out_BxIxKxGxO.astype(q_BxIxKxGxA.dtype), logsumexp_BxIxKxG
 
     return lax.map(attend_query_block, (q_blocks, q_segment_blocks, q_position_blocks, visible_tiles))
 
@@ -143,39 +145,39 @@ def _blockwise_backward(scale, sliding_window, residuals, d_out_blocks):
     inputs, visible_tiles, out_blocks, logsumexp_blocks = residuals
     q_blocks, k_blocks, v_blocks, q_segment_blocks, kv_segment_blocks, q_position_blocks, kv_position_blocks = inputs
     # FlashAttention-2 Alg. 2: delta_i = rowsum(dO_i * O_i) replaces the sum over keys of p * dp.
-    delta_blocks = jnp.einsum("nbqkgv,nbqkgv->nbqkg", d_out_blocks, out_blocks, preferred_element_type=jnp.float32)
+    delta_blocks = jnp.einsum("nbikgo,nbikgo->nbikg", d_out_blocks, out_blocks, preferred_element_type=jnp.float32)
 
     def key_block_grads(dq_blocks, key_inputs):
-        k_BxSxKxD, v_BxSxKxV, kv_segment_ids, kv_positions, visible_query_blocks = key_inputs
+        k_BxJxKxA, v_BxJxKxO, kv_segment_ids, kv_positions, visible_query_blocks = key_inputs
 
         def query_block_step(carry, query_inputs):
-            (index, q_BxQxKxGxD, d_out_BxQxKxGxV, logsumexp_BxQxKxG, delta_BxQxKxG, q_segment_ids, q_positions,
+            (index, q_BxIxKxGxA, d_out_BxIxKxGxO, logsumexp_BxIxKxG, delta_BxIxKxG, q_segment_ids, q_positions,
              tile_visible) = query_inputs
 
             def tile_grads(carry):
-                dq_blocks, dk_BxSxKxD, dv_BxSxKxV = carry
-                logits_BxQxKxGxS, visible = _tile_logits(q_BxQxKxGxD, k_BxSxKxD, q_segment_ids, kv_segment_ids,
+                dq_blocks, dk_BxJxKxA, dv_BxJxKxO = carry
+                logits_BxIxKxGxJ, visible = _tile_logits(q_BxIxKxGxA, k_BxJxKxA, q_segment_ids, kv_segment_ids,
                                                          q_positions, kv_positions, scale, sliding_window)
-                probs_BxQxKxGxS = jnp.where(visible, jnp.exp(logits_BxQxKxGxS - logsumexp_BxQxKxG[..., None]), 0.0)
-                dv_BxSxKxV += jnp.einsum("bqkgs,bqkgv->bskv", probs_BxQxKxGxS.astype(d_out_BxQxKxGxV.dtype),
-                                         d_out_BxQxKxGxV, preferred_element_type=jnp.float32)
-                d_probs_BxQxKxGxS = jnp.einsum("bqkgv,bskv->bqkgs", d_out_BxQxKxGxV, v_BxSxKxV,
+                probs_BxIxKxGxJ = jnp.where(visible, jnp.exp(logits_BxIxKxGxJ - logsumexp_BxIxKxG[..., None]), 0.0)
+                dv_BxJxKxO += jnp.einsum("bikgj,bikgo->bjko", probs_BxIxKxGxJ.astype(d_out_BxIxKxGxO.dtype),
+                                         d_out_BxIxKxGxO, preferred_element_type=jnp.float32)
+                d_probs_BxIxKxGxJ = jnp.einsum("bikgo,bjko->bikgj", d_out_BxIxKxGxO, v_BxJxKxO,
                                                preferred_element_type=jnp.float32)
-                d_logits_BxQxKxGxS = probs_BxQxKxGxS * (d_probs_BxQxKxGxS - delta_BxQxKxG[..., None]) * scale
-                dq_BxQxKxGxD = jnp.einsum("bqkgs,bskd->bqkgd", d_logits_BxQxKxGxS.astype(k_BxSxKxD.dtype), k_BxSxKxD,
+                d_logits_BxIxKxGxJ = probs_BxIxKxGxJ * (d_probs_BxIxKxGxJ - delta_BxIxKxG[..., None]) * scale
+                dq_BxIxKxGxA = jnp.einsum("bikgj,bjka->bikga", d_logits_BxIxKxGxJ.astype(k_BxJxKxA.dtype), k_BxJxKxA,
                                           preferred_element_type=jnp.float32)
-                dk_BxSxKxD += jnp.einsum("bqkgs,bqkgd->bskd", d_logits_BxQxKxGxS.astype(q_BxQxKxGxD.dtype),
-                                         q_BxQxKxGxD, preferred_element_type=jnp.float32)
+                dk_BxJxKxA += jnp.einsum("bikgj,bikga->bjka", d_logits_BxIxKxGxJ.astype(q_BxIxKxGxA.dtype),
+                                         q_BxIxKxGxA, preferred_element_type=jnp.float32)
                 # Added into the one float32 dq buffer in place (a loop carry), rather than stacked per key block.
-                return dq_blocks.at[index].add(dq_BxQxKxGxD), dk_BxSxKxD, dv_BxSxKxV
+                return dq_blocks.at[index].add(dq_BxIxKxGxA), dk_BxJxKxA, dv_BxJxKxO
 
             return lax.cond(tile_visible, tile_grads, lambda carry: carry, carry), None
 
-        init = (dq_blocks, jnp.zeros(k_BxSxKxD.shape, jnp.float32), jnp.zeros(v_BxSxKxV.shape, jnp.float32))
-        (dq_blocks, dk_BxSxKxD, dv_BxSxKxV), _ = lax.scan(
+        init = (dq_blocks, jnp.zeros(k_BxJxKxA.shape, jnp.float32), jnp.zeros(v_BxJxKxO.shape, jnp.float32))
+        (dq_blocks, dk_BxJxKxA, dv_BxJxKxO), _ = lax.scan(
             query_block_step, init, (jnp.arange(q_blocks.shape[0]), q_blocks, d_out_blocks, logsumexp_blocks,
                                      delta_blocks, q_segment_blocks, q_position_blocks, visible_query_blocks))
-        return dq_blocks, (dk_BxSxKxD, dv_BxSxKxV)
+        return dq_blocks, (dk_BxJxKxA, dv_BxJxKxO)
 
     dq_blocks, (dk_blocks, dv_blocks) = lax.scan(
         key_block_grads, jnp.zeros(q_blocks.shape, jnp.float32),
@@ -216,9 +218,9 @@ def blockwise_attention(
     batch, q_len, heads, key_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     block_q, block_kv = min(block_q, q_len), min(block_kv, kv_len)
-    q_BxTxKxGxD = q.reshape(batch, q_len, kv_heads, heads // kv_heads, key_dim)
+    q_BxTxKxGxA = q.reshape(batch, q_len, kv_heads, heads // kv_heads, key_dim)
     out_blocks = _blockwise(
-        _to_blocks(q_BxTxKxGxD, block_q), _to_blocks(k, block_kv), _to_blocks(v, block_kv),
+        _to_blocks(q_BxTxKxGxA, block_q), _to_blocks(k, block_kv), _to_blocks(v, block_kv),
         _to_blocks(q_segment_ids, block_q), _to_blocks(kv_segment_ids, block_kv),
         _to_blocks(q_positions, block_q), _to_blocks(kv_positions, block_kv),
         float(scale), sliding_window)

@@ -4,16 +4,16 @@ Every function that starts from hidden states runs over the sequence in chunks o
 logits are formed in float32, reduced to per-position numbers and dropped. The per-chunk function is wrapped in
 `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of storing them.
 
-Public API (shapes: b = batch, t = seq, d = model width, V = vocab):
-  chunked_cross_entropy(hidden [b,t,d], unembed [d,V], targets [b,t] int, loss_mask [b,t], *, chunk_size,
+Public API (shapes in the letters of jaxopd/kernels/__init__.py; W is the teacher's width):
+  chunked_cross_entropy(hidden [B,T,D], unembed [D,V], targets [B,T] int, loss_mask [B,T], *, chunk_size,
       z_loss_weight=0.0) -> {"loss_sum", "z_loss_sum", "token_count", "correct_count"} (float32 scalars;
       the training loss is (loss_sum + z_loss_sum) / token_count)
-  token_logprobs(hidden [b,t,d], unembed [d,V], tokens [b,t] int, *, chunk_size, temperature=1.0) -> [b,t] float32
+  token_logprobs(hidden [B,T,D], unembed [D,V], tokens [B,T] int, *, chunk_size, temperature=1.0) -> [B,T] float32
   reverse_kl(student_logits [..., V], teacher_logits [..., V], *, temperature=1.0) -> [...]    KL(student || teacher)
   forward_kl(student_logits, teacher_logits, *, temperature=1.0) -> [...]                      KL(teacher || student)
   generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0) -> [...]        GKD's JSD(beta)
-  chunked_divergence(student_hidden [b,t,ds], student_unembed [ds,V], teacher_hidden [b,t,dt], teacher_unembed [dt,V],
-      *, chunk_size, divergence="reverse_kl"|"forward_kl"|"jsd", beta=0.5, temperature=1.0) -> [b,t] float32
+  chunked_divergence(student_hidden [B,T,D], student_unembed [D,V], teacher_hidden [B,T,W], teacher_unembed [W,V],
+      *, chunk_size, divergence="reverse_kl"|"forward_kl"|"jsd", beta=0.5, temperature=1.0) -> [B,T] float32
 
 The policy-gradient and advantage math on sampled tokens' log-probs is in jaxopd/distill/policy_gradient.py.
 """
@@ -77,18 +77,18 @@ def _map_seq_chunks(chunk_fn: Callable[..., Any], weights: Any, seq_arrays: tupl
     return jax.tree.map(from_chunks, outputs)
 
 
-def _logits(hidden_BxCxD: Array, unembed_DxV: Array, temperature: float) -> Array:
+def _logits(hidden_BxIxD: Array, unembed_DxV: Array, temperature: float) -> Array:
     # Inputs stay in their dtype (bf16 weights are not copied to float32); the matmul accumulates in float32.
-    logits_BxCxV = jnp.einsum("bcd,dv->bcv", hidden_BxCxD, unembed_DxV, preferred_element_type=jnp.float32)
-    return logits_BxCxV / temperature if temperature != 1.0 else logits_BxCxV
+    logits_BxIxV = jnp.einsum("bid,dv->biv", hidden_BxIxD, unembed_DxV, preferred_element_type=jnp.float32)
+    return logits_BxIxV / temperature if temperature != 1.0 else logits_BxIxV
 
 
-def _target_stats_chunk(unembed_DxV, hidden_BxCxD, tokens_BxC, *, temperature):
-    logits_BxCxV = _logits(hidden_BxCxD, unembed_DxV, temperature)
-    log_normalizer_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, tokens_BxC[..., None], axis=-1)[..., 0]
-    correct_BxC = (jnp.argmax(logits_BxCxV, axis=-1) == tokens_BxC).astype(jnp.float32)
-    return target_logit_BxC - log_normalizer_BxC, log_normalizer_BxC, correct_BxC
+def _target_stats_chunk(unembed_DxV, hidden_BxIxD, tokens_BxI, *, temperature):
+    logits_BxIxV = _logits(hidden_BxIxD, unembed_DxV, temperature)
+    log_normalizer_BxI = jax.nn.logsumexp(logits_BxIxV, axis=-1)
+    target_logit_BxI = jnp.take_along_axis(logits_BxIxV, tokens_BxI[..., None], axis=-1)[..., 0]
+    correct_BxI = (jnp.argmax(logits_BxIxV, axis=-1) == tokens_BxI).astype(jnp.float32)
+    return target_logit_BxI - log_normalizer_BxI, log_normalizer_BxI, correct_BxI
 
 
 def _target_stats(hidden, unembed, tokens, chunk_size, temperature):
@@ -196,15 +196,15 @@ def generalized_jsd(
     return beta * kl_teacher_m + (1.0 - beta) * kl_student_m
 
 
-def _divergence_chunk(weights, student_hidden_BxCxD, teacher_hidden_BxCxE, *, divergence, beta, temperature):
-    student_unembed_DxV, teacher_unembed_ExV = weights
-    student_BxCxV = _logits(student_hidden_BxCxD, student_unembed_DxV, 1.0)
-    teacher_BxCxV = _logits(teacher_hidden_BxCxE, teacher_unembed_ExV, 1.0)
+def _divergence_chunk(weights, student_hidden_BxIxD, teacher_hidden_BxIxW, *, divergence, beta, temperature):
+    student_unembed_DxV, teacher_unembed_WxV = weights
+    student_BxIxV = _logits(student_hidden_BxIxD, student_unembed_DxV, 1.0)
+    teacher_BxIxV = _logits(teacher_hidden_BxIxW, teacher_unembed_WxV, 1.0)
     if divergence == "reverse_kl":
-        return reverse_kl(student_BxCxV, teacher_BxCxV, temperature=temperature)
+        return reverse_kl(student_BxIxV, teacher_BxIxV, temperature=temperature)
     if divergence == "forward_kl":
-        return forward_kl(student_BxCxV, teacher_BxCxV, temperature=temperature)
-    return generalized_jsd(student_BxCxV, teacher_BxCxV, beta=beta, temperature=temperature)
+        return forward_kl(student_BxIxV, teacher_BxIxV, temperature=temperature)
+    return generalized_jsd(student_BxIxV, teacher_BxIxV, beta=beta, temperature=temperature)
 
 
 def chunked_divergence(

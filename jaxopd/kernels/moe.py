@@ -18,6 +18,8 @@ Typical DeepSeek-V3 layer (the shared experts are a plain SwiGLU added outside):
   ids, w, scores = route(x @ w_router, expert_bias, top_k=8, num_groups=8, topk_groups=4, scale=2.5)
   y = moe_experts(x, ids, w, w_gate, w_up, w_down)
   load = expert_load(ids, num_experts, mask)        # then, outside the gradient: update_balance_bias(...)
+
+Shapes: see jaxopd/kernels/__init__.py.
 """
 
 from __future__ import annotations
@@ -89,14 +91,14 @@ def route(
     choice = jax.lax.stop_gradient(choice)
     if num_groups > 1:
         per_group = num_experts // num_groups
-        choice_xGxS = choice.reshape(*choice.shape[:-1], num_groups, per_group)
+        choice_xYxZ = choice.reshape(*choice.shape[:-1], num_groups, per_group)
         if score == "sigmoid":
-            group_scores = jax.lax.top_k(choice_xGxS, min(2, per_group))[0].sum(-1)
+            group_scores = jax.lax.top_k(choice_xYxZ, min(2, per_group))[0].sum(-1)
         else:
-            group_scores = choice_xGxS.max(-1)
+            group_scores = choice_xYxZ.max(-1)
         _, kept_groups = jax.lax.top_k(group_scores, topk_groups)
-        keep_xG = jax.nn.one_hot(kept_groups, num_groups, dtype=jnp.bool_).any(-2)
-        choice = jnp.where(keep_xG[..., None], choice_xGxS, -jnp.inf).reshape(choice.shape)
+        keep_xY = jax.nn.one_hot(kept_groups, num_groups, dtype=jnp.bool_).any(-2)
+        choice = jnp.where(keep_xY[..., None], choice_xYxZ, -jnp.inf).reshape(choice.shape)
     _, expert_ids = jax.lax.top_k(choice, top_k)
     weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
     if normalize:
@@ -165,8 +167,8 @@ def _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, first_expert):
 
     # Unsort with the inverse permutation (a gather, whose gradient is a scatter) and weight the k slots.
     inverse_order = jnp.argsort(order)
-    out_TxKxD = out_sorted_MxD[inverse_order].reshape(tokens, k, d)
-    out_TxD = jnp.einsum("tkd,tk->td", out_TxKxD, weights.astype(jnp.float32))
+    out_TxUxD = out_sorted_MxD[inverse_order].reshape(tokens, k, d)
+    out_TxD = jnp.einsum("tud,tu->td", out_TxUxD, weights.astype(jnp.float32))
     return out_TxD.astype(x.dtype)
 
 
@@ -261,7 +263,7 @@ def sequence_balance_loss(
 ) -> jax.Array:
     """Sequence-wise balance loss (DeepSeek-V3 eqs. 17-20), averaged over sequences; the caller multiplies by alpha.
 
-    Per sequence of T tokens: f_i = E / (K T) * #{t : i in top-k(t)}, P_i = mean_t s_{i,t} / sum_j s_{j,t},
+    Per sequence of T tokens: f_i = E / (top_k T) * #{t : i in top-k(t)}, P_i = mean_t s_{i,t} / sum_j s_{j,t},
     loss = sum_i f_i P_i (1 when perfectly balanced; larger when not). Gradients flow through P (the scores).
 
     Args:
@@ -286,20 +288,20 @@ def sequence_balance_loss(
     sequence_of_token = (jnp.arange(batch)[:, None] * (seq + 1) + segment_ids).reshape(-1)
     sequence_of_token = jnp.where(valid, sequence_of_token, num_sequences)
 
-    scores_NxE = scores.astype(jnp.float32).reshape(-1, num_experts)
+    scores_TxE = scores.astype(jnp.float32).reshape(-1, num_experts)
     # Padding rows may hold anything (even all zeros); keep them out of the division so no NaN reaches the gradient.
-    scores_NxE = jnp.where(valid[:, None], scores_NxE, 1.0)
-    normalized_NxE = scores_NxE / scores_NxE.sum(-1, keepdims=True)
+    scores_TxE = jnp.where(valid[:, None], scores_TxE, 1.0)
+    normalized_TxE = scores_TxE / scores_TxE.sum(-1, keepdims=True)
     segment_sum = lambda data: jax.ops.segment_sum(data, sequence_of_token, num_segments=num_sequences + 1)[:-1]
-    tokens_S = segment_sum(valid.astype(jnp.float32))
-    selected_SxE = (
+    tokens_Q = segment_sum(valid.astype(jnp.float32))
+    selected_QxE = (
         jnp.zeros((num_sequences + 1, num_experts), jnp.float32)
         .at[sequence_of_token[:, None], expert_ids.reshape(-1, k)]
         .add(1.0)[:-1]
     )
-    has_tokens_S = tokens_S > 0
-    per_token_S = 1.0 / jnp.where(has_tokens_S, tokens_S, 1.0)
-    f_SxE = (num_experts / k) * selected_SxE * per_token_S[:, None]
-    p_SxE = segment_sum(normalized_NxE) * per_token_S[:, None]
-    loss_S = (f_SxE * p_SxE).sum(-1)
-    return jnp.where(has_tokens_S, loss_S, 0.0).sum() / jnp.maximum(has_tokens_S.sum(), 1)
+    has_tokens_Q = tokens_Q > 0
+    per_token_Q = 1.0 / jnp.where(has_tokens_Q, tokens_Q, 1.0)
+    f_QxE = (num_experts / k) * selected_QxE * per_token_Q[:, None]
+    p_QxE = segment_sum(normalized_TxE) * per_token_Q[:, None]
+    loss_Q = (f_QxE * p_QxE).sum(-1)
+    return jnp.where(has_tokens_Q, loss_Q, 0.0).sum() / jnp.maximum(has_tokens_Q.sum(), 1)
