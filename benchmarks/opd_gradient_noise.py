@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopd import sharding, train, train_step
-from jaxopd.config import load_config_file
+from jaxopd.training.config import load_config_file
 from jaxopd.distill import driver
 from jaxopd.distill import rollouts as rollouts_lib
 

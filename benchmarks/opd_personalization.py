@@ -29,13 +29,13 @@ import jax
 import numpy as np
 
 from jaxopd import train
-from jaxopd.config import load_config_file, model_config_dict, to_model_config
+from jaxopd.training.config import load_config_file, model_config_dict, to_model_config
 from jaxopd.data.tokenizer import load_tokenizer
 from jaxopd.distill import rollouts as rollouts_lib
 from jaxopd.distill.driver import train_distill
 from jaxopd.distill.teacher import load_model, read_model_fields
-from jaxopd.flops import count_params
-from jaxopd.sampling import Sampler
+from jaxopd.training.flops import count_params
+from jaxopd.distill.sampling import Sampler
 from jaxopd.tasks import arithmetic
 
 import opd_vs_baselines  # noqa: E402  (same directory: RESULTS.md section writer)

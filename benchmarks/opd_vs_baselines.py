@@ -9,7 +9,7 @@ and a smaller student after a short SFT on teacher samples. From there, with the
   - reverse_kl: on-policy distillation (cost = student sampling + teacher scoring + training),
   - full_reverse_kl: the same on-policy states, but the exact full-vocabulary reverse KL at each position instead
     of its one-sample estimate (separates the estimator's variance from the objective itself).
-Held-out greedy accuracy is plotted against cumulative FLOPs (`flops/total`, jaxopd.flops conventions) in
+Held-out greedy accuracy is plotted against cumulative FLOPs (`flops/total`, jaxopd.training.flops conventions) in
 benchmarks/opd_vs_baselines.png, and the FLOPs each method needs to first reach `--target` accuracy go to
 benchmarks/RESULTS.md (section "On-policy distillation"), mean and spread over seeds.
 """
@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from jaxopd.config import load_config_file
+from jaxopd.training.config import load_config_file
 from jaxopd.distill import driver
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

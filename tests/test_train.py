@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxopd import config as config_lib, train
+from jaxopd import train
+from jaxopd.training import config as config_lib
 
 CONFIG = pathlib.Path(__file__).parent / "tiny_train_config.py"
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def test_uninterrupted_run_logs_what_the_issue_lists(uninterrupted):
         assert name in last and np.isfinite(last[name]), name
     assert last["loss"] < metrics[1]["loss"]
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines if "eval/loss" in line] == [10, 20]
+    assert [line["step"] for line in lines if "eval/loss" in line] == [0, 10, 20]  # before training, then every 10
     assert lines[0]["step"] == 0 and 0 < lines[0]["unigram_entropy"] < np.log(4096)
     assert json.loads((workdir / "config.json").read_text())["steps"] == 20
 
@@ -129,4 +130,4 @@ def test_init_from_a_jaxopd_checkpoint_loads_its_params(tmp_path, uninterrupted)
                            "init_from.kind": "checkpoint", "init_from.path": str(first / "checkpoints")}))
     evals = [[json.loads(line)["eval/loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
               if "eval/loss" in line] for workdir in (first, tmp_path)]
-    assert evals[1] == evals[0][-1:]
+    assert evals[1] == evals[0][-1:] * 2  # at the start and after the step: the loaded params' eval both times

@@ -18,7 +18,7 @@ Replace data.paths/data.tokenizer with the real corpus and the DeepSeek-V3 token
 """
 
 from jaxopd.training.config import base_config, load_model_preset
-from jaxopd.optim import batch_ramp
+from jaxopd.training.optimizer import batch_ramp
 
 SEQ_LEN = 4096
 TOTAL_TOKENS = 14.8e12

@@ -9,7 +9,7 @@ them for `config.loss`:
 - "full_reverse_kl", "forward_kl", "jsd": exact full-vocabulary divergences to the teacher at every completion
   position (GKD, Agarwal et al. 2024), from the teacher's hidden states and unembedding carried in the batch.
 
-Rollout batches follow the Batch contract (`jaxopd.sampling.sequence_layout`: tokens, targets, positions,
+Rollout batches follow the Batch contract (`jaxopd.distill.sampling.sequence_layout`: tokens, targets, positions,
 segment_ids, loss_mask on completion targets) plus, aligned with `targets`, `target_sampler_logprobs`,
 `teacher_logprobs` and `task_advantages` `[rows, seq]`; the full divergences read `teacher_hidden [rows, seq, d_t]`
 and `teacher_unembed [d_t, vocab]` (repeated per microbatch). Config block: `config.distill`

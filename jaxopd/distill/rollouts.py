@@ -1,7 +1,7 @@
 """Prompts in, scored rollouts out: the prompt stream (grain), batched rollouts with their rewards, FLOP counts.
 
 One rollout batch is `prompts_per_step` prompts, each sampled `group_size` times (the group's samples contiguous,
-as GRPO's normalization expects), laid out by `jaxopd.sampling.sequence_layout` as training rows.
+as GRPO's normalization expects), laid out by `jaxopd.distill.sampling.sequence_layout` as training rows.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def rollout(sampler: Sampler, params: Any, tokenizer: Any, prompts: Sequence[str
 
 def sampling_flops(config: ModelConfig, prompt_lengths: np.ndarray, completion_lengths: np.ndarray) -> float:
     """Forward FLOPs of generating the completions: the prefill of each prompt plus one cached decode step per
-    completion token, each attending to the tokens before it (jaxopd.flops conventions)."""
+    completion token, each attending to the tokens before it (jaxopd.training.flops conventions)."""
     total = 0.0
     for prompt_length, completion_length in zip(prompt_lengths.tolist(), completion_lengths.tolist()):
         total += prompt_length * _forward_flops(config, prompt_length, training=False)

@@ -9,8 +9,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from jaxopd import config as config_lib
-from jaxopd.distill import driver
+from jaxopd import train
+from jaxopd.training import config as config_lib
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "tiny_distill.py"
 # 8 prompts x 4 samples a step in two microbatches of 16 rows (process 0's rows are the first microbatch in both
@@ -40,8 +40,8 @@ def test_two_processes_distill_like_one_process_and_resume(tmp_path, run_process
         run_processes(CONFIG, tmp_path / "multi", {**OVERRIDES, "steps": steps})
     data = {path.name: json.loads(path.read_text())
             for path in (tmp_path / "multi" / "checkpoints" / "2" / "data").glob("process_*.json")}
-    driver.train_distill(config_lib.load_config_file(CONFIG, {"workdir": str(tmp_path / "multi"), **OVERRIDES}))
-    driver.train_distill(config_lib.load_config_file(CONFIG, {"workdir": str(tmp_path / "single"), **OVERRIDES}))
+    train.train(config_lib.load_config_file(CONFIG, {"workdir": str(tmp_path / "multi"), **OVERRIDES}))
+    train.train(config_lib.load_config_file(CONFIG, {"workdir": str(tmp_path / "single"), **OVERRIDES}))
 
     # Each step ran once in "multi": the relaunches resumed instead of starting over.
     rows = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
@@ -57,4 +57,4 @@ def test_two_processes_distill_like_one_process_and_resume(tmp_path, run_process
     # Each process saved its own prompt-stream state: the global position, as the one process did.
     assert sorted(data) == ["process_0-of-2.json", "process_1-of-2.json"]
     expected = json.loads((tmp_path / "single" / "checkpoints" / "2" / "data" / "process_0-of-1.json").read_text())
-    assert expected["prompts"] == {"next_index": 16} and all(state == expected for state in data.values())
+    assert expected["source"] == {"next_index": 16} and all(state == expected for state in data.values())

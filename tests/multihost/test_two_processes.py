@@ -7,7 +7,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from jaxopd import config as config_lib, train
+from jaxopd import train
+from jaxopd.training import config as config_lib
 
 CONFIG = pathlib.Path(__file__).parents[1] / "tiny_train_config.py"
 OVERRIDES = {"steps": 3, "checkpoint_every": 3, "data_shards": 2, "eval_every": 0, "unigram_entropy_batches": 0}

@@ -17,7 +17,7 @@ import json
 import pathlib
 
 from jaxopd import train
-from jaxopd.config import base_config, load_config_file, model_config_dict
+from jaxopd.training.config import base_config, load_config_file, model_config_dict
 from jaxopd.distill.teacher import load_model, save_model
 from jaxopd.tasks.arithmetic import read_jsonl
 
@@ -62,7 +62,7 @@ def write_teacher_samples(teacher: pathlib.Path, corpus: pathlib.Path, batch: in
 
     from jaxopd.data.tokenizer import load_tokenizer
     from jaxopd.distill.rollouts import rollout
-    from jaxopd.sampling import Sampler
+    from jaxopd.distill.sampling import Sampler
     from jaxopd.tasks.arithmetic import check
 
     model, params = load_model(teacher)

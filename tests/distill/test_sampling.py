@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxopd.model import ModelConfig, Transformer
-from jaxopd.sampling import Sampler, filter_logits, left_pad, sequence_layout
+from jaxopd.distill.sampling import Sampler, filter_logits, left_pad, sequence_layout
 
 PAD, EOS = 0, 2
 PROMPTS = [[1, 5, 6, 13, 7], [1, 9], [1, 7, 15, 4]]

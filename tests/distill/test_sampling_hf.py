@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import jaxopd
-from jaxopd.sampling import Sampler, left_pad
+from jaxopd.distill.sampling import Sampler, left_pad
 
 PROMPTS = [[1, 5, 6, 13, 7, 9], [1, 9], [1, 7, 15, 4]]
 NEW = 8

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxopd import checkpoint
+from jaxopd.training import checkpoint
 
 
 def _state(value):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxopd.model
-from jaxopd import flops
+from jaxopd.training import flops
 from jaxopd.model.config import ModelConfig
 
 TINY_GQA = ModelConfig(

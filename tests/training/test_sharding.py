@@ -2,15 +2,15 @@
 
 import flax.linen as nn
 import jax
-import ml_collections
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxopd import sharding
+from jaxopd.training import sharding
+from jaxopd.training.config import MeshConfig
 
 
 def _mesh_config(**sizes):
-    return ml_collections.ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **sizes})
+    return MeshConfig(**{"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **sizes})
 
 
 def test_minus_one_takes_the_remaining_devices():

@@ -1,4 +1,4 @@
-"""Distillation objectives through the trainer's real train_step, the teacher's tokenizer check, and the driver's
+"""Distillation objectives through the one real train step, the teacher's tokenizer check, and a distillation run's
 exact resume. References are written independently: full logits and float64 numpy, never the code under test."""
 
 import json
@@ -10,27 +10,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxopd import optim, train_step
-from jaxopd.config import load_config_file
+from jaxopd import train
 from jaxopd.data.tokenizer import load_tokenizer
-from jaxopd.distill import driver, objectives  # noqa: F401  (registers the objectives)
+from jaxopd.training import loop
+from jaxopd.training.config import load_config_file, to_run_config
+from jaxopd.training.optimizer import make_optimizer
+from jaxopd.training.step import make_train_step
 from jaxopd.distill.teacher import check_tokenizers, make_scorer, save_model
 from jaxopd.model import ModelConfig, Transformer, unembedding
-from jaxopd.sampling import Sampler, left_pad, sequence_layout
+from jaxopd.distill.sampling import Sampler, left_pad, sequence_layout
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "data" / "tasks" / "arithmetic" / "tokenizer.json"
 STUDENT = dict(vocab_size=17, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
 TEACHER = dict(vocab_size=17, d_model=24, num_layers=1, num_heads=3, num_kv_heads=1, head_dim=8, mlp_dim=48)
 PAD, EOS = 0, 2
 
 
-def config_for(loss: str, workdir="/tmp/unused", **overrides):
+def config_dict_for(loss: str, workdir="/tmp/unused", **overrides):
     fields = {f"model.{name}": value for name, value in STUDENT.items()}
     fields.update({"loss": loss, "workdir": str(workdir), "init_from.path": "", "progress_bar": False,
                    "batch_size": 16, "microbatch_size": 16, "distill.eval_prompts_count": 8,
                    "optimizer.weight_decay": 0.0, **overrides})
-    return load_config_file(ROOT / "configs" / "tiny_distill.py", fields)
+    return load_config_file("tiny_distill", fields)
+
+
+def config_for(loss: str, workdir="/tmp/unused", **overrides):
+    return to_run_config(config_dict_for(loss, workdir, **overrides))
 
 
 def init(fields, seed):
@@ -53,11 +59,12 @@ def rollout_batch(model, params, teacher_model, teacher_params, seed=0):
 
 
 def one_step(config, model, params, layout):
-    optimizer = optim.make_optimizer(config.optimizer)
+    optimizer = make_optimizer(config.optimizer)
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
              "rng": jax.random.key_data(jax.random.key(0))}
     batch = jax.tree.map(lambda x: x[None], layout)
-    return jax.jit(train_step.make_train_step(model, optimizer, config))(state, batch)
+    objective = train.OBJECTIVES[config.objective.loss].objective
+    return jax.jit(make_train_step(model, optimizer, objective, config))(state, batch)
 
 
 def test_teacher_equal_to_student_gives_zero_advantages_and_zero_gradient():
@@ -95,7 +102,7 @@ def test_policy_gradient_is_the_advantage_weighted_score_function(loss, baseline
     mask = layout["loss_mask"]
     rewards = jnp.asarray(np.random.default_rng(0).normal(size=(mask.shape[0], 1)), jnp.float32)
     layout["task_advantages"] = rewards * mask  # one value per sample, on its completion tokens
-    objective = train_step.OBJECTIVES[loss]
+    objective = train.OBJECTIVES[loss].objective
     totals = objective.totals(jax.tree.map(lambda x: x[None], layout), config)
     grads = jax.grad(lambda p: objective.loss(model, p, layout, totals, config)[0])(params)
     if loss == "reverse_kl":  # per-token OPD advantage (minus its token mean) plus the weighted task reward
@@ -121,7 +128,7 @@ def test_full_vocabulary_divergences_match_float64_numpy(loss):
     teacher_model, teacher_params = init(TEACHER, 4)
     layout = rollout_batch(model, params, teacher_model, teacher_params)
     layout["teacher_unembed"] = unembedding(teacher_params, teacher_model.config)
-    objective = train_step.OBJECTIVES[loss]
+    objective = train.OBJECTIVES[loss].objective
     value = objective.loss(model, params, layout, objective.totals(jax.tree.map(lambda x: x[None], layout), config),
                            config)[0]
 
@@ -155,22 +162,21 @@ def test_tokenizer_mismatch_is_reported_before_anything_runs():
         check_tokenizers(student, student, arithmetic, corpus)
 
 
-def test_prompts_must_split_evenly_over_processes(monkeypatch):
-    driver.validate(config_for("reverse_kl"))  # 16 rollouts / group_size 4 = 4 prompts a step, 8 eval prompts
-    monkeypatch.setattr(jax, "process_count", lambda: 3)
+def test_prompts_must_split_evenly_over_processes():
+    to_run_config(config_dict_for("reverse_kl"))  # 16 rollouts / group_size 4 = 4 prompts a step, 8 eval prompts
     with pytest.raises(ValueError, match="4 prompts per step and distill.eval_prompts_count=8 must both be multiples"):
-        driver.validate(config_for("reverse_kl"))
+        to_run_config(config_dict_for("reverse_kl"), process_count=3)
 
 
 @pytest.mark.slow
-def test_driver_resumes_exactly(tmp_path, monkeypatch, capsys):
+def test_distillation_resumes_exactly(tmp_path, monkeypatch, capsys):
     teacher_model, teacher_params = init(TEACHER, 5)
     save_model(tmp_path / "teacher", TEACHER, teacher_params)
     common = {"distill.teacher": str(tmp_path / "teacher"), "checkpoint_every": 2, "eval_every": 2,
               "log_every": 1, "async_checkpoints": False}
-    whole = driver.train_distill(config_for("reverse_kl", tmp_path / "whole", steps=4, **common))
-    driver.train_distill(config_for("reverse_kl", tmp_path / "split", steps=2, **common))
-    resumed = driver.train_distill(config_for("reverse_kl", tmp_path / "split", steps=4, **common))
+    whole = train.train(config_for("reverse_kl", tmp_path / "whole", steps=4, **common))
+    train.train(config_for("reverse_kl", tmp_path / "split", steps=2, **common))
+    resumed = train.train(config_for("reverse_kl", tmp_path / "split", steps=4, **common))
 
     def lines(name, after):
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -181,14 +187,14 @@ def test_driver_resumes_exactly(tmp_path, monkeypatch, capsys):
     assert whole["eval/accuracy"] == resumed["eval/accuracy"] and whole["loss"] == resumed["loss"]
 
     # A preemption (SIGTERM, or the multi-process sync point) after step 3, between scheduled checkpoints: the
-    # driver saves step 3 and stops; the rerun continues from it exactly.
+    # run saves step 3 and stops; the rerun continues from it exactly.
     with monkeypatch.context() as patched:
         calls = iter(range(1, 100))
-        patched.setattr(driver.train, "preemption_flag", lambda: lambda: next(calls) == 3)
-        driver.train_distill(config_for("reverse_kl", tmp_path / "preempted", steps=4, **common))
+        patched.setattr(loop, "preemption_flag", lambda: lambda: next(calls) == 3)
+        train.train(config_for("reverse_kl", tmp_path / "preempted", steps=4, **common))
     assert "preempted: saved step 3;" in capsys.readouterr().out
     assert sorted(int(step.name) for step in (tmp_path / "preempted" / "checkpoints").iterdir()) == [2, 3]
-    driver.train_distill(config_for("reverse_kl", tmp_path / "preempted", steps=4, **common))
+    train.train(config_for("reverse_kl", tmp_path / "preempted", steps=4, **common))
     assert lines("whole", 3) and lines("whole", 3) == lines("preempted", 3)
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "flops/training" in row]

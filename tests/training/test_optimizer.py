@@ -4,18 +4,18 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from jaxopd import optim
+from jaxopd.training import optimizer as optim
+from jaxopd.training.config import OptimizerConfig, ScheduleConfig
 
 
 def _schedule(**fields):
     base = dict(kind="deepseek_v3", peak_lr=2.2e-4, warmup_steps=10, decay_start=30, decay_end=50, end_lr=2.2e-5,
                 final_step=60, final_lr=7.3e-6)
     base.update(fields)
-    return ml_collections.ConfigDict(base)
+    return ScheduleConfig(**base)
 
 
 @pytest.mark.parametrize("step, expected", [
@@ -38,9 +38,9 @@ def test_warmup_cosine_schedule(step, expected):
 
 def test_schedule_rejects_breakpoints_out_of_order():
     with pytest.raises(ValueError, match="warmup_steps <= decay_start <= decay_end"):
-        optim.learning_rate_schedule(_schedule(decay_start=5))
+        _schedule(decay_start=5)
     with pytest.raises(ValueError, match="kind"):
-        optim.learning_rate_schedule(_schedule(kind="linear"))
+        _schedule(kind="linear")
 
 
 def test_batch_ramp_sizes_and_tokens():
@@ -60,9 +60,8 @@ def test_batch_ramp_off_and_bad_multiple():
 
 
 def _optimizer(weight_decay=0.1, clip=0.0):
-    return optim.make_optimizer(ml_collections.ConfigDict(dict(
-        b1=0.9, b2=0.95, eps=1e-8, weight_decay=weight_decay, grad_clip_norm=clip,
-        schedule=dict(kind="constant", peak_lr=0.5))))
+    return optim.make_optimizer(OptimizerConfig(b1=0.9, b2=0.95, eps=1e-8, weight_decay=weight_decay,
+                                                grad_clip_norm=clip, schedule=ScheduleConfig(kind="constant", peak_lr=0.5)))
 
 
 def _params():

@@ -7,10 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopd import config as config_lib, sharding, train, train_step
+from jaxopd.training import config as config_lib, sharding
+from jaxopd.training.objectives import CROSS_ENTROPY, mtp_targets
+from jaxopd.training.pretraining import StepBatches
+from jaxopd.training.state import build
 from jaxopd.model import moe_layer_paths
 
-CONFIG = pathlib.Path(__file__).parent / "tiny_train_config.py"
+CONFIG = pathlib.Path(__file__).parents[1] / "tiny_train_config.py"
 
 
 def test_mtp_targets_match_brute_force():
@@ -18,8 +21,7 @@ def test_mtp_targets_match_brute_force():
     targets = rng.integers(0, 50, (3, 12)).astype(np.int32)
     loss_mask = (rng.random((3, 12)) > 0.2).astype(np.float32)
     for depth in (1, 2, 3):
-        got_targets, got_mask = map(np.asarray, train_step.mtp_targets(jnp.asarray(targets), jnp.asarray(loss_mask),
-                                                                        depth))
+        got_targets, got_mask = map(np.asarray, mtp_targets(jnp.asarray(targets), jnp.asarray(loss_mask), depth))
         for b in range(3):
             for i in range(12):
                 valid = i + depth < 12 and all(loss_mask[b, j] for j in range(i, i + depth + 1))
@@ -29,14 +31,14 @@ def test_mtp_targets_match_brute_force():
 
 
 def test_step_moves_each_expert_bias_against_its_load_and_nothing_else_with_zero_lr():
-    config = config_lib.load_config_file(CONFIG, {"optimizer.schedule.kind": "constant",
-                                                  "optimizer.schedule.peak_lr": 0.0, "moe_bias_rate": 0.01})
-    run = train.build(config)
+    config = config_lib.to_run_config(config_lib.load_config_file(CONFIG, {
+        "optimizer.schedule.kind": "constant", "optimizer.schedule.peak_lr": 0.0, "moe_bias_rate": 0.01}))
+    run = build(config, CROSS_ENTROPY)
     before = jax.tree.map(np.asarray, run.state["params"])
-    batch = sharding.global_batch(train.StepBatches(config).next(2), run.mesh, leading_axes=1)
+    batch = sharding.global_batch(StepBatches(config).next(2), run.mesh, leading_axes=1)
     state, metrics = run.step_fn(run.state, batch)
     load = np.asarray(metrics["moe_load"])  # [moe layers (main then MTP), experts], mean over microbatches
-    paths = moe_layer_paths(config_lib.to_model_config(config.model))
+    paths = moe_layer_paths(config.model)
     assert load.shape == (len(paths), 8) and np.allclose(load.sum(-1), 1.0)
     for row, path in enumerate(paths):
         old, new = before, state["params"]
@@ -54,9 +56,9 @@ def test_step_moves_each_expert_bias_against_its_load_and_nothing_else_with_zero
 def test_gradient_accumulation_matches_one_big_batch():
     results = []
     for microbatch_size in (16, 8):
-        config = config_lib.load_config_file(CONFIG, {"microbatch_size": microbatch_size})
-        run = train.build(config)
-        batch = train.StepBatches(config).next(16 // microbatch_size)
+        config = config_lib.to_run_config(config_lib.load_config_file(CONFIG, {"microbatch_size": microbatch_size}))
+        run = build(config, CROSS_ENTROPY)
+        batch = StepBatches(config).next(16 // microbatch_size)
         state, metrics = run.step_fn(run.state, sharding.global_batch(batch, run.mesh, leading_axes=1))
         results.append(([float(metrics[k]) for k in ("loss", "ce_loss", "mtp_loss", "grad_norm")], state["params"]))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=2e-5)

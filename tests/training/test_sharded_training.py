@@ -6,15 +6,19 @@ import jax
 import numpy as np
 import pytest
 
-from jaxopd import config as config_lib, sharding, train
+from jaxopd.training import config as config_lib, sharding
+from jaxopd.training.objectives import CROSS_ENTROPY
+from jaxopd.training.pretraining import StepBatches
+from jaxopd.training.state import build
 
-CONFIG = pathlib.Path(__file__).parent / "tiny_train_config.py"
+CONFIG = pathlib.Path(__file__).parents[1] / "tiny_train_config.py"
 
 
 def _two_steps(mesh_sizes, devices):
-    config = config_lib.load_config_file(CONFIG, {f"mesh.{axis}": size for axis, size in mesh_sizes.items()})
-    run = train.build(config, devices)
-    batches = train.StepBatches(config)
+    config = config_lib.to_run_config(config_lib.load_config_file(
+        CONFIG, {f"mesh.{axis}": size for axis, size in mesh_sizes.items()}))
+    run = build(config, CROSS_ENTROPY, devices)
+    batches = StepBatches(config)
     state, values = run.state, []
     for _ in range(2):
         batch = sharding.global_batch(batches.next(2), run.mesh, leading_axes=1)
@@ -43,8 +47,8 @@ def test_sharded_step_matches_one_device(mesh_sizes, single_device):
 
 
 def test_params_are_created_sharded():
-    config = config_lib.load_config_file(CONFIG, {"mesh.data": 1, "mesh.fsdp": 8})
-    run = train.build(config)
+    config = config_lib.to_run_config(config_lib.load_config_file(CONFIG, {"mesh.data": 1, "mesh.fsdp": 8}))
+    run = build(config, CROSS_ENTROPY)
     sharded = [leaf for leaf in jax.tree.leaves(run.state["params"]) if not leaf.sharding.is_fully_replicated]
     assert sharded, "with fsdp=8 the weight matrices must be split"
     for leaf in sharded:
