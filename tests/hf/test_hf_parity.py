@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch_file
 
 import jaxopd
-from jaxopd.hf import _Checkpoint
+from jaxopd.hf.checkpoint import _Checkpoint
 
 # transformers' save_pretrained keeps num_nextn_predict_layers=1 but drops the MTP weights; test_mtp_* covers that.
 pytestmark = pytest.mark.filterwarnings("ignore:config.json asks for 1 multi-token-prediction")

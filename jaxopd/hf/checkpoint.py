@@ -1,10 +1,10 @@
 """Hugging Face checkpoints in and out: `load_hf(path) -> (model, params)` and `save_hf(model, params, path)`.
 
-Loading reads `config.json`, translates it (`jaxopd.hf_config`), then fills the model's parameters one at a time:
+Loading reads `config.json`, translates it (`jaxopd.hf.config`), then fills the model's parameters one at a time:
 each of our parameters is built in one preallocated host buffer from its Hugging Face tensors (per-expert tensors are
 written straight into their slice of the stacked `[experts, ...]` buffer), placed on its sharding, and dropped from the
 host before the next one is read — so the host never holds the model twice. DeepSeek's block-wise fp8 weights are
-dequantized on the way (`dequantize_fp8_blockwise`). Which tensor goes where is `jaxopd.hf_mapping`.
+dequantized on the way (`dequantize_fp8_blockwise`). Which tensor goes where is `jaxopd.hf.mapping`.
 
 Saving writes `config.json` and safetensors shards (with `model.safetensors.index.json` when there is more than one)
 in the layout transformers' `AutoModelForCausalLM.from_pretrained` reads, per-expert tensors included.
@@ -27,8 +27,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxopd.hf_config import config_from_hf, config_to_hf
-from jaxopd.hf_mapping import Entry, ignorable, param_entries, shared_copies
+from jaxopd.hf.config import config_from_hf, config_to_hf
+from jaxopd.hf.mapping import Entry, ignorable, param_entries, shared_copies
 
 if TYPE_CHECKING:
     from jaxopd.model import Transformer
@@ -190,7 +190,7 @@ def load_hf(path: str | os.PathLike, dtype: str = "bfloat16", mesh: Optional[jax
     entries = param_entries(config)
     mapped = sorted(entry.path for entry in entries)
     if mapped != sorted(_flat_paths(abstract)):
-        raise RuntimeError(f"jaxopd.hf_mapping is out of date with the model's parameters: mapped {mapped}, "
+        raise RuntimeError(f"jaxopd.hf.mapping is out of date with the model's parameters: mapped {mapped}, "
                            f"model has {sorted(_flat_paths(abstract))}")
     _check_names(entries, checkpoint, config)
 

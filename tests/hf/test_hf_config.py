@@ -1,4 +1,4 @@
-"""jaxopd.hf / hf_config / hf_mapping pieces that need no model: config translation, fp8 dequantization, reading
+"""jaxopd.hf pieces that need no model: config translation, fp8 dequantization, reading
 sharded checkpoints, and the errors users see."""
 
 import json
@@ -11,8 +11,8 @@ import transformers
 from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch_file
 
-from jaxopd.hf import _Checkpoint, _ShardWriter, dequantize_fp8_blockwise
-from jaxopd.hf_config import config_from_hf, config_to_hf
+from jaxopd.hf.checkpoint import _Checkpoint, _ShardWriter, dequantize_fp8_blockwise
+from jaxopd.hf.config import config_from_hf, config_to_hf
 from jaxopd.model.config import RopeScaling
 
 DEEPSEEK_V3 = {
