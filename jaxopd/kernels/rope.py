@@ -13,17 +13,36 @@ Scalings follow Hugging Face `transformers.modeling_rope_utils` so imported chec
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Literal, Optional, get_args
 
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:  # kernels take the scaling as plain data; importing jaxopd.model here would be circular
-    from jaxopd.model.config import RopeScaling
+RopeScalingKind = Literal["linear", "ntk", "yarn", "llama3"]
+# "rotate_half": pair i is (x[i], x[i + dim/2]) (transformers); "interleaved": pair i is (x[2i], x[2i+1]) (DeepSeek).
+RopeLayout = Literal["rotate_half", "interleaved"]
+_KINDS = get_args(RopeScalingKind)
+_LAYOUTS = get_args(RopeLayout)
 
-_KINDS = ("linear", "ntk", "yarn", "llama3")
-_LAYOUTS = ("rotate_half", "interleaved")
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE context extension (plain data; `jaxopd.model.ModelConfig.rope_scaling` holds one). `kind` is one of
+    "linear", "ntk" (dynamic-free NTK-aware base change), "yarn", "llama3"; see the module docstring."""
+
+    kind: RopeScalingKind
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    # YaRN (Peng et al. 2023): the correction range in rotations, and the attention temperature.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    # Llama 3.1 frequency-dependent scaling.
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
 
 def _get_mscale(factor: float, mscale: float = 1.0) -> float:

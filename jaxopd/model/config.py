@@ -5,22 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+from jaxopd.kernels.rope import RopeScaling
 
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """RoPE context extension. `kind` is one of "linear", "ntk" (dynamic-free NTK-aware base change), "yarn", "llama3"."""
-
-    kind: str
-    factor: float = 1.0
-    original_max_position_embeddings: int = 4096
-    # YaRN (Peng et al. 2023): the correction range in rotations, and the attention temperature.
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 0.0
-    # Llama 3.1 frequency-dependent scaling.
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
+__all__ = ["ModelConfig", "RopeScaling"]
 
 
 @dataclasses.dataclass(frozen=True)
