@@ -17,6 +17,13 @@ class ModelConfig:
     Attention is "gqa" (Llama/Qwen: num_kv_heads, head_dim, optional q/k RMSNorm) or "mla" (DeepSeek: q_lora_rank,
     kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim). Layers below `first_k_dense` use a dense SwiGLU MLP
     of width `mlp_dim`; the rest use DeepSeekMoE when `num_experts > 0`.
+
+    Fields keep Hugging Face's meaning (None = the default); the values derived from them are properties, written once:
+      kv_heads        key/value heads: num_kv_heads, or num_heads when unset (MLA: one per query head).
+      gqa_head_dim    GQA width of every q/k/v head: head_dim, or d_model // num_heads when unset.
+      qk_head_dim     MLA width of every query/key head: qk_nope_head_dim + qk_rope_head_dim.
+      is_moe_layer(layer)  whether decoder layer `layer` (MTP blocks are layers num_layers, num_layers + 1, ...)
+                      runs DeepSeekMoE rather than the dense MLP.
     """
 
     vocab_size: int
@@ -69,6 +76,21 @@ class ModelConfig:
     attention_block_q: int = 512  # tile sizes of "blockwise" and "splash"
     attention_block_kv: int = 512
     expert_parallel: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def gqa_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer >= self.first_k_dense
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

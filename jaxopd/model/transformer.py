@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxopd.kernels.moe import update_balance_bias
-from jaxopd.model.block import Block, MTPModule, MoEStats, is_moe_layer
+from jaxopd.model.block import Block, MTPModule, MoEStats
 from jaxopd.model.cache import write
 from jaxopd.model.config import ModelConfig
 from jaxopd.model.layers import Embed, RMSNorm, compute, param
@@ -201,8 +201,8 @@ def unembedding(params: dict, config: ModelConfig) -> jnp.ndarray:
 
 def moe_layer_paths(config: ModelConfig) -> list[tuple[str, ...]]:
     """Param-tree paths of the MoE layers, in the order of `Features.moe_load` rows."""
-    main = [(f"layers_{i}", "mlp") for i in range(config.num_layers) if is_moe_layer(config, i)]
-    mtp = [(f"mtp_{j}", "block", "mlp") for j in range(config.mtp_depth) if is_moe_layer(config, config.num_layers + j)]
+    main = [(f"layers_{i}", "mlp") for i in range(config.num_layers) if config.is_moe_layer(i)]
+    mtp = [(f"mtp_{j}", "block", "mlp") for j in range(config.mtp_depth) if config.is_moe_layer(config.num_layers + j)]
     return main + mtp
 
 

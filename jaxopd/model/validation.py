@@ -25,7 +25,7 @@ def check_config(c: ModelConfig) -> None:
     if c.rope_layout not in ("rotate_half", "interleaved"):
         raise ValueError(f"config.rope_layout={c.rope_layout!r} must be 'rotate_half' or 'interleaved'")
     if c.attention == "gqa":
-        kv_heads = c.num_kv_heads or c.num_heads
+        kv_heads = c.kv_heads
         if c.head_dim is None and c.d_model % c.num_heads:
             raise ValueError(f"d_model={c.d_model} is not divisible by num_heads={c.num_heads}: set config.head_dim")
         if c.num_heads % kv_heads:
