@@ -33,20 +33,19 @@ def _attention_params(config: ModelConfig) -> int:
         bias = (q + 2 * kv) if config.attention_bias else 0
         qk_norm = 2 * head_dim if config.qk_norm else 0
         return d * (q + 2 * kv) + q * d + bias + qk_norm
-    if config.attention == "mla":
-        qk_dim = config.qk_head_dim
-        if config.q_lora_rank:  # down-projection, its RMSNorm, up-projection (DeepSeek-V3 report eq. 6-7)
-            q_params = d * config.q_lora_rank + config.q_lora_rank + config.q_lora_rank * heads * qk_dim
-        else:
-            q_params = d * heads * qk_dim
-        # Joint KV down-projection (+ shared rope key), its RMSNorm, up-projection to per-head nope keys and values.
-        kv_params = (
-            d * (config.kv_lora_rank + config.qk_rope_head_dim)
-            + config.kv_lora_rank
-            + config.kv_lora_rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
-        )
-        return q_params + kv_params + heads * config.v_head_dim * d
-    raise ValueError(f"attention={config.attention!r} must be 'gqa' or 'mla'")
+    # MLA
+    qk_dim = config.qk_head_dim
+    if config.q_lora_rank:  # down-projection, its RMSNorm, up-projection (DeepSeek-V3 report eq. 6-7)
+        q_params = d * config.q_lora_rank + config.q_lora_rank + config.q_lora_rank * heads * qk_dim
+    else:
+        q_params = d * heads * qk_dim
+    # Joint KV down-projection (+ shared rope key), its RMSNorm, up-projection to per-head nope keys and values.
+    kv_params = (
+        d * (config.kv_lora_rank + config.qk_rope_head_dim)
+        + config.kv_lora_rank
+        + config.kv_lora_rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
+    )
+    return q_params + kv_params + heads * config.v_head_dim * d
 
 
 def _block_params(config: ModelConfig, layer: int) -> tuple[int, int]:

@@ -101,7 +101,8 @@ def _llama3_inv_freq(inv_freq: np.ndarray, scaling: RopeScaling) -> np.ndarray:
     return np.where(medium, blended, scaled)
 
 
-def _check_scaling(scaling: RopeScaling) -> None:
+def check_rope_scaling(scaling: RopeScaling) -> None:
+    """Raise ValueError for a scaling `rope_frequencies` cannot compute (unknown kind, factor <= 0, llama3 band)."""
     if scaling.kind not in _KINDS:
         raise ValueError(f"rope scaling kind={scaling.kind!r} is unknown: use one of {_KINDS} or scaling=None")
     if not scaling.factor > 0:
@@ -134,7 +135,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling]
     if scaling is None:
         inv_freq = theta**-exponents
     else:
-        _check_scaling(scaling)
+        check_rope_scaling(scaling)
         if scaling.kind == "ntk":
             inv_freq = (theta * scaling.factor ** (head_dim / (head_dim - 2))) ** -exponents
         elif scaling.kind == "linear":

@@ -66,7 +66,7 @@ from jaxopd.model.block import Block, MTPModule, MoEStats
 from jaxopd.model.cache import write
 from jaxopd.model.config import ModelConfig
 from jaxopd.model.layers import Embed, RMSNorm, compute, param
-from jaxopd.model.validation import check_config, check_inputs
+from jaxopd.model.validation import check_inputs
 
 
 @flax.struct.dataclass
@@ -89,7 +89,6 @@ class Transformer(nn.Module):
 
     def setup(self):
         c = self.config
-        check_config(c)
         block_cls = nn.remat(Block) if c.remat else Block
         self.embed = Embed(c)
         self.layers = [block_cls(c, i) for i in range(c.num_layers)]

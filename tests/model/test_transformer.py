@@ -172,9 +172,8 @@ def test_remat_changes_nothing_numerically():
     ],
 )
 def test_bad_configs_raise_clear_errors(change, message):
-    config = GQA.replace(**change)
     with pytest.raises(ValueError, match=message):
-        init_params(config)
+        init_params(GQA.replace(**change))
 
 
 def test_bad_inputs_raise_clear_errors():
