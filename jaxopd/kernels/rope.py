@@ -13,17 +13,36 @@ Scalings follow Hugging Face `transformers.modeling_rope_utils` so imported chec
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Literal, Optional, get_args
 
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:  # kernels take the scaling as plain data; importing jaxopd.model here would be circular
-    from jaxopd.model.config import RopeScaling
+RopeScalingKind = Literal["linear", "ntk", "yarn", "llama3"]
+# "rotate_half": pair i is (x[i], x[i + dim/2]) (transformers); "interleaved": pair i is (x[2i], x[2i+1]) (DeepSeek).
+RopeLayout = Literal["rotate_half", "interleaved"]
+_KINDS = get_args(RopeScalingKind)
+_LAYOUTS = get_args(RopeLayout)
 
-_KINDS = ("linear", "ntk", "yarn", "llama3")
-_LAYOUTS = ("rotate_half", "interleaved")
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE context extension (plain data; `jaxopd.model.ModelConfig.rope_scaling` holds one). `kind` is one of
+    "linear", "ntk" (dynamic-free NTK-aware base change), "yarn", "llama3"; see the module docstring."""
+
+    kind: RopeScalingKind
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    # YaRN (Peng et al. 2023): the correction range in rotations, and the attention temperature.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    # Llama 3.1 frequency-dependent scaling.
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
 
 def _get_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -82,7 +101,8 @@ def _llama3_inv_freq(inv_freq: np.ndarray, scaling: RopeScaling) -> np.ndarray:
     return np.where(medium, blended, scaled)
 
 
-def _check_scaling(scaling: RopeScaling) -> None:
+def check_rope_scaling(scaling: RopeScaling) -> None:
+    """Raise ValueError for a scaling `rope_frequencies` cannot compute (unknown kind, factor <= 0, llama3 band)."""
     if scaling.kind not in _KINDS:
         raise ValueError(f"rope scaling kind={scaling.kind!r} is unknown: use one of {_KINDS} or scaling=None")
     if not scaling.factor > 0:
@@ -115,7 +135,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling]
     if scaling is None:
         inv_freq = theta**-exponents
     else:
-        _check_scaling(scaling)
+        check_rope_scaling(scaling)
         if scaling.kind == "ntk":
             inv_freq = (theta * scaling.factor ** (head_dim / (head_dim - 2))) ** -exponents
         elif scaling.kind == "linear":

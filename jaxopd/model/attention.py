@@ -15,11 +15,6 @@ from jaxopd.model.config import ModelConfig
 from jaxopd.model.layers import RMSNorm, compute, param
 
 
-def gqa_dims(config: ModelConfig) -> tuple[int, int]:
-    """(kv_heads, head_dim): defaults are num_heads and d_model // num_heads."""
-    return config.num_kv_heads or config.num_heads, config.head_dim or config.d_model // config.num_heads
-
-
 class GQAAttention(nn.Module):
     """Parameters: `q [d, heads, head_dim]`, `k`, `v [d, kv_heads, head_dim]`, `o [heads, head_dim, d]`;
     with `attention_bias` also `q_bias [heads, head_dim]`, `k_bias`, `v_bias [kv_heads, head_dim]` (Qwen2); with
@@ -43,7 +38,7 @@ class GQAAttention(nn.Module):
         """
         c = self.config
         d, heads = c.d_model, c.num_heads
-        kv_heads, head_dim = gqa_dims(c)
+        kv_heads, head_dim = c.kv_heads, c.gqa_head_dim
         w_q = param(self, "q", (d, heads, head_dim), ("embed", "q_heads", "head_dim"))
         w_k = param(self, "k", (d, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
         w_v = param(self, "v", (d, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))

@@ -17,12 +17,6 @@ from jaxopd.model.moe import MoE
 MoEStats = Optional[tuple[jnp.ndarray, jnp.ndarray]]
 
 
-def is_moe_layer(config: ModelConfig, layer: int) -> bool:
-    """Layers from `first_k_dense` on use DeepSeekMoE when the config has experts (MTP blocks count as layers
-    num_layers, num_layers + 1, ...)."""
-    return config.num_experts > 0 and layer >= config.first_k_dense
-
-
 class Block(nn.Module):
     """x + attention(attention_norm(x)), then + mlp(mlp_norm(x)). Parameters: `attention_norm/scale`, `attention/*`
     (GQAAttention or MLAttention), `mlp_norm/scale`, `mlp/*` (MLP of width mlp_dim, or MoE)."""
@@ -48,7 +42,7 @@ class Block(nn.Module):
         )
         x = nn.with_logical_constraint(x + attended, ("batch", "seq", "embed"))
         normed = RMSNorm(c, name="mlp_norm")(x)
-        if is_moe_layer(c, self.layer):
+        if c.is_moe_layer(self.layer):
             mlp_out, stats = MoE(c, name="mlp")(normed, segment_ids)
         else:
             mlp_out, stats = MLP(c, c.mlp_dim, name="mlp")(normed), None

@@ -31,9 +31,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "bflo
             "k_rope": jnp.zeros((batch, max_len, config.qk_rope_head_dim), dtype),
         }
     else:
-        kv_heads = config.num_kv_heads or config.num_heads
-        head_dim = config.head_dim or config.d_model // config.num_heads
-        layer = {name: jnp.zeros((batch, max_len, kv_heads, head_dim), dtype) for name in ("k", "v")}
+        shape = (batch, max_len, config.kv_heads, config.gqa_head_dim)
+        layer = {name: jnp.zeros(shape, dtype) for name in ("k", "v")}
     return {
         "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
         "layers": tuple(dict(layer) for _ in range(config.num_layers)),

@@ -1,26 +1,29 @@
-"""The one model configuration: a frozen dataclass that can express DeepSeek-V3/V2, Qwen3/Qwen2 and Llama 3."""
+"""The one model configuration: a frozen dataclass that can express DeepSeek-V3/V2, Qwen3/Qwen2 and Llama 3.
+
+Every string option is a `Literal` and every field is checked once, in `ModelConfig.__post_init__`: a config no model
+can be built from cannot be constructed (nor made by `replace`), so the modules read fields without re-checking them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
+
+from jaxopd.kernels.rope import RopeLayout, RopeScaling, check_rope_scaling
+
+__all__ = ["AttentionImplementation", "AttentionKind", "DTypeName", "ModelConfig", "RopeScaling", "RouterScore"]
+
+AttentionKind = Literal["gqa", "mla"]
+RouterScore = Literal["sigmoid", "softmax"]  # "sigmoid" (DeepSeek-V3) or "softmax" (V2, Qwen-MoE, Mixtral)
+# `jaxopd.kernels.attention` implementations: "blockwise" for long context, "splash" on TPU.
+AttentionImplementation = Literal["xla", "cudnn", "blockwise", "splash"]
+DTypeName = Literal["float32", "bfloat16", "float16"]
 
 
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """RoPE context extension. `kind` is one of "linear", "ntk" (dynamic-free NTK-aware base change), "yarn", "llama3"."""
-
-    kind: str
-    factor: float = 1.0
-    original_max_position_embeddings: int = 4096
-    # YaRN (Peng et al. 2023): the correction range in rotations, and the attention temperature.
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 0.0
-    # Llama 3.1 frequency-dependent scaling.
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
+def _either(options: Any) -> str:
+    """The values of a Literal as prose: 'a' or 'b'; 'a', 'b' or 'c'."""
+    quoted = [repr(option) for option in get_args(options)]
+    return f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +33,13 @@ class ModelConfig:
     Attention is "gqa" (Llama/Qwen: num_kv_heads, head_dim, optional q/k RMSNorm) or "mla" (DeepSeek: q_lora_rank,
     kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim). Layers below `first_k_dense` use a dense SwiGLU MLP
     of width `mlp_dim`; the rest use DeepSeekMoE when `num_experts > 0`.
+
+    Fields keep Hugging Face's meaning (None = the default); the values derived from them are properties, written once:
+      kv_heads        key/value heads: num_kv_heads, or num_heads when unset (MLA: one per query head).
+      gqa_head_dim    GQA width of every q/k/v head: head_dim, or d_model // num_heads when unset.
+      qk_head_dim     MLA width of every query/key head: qk_nope_head_dim + qk_rope_head_dim.
+      is_moe_layer(layer)  whether decoder layer `layer` (MTP blocks are layers num_layers, num_layers + 1, ...)
+                      runs DeepSeekMoE rather than the dense MLP.
     """
 
     vocab_size: int
@@ -37,7 +47,7 @@ class ModelConfig:
     num_layers: int
     num_heads: int
     mlp_dim: int
-    attention: str = "gqa"
+    attention: AttentionKind = "gqa"
     # GQA
     num_kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
@@ -51,7 +61,7 @@ class ModelConfig:
     v_head_dim: int = 0
     # Positions
     rope_theta: float = 10000.0
-    rope_layout: str = "rotate_half"  # "rotate_half" (transformers, Qwen, Llama) or "interleaved" (DeepSeek reference)
+    rope_layout: RopeLayout = "rotate_half"  # "rotate_half" (transformers, Qwen, Llama) or "interleaved" (DeepSeek)
     rope_scaling: Optional[RopeScaling] = None
     max_position_embeddings: int = 4096
     sliding_window: Optional[int] = None
@@ -61,7 +71,7 @@ class ModelConfig:
     num_shared_experts: int = 0
     moe_mlp_dim: int = 0
     first_k_dense: int = 0
-    router_score: str = "sigmoid"  # "sigmoid" (DeepSeek-V3) or "softmax" (V2, Qwen-MoE, Mixtral)
+    router_score: RouterScore = "sigmoid"
     num_expert_groups: int = 1
     topk_groups: int = 1
     norm_topk_prob: bool = True
@@ -72,16 +82,72 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = False
     init_std: float = 0.02  # normal(0, init_std) for every matrix and the embedding (HF `initializer_range`)
-    dtype: str = "float32"  # compute dtype; softmax, norms and logits stay float32
-    param_dtype: str = "float32"
+    dtype: DTypeName = "float32"  # compute dtype; softmax, norms and logits stay float32
+    param_dtype: DTypeName = "float32"
     remat: bool = False  # rematerialize each decoder block in the backward pass (nn.remat)
     # How the forward pass runs (not the architecture): `jaxopd.kernels.attention` implementation for training and
     # prefill, and whether routed experts run expert-parallel (shard_map over the "expert" axis of the mesh set
     # with `jax.set_mesh`; at init or with no mesh set they run unsharded).
-    attention_implementation: str = "xla"  # "xla", "cudnn", "blockwise" (long context) or "splash" (TPU)
+    attention_implementation: AttentionImplementation = "xla"
     attention_block_q: int = 512  # tile sizes of "blockwise" and "splash"
     attention_block_kv: int = 512
     expert_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        """Raise ValueError, naming the field and the fix, for a config no model can be built from."""
+        has_dense_layers = self.num_experts == 0 or self.first_k_dense > 0
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads") + (("mlp_dim",) if has_dense_layers else ()):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config.{name}={getattr(self, name)} must be >= 1")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in get_args(DTypeName):
+                raise ValueError(f"config.{name}={getattr(self, name)!r} is not a dtype name ({_either(DTypeName)})")
+        for name, options in (("rope_layout", RopeLayout), ("router_score", RouterScore),
+                              ("attention_implementation", AttentionImplementation)):
+            if getattr(self, name) not in get_args(options):
+                raise ValueError(f"config.{name}={getattr(self, name)!r} must be {_either(options)}")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
+        if self.attention == "gqa":
+            if self.head_dim is None and self.d_model % self.num_heads:
+                raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}: set "
+                                 "config.head_dim")
+            if self.num_heads % self.kv_heads:
+                raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.kv_heads} "
+                                 "(GQA groups)")
+        elif self.attention == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"attention='mla' needs config.{name} >= 1, got {getattr(self, name)}")
+            if self.q_lora_rank is not None and self.q_lora_rank < 1:
+                raise ValueError(f"config.q_lora_rank={self.q_lora_rank} must be >= 1, or None for a direct q projection")
+        else:
+            raise ValueError(f"config.attention={self.attention!r} must be {_either(AttentionKind)}")
+        if self.num_experts:
+            if self.num_experts_per_token < 1 or self.moe_mlp_dim < 1:
+                raise ValueError(
+                    f"num_experts={self.num_experts} needs num_experts_per_token >= 1 and moe_mlp_dim >= 1, got "
+                    f"{self.num_experts_per_token} and {self.moe_mlp_dim}"
+                )
+        if not 0 <= self.first_k_dense <= self.num_layers:
+            raise ValueError(f"first_k_dense={self.first_k_dense} must lie in [0, num_layers={self.num_layers}]")
+        if self.mtp_depth < 0:
+            raise ValueError(f"mtp_depth={self.mtp_depth} must be >= 0")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def gqa_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer >= self.first_k_dense
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -45,7 +45,7 @@ class MLAttention(nn.Module):
         cfg = self.config
         d, heads, rank = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank
         nope, rope, v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        qk_dim = nope + rope
+        qk_dim = cfg.qk_head_dim
 
         if cfg.q_lora_rank is None:
             w_q = param(self, "q", (d, heads, qk_dim), ("embed", "q_heads", "head_dim"))

@@ -62,11 +62,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxopd.kernels.moe import update_balance_bias
-from jaxopd.model.block import Block, MTPModule, MoEStats, is_moe_layer
+from jaxopd.model.block import Block, MTPModule, MoEStats
 from jaxopd.model.cache import write
 from jaxopd.model.config import ModelConfig
 from jaxopd.model.layers import Embed, RMSNorm, compute, param
-from jaxopd.model.validation import check_config, check_inputs
+from jaxopd.model.validation import check_inputs
 
 
 @flax.struct.dataclass
@@ -89,7 +89,6 @@ class Transformer(nn.Module):
 
     def setup(self):
         c = self.config
-        check_config(c)
         block_cls = nn.remat(Block) if c.remat else Block
         self.embed = Embed(c)
         self.layers = [block_cls(c, i) for i in range(c.num_layers)]
@@ -201,8 +200,8 @@ def unembedding(params: dict, config: ModelConfig) -> jnp.ndarray:
 
 def moe_layer_paths(config: ModelConfig) -> list[tuple[str, ...]]:
     """Param-tree paths of the MoE layers, in the order of `Features.moe_load` rows."""
-    main = [(f"layers_{i}", "mlp") for i in range(config.num_layers) if is_moe_layer(config, i)]
-    mtp = [(f"mtp_{j}", "block", "mlp") for j in range(config.mtp_depth) if is_moe_layer(config, config.num_layers + j)]
+    main = [(f"layers_{i}", "mlp") for i in range(config.num_layers) if config.is_moe_layer(i)]
+    mtp = [(f"mtp_{j}", "block", "mlp") for j in range(config.mtp_depth) if config.is_moe_layer(config.num_layers + j)]
     return main + mtp
 
 

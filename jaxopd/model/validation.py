@@ -1,4 +1,5 @@
-"""Config and input checks with messages that name the fix, and the default segment ids / positions."""
+"""Input checks with messages that name the fix, and the default segment ids / positions (the config checks itself:
+`ModelConfig.__post_init__`)."""
 
 from __future__ import annotations
 
@@ -9,45 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopd.model.config import ModelConfig
-
-
-def check_config(c: ModelConfig) -> None:
-    """Raise ValueError for a config no model can be built from."""
-    has_dense_layers = c.num_experts == 0 or c.first_k_dense > 0
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads") + (("mlp_dim",) if has_dense_layers else ()):
-        if getattr(c, name) < 1:
-            raise ValueError(f"config.{name}={getattr(c, name)} must be >= 1")
-    for name in ("dtype", "param_dtype"):
-        try:
-            jnp.dtype(getattr(c, name))
-        except TypeError:
-            raise ValueError(f"config.{name}={getattr(c, name)!r} is not a dtype name (e.g. 'float32', 'bfloat16')")
-    if c.rope_layout not in ("rotate_half", "interleaved"):
-        raise ValueError(f"config.rope_layout={c.rope_layout!r} must be 'rotate_half' or 'interleaved'")
-    if c.attention == "gqa":
-        kv_heads = c.num_kv_heads or c.num_heads
-        if c.head_dim is None and c.d_model % c.num_heads:
-            raise ValueError(f"d_model={c.d_model} is not divisible by num_heads={c.num_heads}: set config.head_dim")
-        if c.num_heads % kv_heads:
-            raise ValueError(f"num_heads={c.num_heads} must be a multiple of num_kv_heads={kv_heads} (GQA groups)")
-    elif c.attention == "mla":
-        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-            if getattr(c, name) < 1:
-                raise ValueError(f"attention='mla' needs config.{name} >= 1, got {getattr(c, name)}")
-        if c.q_lora_rank is not None and c.q_lora_rank < 1:
-            raise ValueError(f"config.q_lora_rank={c.q_lora_rank} must be >= 1, or None for a direct q projection")
-    else:
-        raise ValueError(f"config.attention={c.attention!r} must be 'gqa' or 'mla'")
-    if c.num_experts:
-        if c.num_experts_per_token < 1 or c.moe_mlp_dim < 1:
-            raise ValueError(
-                f"num_experts={c.num_experts} needs num_experts_per_token >= 1 and moe_mlp_dim >= 1, got "
-                f"{c.num_experts_per_token} and {c.moe_mlp_dim}"
-            )
-    if not 0 <= c.first_k_dense <= c.num_layers:
-        raise ValueError(f"first_k_dense={c.first_k_dense} must lie in [0, num_layers={c.num_layers}]")
-    if c.mtp_depth < 0:
-        raise ValueError(f"mtp_depth={c.mtp_depth} must be >= 0")
 
 
 def default_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:

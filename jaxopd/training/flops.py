@@ -25,33 +25,27 @@ from __future__ import annotations
 from jaxopd.model.config import ModelConfig
 
 
-def _gqa_dims(config: ModelConfig) -> tuple[int, int]:
-    head_dim = config.head_dim or config.d_model // config.num_heads
-    return head_dim, config.num_kv_heads or config.num_heads
-
-
 def _attention_params(config: ModelConfig) -> int:
     d, heads = config.d_model, config.num_heads
     if config.attention == "gqa":
-        head_dim, kv_heads = _gqa_dims(config)
+        head_dim, kv_heads = config.gqa_head_dim, config.kv_heads
         q, kv = heads * head_dim, kv_heads * head_dim
         bias = (q + 2 * kv) if config.attention_bias else 0
         qk_norm = 2 * head_dim if config.qk_norm else 0
         return d * (q + 2 * kv) + q * d + bias + qk_norm
-    if config.attention == "mla":
-        qk_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
-        if config.q_lora_rank:  # down-projection, its RMSNorm, up-projection (DeepSeek-V3 report eq. 6-7)
-            q_params = d * config.q_lora_rank + config.q_lora_rank + config.q_lora_rank * heads * qk_dim
-        else:
-            q_params = d * heads * qk_dim
-        # Joint KV down-projection (+ shared rope key), its RMSNorm, up-projection to per-head nope keys and values.
-        kv_params = (
-            d * (config.kv_lora_rank + config.qk_rope_head_dim)
-            + config.kv_lora_rank
-            + config.kv_lora_rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
-        )
-        return q_params + kv_params + heads * config.v_head_dim * d
-    raise ValueError(f"attention={config.attention!r} must be 'gqa' or 'mla'")
+    # MLA
+    qk_dim = config.qk_head_dim
+    if config.q_lora_rank:  # down-projection, its RMSNorm, up-projection (DeepSeek-V3 report eq. 6-7)
+        q_params = d * config.q_lora_rank + config.q_lora_rank + config.q_lora_rank * heads * qk_dim
+    else:
+        q_params = d * heads * qk_dim
+    # Joint KV down-projection (+ shared rope key), its RMSNorm, up-projection to per-head nope keys and values.
+    kv_params = (
+        d * (config.kv_lora_rank + config.qk_rope_head_dim)
+        + config.kv_lora_rank
+        + config.kv_lora_rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
+    )
+    return q_params + kv_params + heads * config.v_head_dim * d
 
 
 def _block_params(config: ModelConfig, layer: int) -> tuple[int, int]:
@@ -59,7 +53,7 @@ def _block_params(config: ModelConfig, layer: int) -> tuple[int, int]:
     d = config.d_model
     shared = 2 * d + _attention_params(config)
     swiglu = lambda width: 3 * d * width
-    if config.num_experts == 0 or layer < config.first_k_dense:
+    if not config.is_moe_layer(layer):
         mlp = swiglu(config.mlp_dim)
         return shared + mlp, shared + mlp
     # Router weights [d, experts] and the load-balancing bias (DeepSeek-V3 sec. 2.1.2) are used by every token.
@@ -103,9 +97,9 @@ def _attention_flops(config: ModelConfig, context: float, *, absorbed: bool) -> 
         # Absorbed MLA (DeepSeek-V2 sec. 2.1.4): scores against the cached latent + rope key, values are the latent.
         qk_dim, v_dim = config.kv_lora_rank + config.qk_rope_head_dim, config.kv_lora_rank
     elif config.attention == "mla":
-        qk_dim, v_dim = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
+        qk_dim, v_dim = config.qk_head_dim, config.v_head_dim
     else:
-        qk_dim = v_dim = _gqa_dims(config)[0]
+        qk_dim = v_dim = config.gqa_head_dim
     return 2.0 * heads * (qk_dim + v_dim) * context
 
 

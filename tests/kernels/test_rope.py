@@ -2,6 +2,10 @@
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +15,7 @@ from transformers import DeepseekV3Config, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_deepseek
 
-from jaxopd.kernels.rope import apply_rope, rope_frequencies, yarn_softmax_scale_factor
-from jaxopd.model.config import RopeScaling
+from jaxopd.kernels.rope import RopeScaling, apply_rope, rope_frequencies, yarn_softmax_scale_factor
 
 YARN_PAPER = RopeScaling(kind="yarn", factor=8.0, original_max_position_embeddings=512, beta_fast=32.0, beta_slow=1.0)
 YARN_DEEPSEEK = RopeScaling(
@@ -239,3 +242,10 @@ def test_interleaved_matches_transformers_deepseek_v3_interleave():
     # ...so attention logits agree exactly in either layout.
     np.testing.assert_allclose(np.einsum("bthd,bshd->bhts", ours_q, ours_k),
                                np.einsum("bthd,bshd->bhts", hf_q, hf_k), atol=2e-3, rtol=1e-4)
+
+
+def test_rope_imports_without_the_model():
+    """Kernels are math: jaxopd.kernels.rope (RopeScaling included) must not import jaxopd.model."""
+    code = "import sys, jaxopd.kernels.rope; assert not [m for m in sys.modules if m.startswith('jaxopd.model')]"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2],
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})

@@ -51,7 +51,8 @@ def test_cli_reports_misspelt_key_before_running(config_file):
 
 def test_model_config_round_trip_and_optional_fields():
     model = ModelConfig(vocab_size=64, d_model=16, num_layers=2, num_heads=2, mlp_dim=32, attention="mla",
-                        kv_lora_rank=8, rope_scaling=RopeScaling(kind="yarn", factor=4.0))
+                        kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                        rope_scaling=RopeScaling(kind="yarn", factor=4.0))
     import dataclasses
     section = config_lib.model_config_dict(dataclasses.asdict(model))
     assert config_lib.to_model_config(section) == model

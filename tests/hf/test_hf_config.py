@@ -1,18 +1,9 @@
-"""jaxopd.hf / hf_config / hf_mapping pieces that need no model: config translation, fp8 dequantization, reading
-sharded checkpoints, and the errors users see."""
+"""jaxopd.hf.config: Hugging Face config.json <-> ModelConfig, and the errors users see for what is not supported."""
 
-import json
-
-import ml_dtypes
-import numpy as np
 import pytest
-import torch
 import transformers
-from safetensors.numpy import save_file
-from safetensors.torch import save_file as save_torch_file
 
-from jaxopd.hf import _Checkpoint, _ShardWriter, dequantize_fp8_blockwise
-from jaxopd.hf_config import config_from_hf, config_to_hf
+from jaxopd.hf.config import config_from_hf, config_to_hf
 from jaxopd.model.config import RopeScaling
 
 DEEPSEEK_V3 = {
@@ -100,69 +91,6 @@ def test_sliding_window_qwen_is_refused():
           "num_attention_heads": 4, "use_sliding_window": True}
     with pytest.raises(ValueError, match="use_sliding_window"):
         config_from_hf(hf)
-
-
-def _quantize_blockwise_float64(weight, block=128):
-    """Reference fp8 quantization: per 128x128 tile scale = max|w| / 448 (e4m3 max), stored as scale_inv."""
-    rows, cols = weight.shape
-    scale_inv = np.zeros((-(-rows // block), -(-cols // block)))
-    quantized = np.zeros_like(weight)
-    for i in range(scale_inv.shape[0]):
-        for j in range(scale_inv.shape[1]):
-            tile = weight[i * block:(i + 1) * block, j * block:(j + 1) * block]
-            scale_inv[i, j] = np.abs(tile).max() / 448.0
-            quantized[i * block:(i + 1) * block, j * block:(j + 1) * block] = tile / scale_inv[i, j]
-    fp8 = torch.from_numpy(quantized).to(torch.float8_e4m3fn)
-    expected = np.zeros_like(weight)
-    for i in range(scale_inv.shape[0]):
-        for j in range(scale_inv.shape[1]):
-            rows_, cols_ = slice(i * block, (i + 1) * block), slice(j * block, (j + 1) * block)
-            expected[rows_, cols_] = fp8[rows_, cols_].to(torch.float64).numpy() * scale_inv[i, j]
-    return fp8, torch.from_numpy(scale_inv.astype(np.float32)), expected
-
-
-def test_fp8_blockwise_dequantization_with_partial_edge_blocks(tmp_path):
-    rng = np.random.default_rng(0)
-    weight = rng.normal(0, 0.05, (300, 200)) * rng.uniform(0.1, 10, (300, 1))  # tiles with very different ranges
-    fp8, scale_inv, expected = _quantize_blockwise_float64(weight)
-    save_torch_file({"w.weight": fp8, "w.weight_scale_inv": scale_inv, "b": torch.ones(3)},
-                    tmp_path / "model.safetensors")
-    checkpoint = _Checkpoint(tmp_path)
-    loaded = checkpoint.read("w.weight", (128, 128))
-    assert loaded.dtype == np.float32 and loaded.shape == (300, 200)
-    np.testing.assert_allclose(loaded, expected, rtol=1e-6, atol=0)
-    # e4m3 keeps 3 mantissa bits; its smallest step (subnormals) is 2^-9 of the tile's scale.
-    step = np.kron(scale_inv.numpy().astype(np.float64), np.ones((128, 128)))[:300, :200] * 2.0**-9
-    assert np.all(np.abs(loaded - weight) <= 2.0**-4 * np.abs(weight) + step)
-    np.testing.assert_array_equal(checkpoint.read("b", (128, 128)), np.ones(3, np.float32))
-
-
-def test_dequantize_rejects_scales_that_do_not_tile():
-    with pytest.raises(ValueError, match="does not tile"):
-        dequantize_fp8_blockwise(np.zeros((300, 200), ml_dtypes.float8_e4m3fn), np.ones((2, 2), np.float32))
-
-
-def test_shard_writer_splits_and_indexes(tmp_path):
-    tensors = {f"t{i}": np.full((10, 10), i, np.float32) for i in range(5)}  # 400 bytes each
-    writer = _ShardWriter(tmp_path, max_shard_bytes=900)
-    for name, tensor in tensors.items():
-        writer.add(name, tensor)
-    writer.finish()
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
-    assert index["metadata"]["total_size"] == 2000
-    checkpoint = _Checkpoint(tmp_path)
-    for name, tensor in tensors.items():
-        np.testing.assert_array_equal(checkpoint.read(name, (128, 128)), tensor)
-
-
-def test_index_naming_a_tensor_its_shard_lacks_is_reported(tmp_path):
-    save_file({"a": np.zeros(2, np.float32)}, tmp_path / "model-00001-of-00001.safetensors")
-    weight_map = {"a": "model-00001-of-00001.safetensors", "b": "model-00001-of-00001.safetensors"}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(ValueError, match="tensor 'b' is listed in .* but missing from .*model-00001-of-00001"):
-        _Checkpoint(tmp_path).read("b", (128, 128))
-
 
 
 def test_dynamic_rope_loads_as_static_ntk_with_a_warning():

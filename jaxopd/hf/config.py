@@ -208,7 +208,7 @@ def hf_model_type(config: ModelConfig) -> str:
             raise ValueError("save_hf: qk_norm together with attention_bias matches no supported architecture")
         return "qwen3"
     if config.attention_bias:
-        if config.head_dim not in (None, config.d_model // config.num_heads):
+        if config.gqa_head_dim != config.d_model // config.num_heads:
             raise ValueError(f"save_hf: Qwen2 needs head_dim == d_model // num_heads, got head_dim={config.head_dim}")
         return "qwen2"
     return "llama"
@@ -235,8 +235,7 @@ def config_to_hf(config: ModelConfig, dtype: str) -> dict:
         dtype=dtype,
     )
     if config.attention == "gqa":
-        hf.update(num_key_value_heads=config.num_kv_heads or config.num_heads,
-                  head_dim=config.head_dim or config.d_model // config.num_heads, attention_bias=False)
+        hf.update(num_key_value_heads=config.kv_heads, head_dim=config.gqa_head_dim, attention_bias=False)
         if model_type == "qwen2":
             del hf["head_dim"], hf["attention_bias"]
         return hf

@@ -93,7 +93,7 @@ def _attention_entries(config: ModelConfig, ours: tuple[str, ...], hf: str) -> l
 
 
 def _mlp_entries(config: ModelConfig, layer: int, ours: tuple[str, ...], hf: str) -> list[Entry]:
-    if not config.num_experts or layer < config.first_k_dense:
+    if not config.is_moe_layer(layer):
         return _swiglu(ours, hf)
     entries = [
         _one(ours + ("router",), f"{hf}.gate.weight", "linear"),

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch_file
 
 import jaxopd
-from jaxopd.hf import _Checkpoint
+from jaxopd.hf.safetensors_io import SafetensorsReader
 
 # transformers' save_pretrained keeps num_nextn_predict_layers=1 but drops the MTP weights; test_mtp_* covers that.
 pytestmark = pytest.mark.filterwarnings("ignore:config.json asks for 1 multi-token-prediction")
@@ -309,7 +309,7 @@ def test_mesh_placement_uses_logical_axes(tmp_path):
 
 def test_checkpoint_reader_sees_every_shard(tmp_path):
     randomized(qwen2()).save_pretrained(tmp_path / "hf", max_shard_size="20KB")
-    checkpoint = _Checkpoint(tmp_path / "hf")
+    checkpoint = SafetensorsReader(tmp_path / "hf")
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert set(checkpoint.file_of) == set(index["weight_map"])
 

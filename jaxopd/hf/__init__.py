@@ -1,0 +1,11 @@
+"""Hugging Face checkpoints in and out: `load_hf(path) -> (model, params)` and `save_hf(model, params, path)`.
+
+Rooms: `config` (config.json <-> ModelConfig), `mapping` (which tensor fills which parameter, and its layout),
+`safetensors_io` (reading and writing the tensor files), `fp8` (DeepSeek's block-wise fp8 dequantization),
+`checkpoint` (load_hf / save_hf, one parameter at a time).
+"""
+
+from jaxopd.hf.checkpoint import load_hf, save_hf
+from jaxopd.hf.fp8 import dequantize_fp8_blockwise
+
+__all__ = ["dequantize_fp8_blockwise", "load_hf", "save_hf"]
