@@ -1,12 +1,12 @@
 """How noisy is OPD's one-sample gradient? Cosine between it and the exact per-token reverse-KL gradient.
 
-    PYTHONPATH=. python benchmarks/opd_gradient_noise.py [--rollouts 512] [--batches 3]
+    PYTHONPATH=. python experiments/opd_gradient_noise.py [--rollouts 512] [--batches 3]
 
 On the same student rollouts (configs/tiny_distill.py: the bundled SFT'd student and teacher), the sampled OPD loss
 (the "reverse_kl" objective of the train step, with and without `distill.kl_baseline`) and the exact full-vocabulary
 KL(student || teacher) summed over the same positions have the same expected gradient; the cosine between the two on
 one batch says how much of a step is noise. Also the cosine between the exact gradients of two different batches
-(what a noiseless per-token objective would still vary by). Written to benchmarks/RESULTS.md, section
+(what a noiseless per-token objective would still vary by). Written to experiments/RESULTS.md, section
 "OPD gradient noise".
 """
 
@@ -83,7 +83,7 @@ def main() -> None:
             rows.append((index, cosine(exact, plain), cosine(exact, centred)))
     across = [cosine(exact_grads[i], exact_grads[i + 1]) for i in range(len(exact_grads) - 1)]
     lines = [SECTION, "",
-             f"`PYTHONPATH=. python benchmarks/opd_gradient_noise.py --rollouts {args.rollouts} --batches "
+             f"`PYTHONPATH=. python experiments/opd_gradient_noise.py --rollouts {args.rollouts} --batches "
              f"{args.batches}`: the bundled student ({args.rollouts} rollouts a batch, {group_size} per prompt), "
              "cosine between the sampled OPD gradient and the exact per-token reverse-KL gradient on the same "
              "rollouts.", "",
@@ -93,7 +93,7 @@ def main() -> None:
               "sampled estimate's disagreement with the exact one is mostly the one-sample noise, which the "
               "batch-mean baseline reduces."]
     section = "\n".join(lines) + "\n"
-    opd_vs_baselines.write_section(ROOT / "benchmarks" / "RESULTS.md", section)
+    opd_vs_baselines.write_section(ROOT / "experiments" / "RESULTS.md", section)
     print(section)
 
 

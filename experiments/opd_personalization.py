@@ -1,11 +1,11 @@
 """The seed's "personalization" experiment in small: learn something new, lose an old skill, get it back by OPD
 with the model's own earlier checkpoint as the teacher.
 
-    PYTHONPATH=. python benchmarks/opd_personalization.py [--new facts|subtraction] [--start DIR] \
+    PYTHONPATH=. python experiments/opd_personalization.py [--new facts|subtraction] [--start DIR] \
         [--finetune-steps 400] [--opd-steps 150] [--opd-lrs 1.5e-4,5e-4] [--mix-old 0.3] [--seeds 0,1,2]
 
   A  the starting student, good at addition: the bundled student continued by SFT on teacher samples (the best SFT
-     run of benchmarks/opd_vs_baselines.py: 300 steps, peak LR 1.5e-3), built here unless --start names one (any
+     run of experiments/opd_vs_baselines.py: 300 steps, peak LR 1.5e-3), built here unless --start names one (any
      architecture: B and C take A's; `--start data/tasks/arithmetic/teacher` runs the experiment on the 5x larger
      bundled teacher);
   B  A fine-tuned by next-token CE on new documents, optionally mixed with some addition documents (`--mix-old`, as
@@ -15,7 +15,7 @@ with the model's own earlier checkpoint as the teacher.
      Addition suffers;
   C  B trained by OPD on addition prompts only, teacher = A (same tokenizer, its own earlier self).
 Greedy accuracy of A, B and C on held-out addition prompts and on the new material (fact recall; held-out
-subtraction problems) goes to benchmarks/RESULTS.md (sections "OPD personalization (<A's size>), ...").
+subtraction problems) goes to experiments/RESULTS.md (sections "OPD personalization (<A's size>), ...").
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def main() -> None:
     heading = f"{SECTION} ({size})" + {"facts": ", new facts", "subtraction": ", new skill (subtraction)"}[args.new]
     seed_note = f"; B and C with seeds {args.seeds}: mean ± std (per seed)" if len(seeds) > 1 else ""
     lines = [heading + (f", old-task documents mixed into B ({args.mix_old:g}x)" if args.mix_old else ""), "",
-             f"`PYTHONPATH=. python benchmarks/opd_personalization.py --new {args.new} "
+             f"`PYTHONPATH=. python experiments/opd_personalization.py --new {args.new} "
              + (f"--start {args.start} " if args.start else "") +
              f"--finetune-steps {args.finetune_steps} --finetune-lr {args.finetune_lr:g} --opd-steps {args.opd_steps} "
              f"--opd-lrs {args.opd_lrs} --mix-old {args.mix_old:g}"
@@ -186,7 +186,7 @@ def main() -> None:
     lines += [f"| {label} | {old} | {new} |" for label, old, new in rows]
     lines += ["", "During C:", *kl_lines]
     section = "\n".join(lines) + "\n"
-    opd_vs_baselines.write_section(ROOT / "benchmarks" / "RESULTS.md", section)
+    opd_vs_baselines.write_section(ROOT / "experiments" / "RESULTS.md", section)
     print(section)
 
 

@@ -1,6 +1,6 @@
 """The seed's comparison in miniature: continue one SFT'd student three ways and compare accuracy per FLOP.
 
-    PYTHONPATH=. python benchmarks/opd_vs_baselines.py [--seeds 0,1,2] [--steps 150] [--target 0.5] [--jobs 2]
+    PYTHONPATH=. python experiments/opd_vs_baselines.py [--seeds 0,1,2] [--steps 150] [--target 0.5] [--jobs 2]
 
 Starting point (data/tasks/train_teacher.py made both): a teacher trained to high accuracy on multi-digit addition,
 and a smaller student after a short SFT on teacher samples. From there, with the same driver, batch and optimizer:
@@ -10,8 +10,8 @@ and a smaller student after a short SFT on teacher samples. From there, with the
   - full_reverse_kl: the same on-policy states, but the exact full-vocabulary reverse KL at each position instead
     of its one-sample estimate (separates the estimator's variance from the objective itself).
 Held-out greedy accuracy is plotted against cumulative FLOPs (`flops/total`, jaxopd.training.flops conventions) in
-benchmarks/opd_vs_baselines.png, and the FLOPs each method needs to first reach `--target` accuracy go to
-benchmarks/RESULTS.md (section "On-policy distillation"), mean and spread over seeds.
+experiments/opd_vs_baselines.png, and the FLOPs each method needs to first reach `--target` accuracy go to
+experiments/RESULTS.md (section "On-policy distillation"), mean and spread over seeds.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def results_section(curves: dict, target: float, args: argparse.Namespace, best_
     opd = np.asarray([flops_to_reach(c, target) for c in curves["reverse_kl"]])
     config = method_config("reverse_kl", 0, best_lr["reverse_kl"], args)
     lines = [SECTION, "",
-             f"`PYTHONPATH=. python benchmarks/opd_vs_baselines.py --seeds {args.seeds} --steps {args.steps} "
+             f"`PYTHONPATH=. python experiments/opd_vs_baselines.py --seeds {args.seeds} --steps {args.steps} "
              f"--eval-every {args.eval_every} --target {target} --lrs {args.lrs} --jobs {args.jobs}` (about 2 min a "
              "run on 2 CPU cores; runs already in `--workdir` are reused). "
              "Task: multi-digit addition (data/tasks/arithmetic), teacher and SFT'd student from "
@@ -157,7 +157,7 @@ def write_section(path: pathlib.Path, section: str) -> None:
     """Replaces the section of RESULTS.md headed by `section`'s first line (up to the next "## " heading), or
     appends it."""
     heading = section.splitlines()[0]
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    text = path.read_text() if path.exists() else "# Experiment results\n"
     start = text.find(heading + "\n")
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
@@ -187,9 +187,9 @@ def main() -> None:
         futures = {method: [pool.submit(run, method, seed, best_lr[method], args) for seed in seeds]
                    for method in METHODS}
         curves = {method: [future.result() for future in runs] for method, runs in futures.items()}
-    plot(curves, args.target, ROOT / "benchmarks" / "opd_vs_baselines.png")
+    plot(curves, args.target, ROOT / "experiments" / "opd_vs_baselines.png")
     section = results_section(curves, args.target, args, best_lr, sweep)
-    write_section(ROOT / "benchmarks" / "RESULTS.md", section)
+    write_section(ROOT / "experiments" / "RESULTS.md", section)
     print(section)
 
 
