@@ -57,7 +57,7 @@ def load_model(path: str | pathlib.Path, mesh: Optional[jax.sharding.Mesh] = Non
                          "Face checkpoint directory")
     mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=1, fsdp=-1))
     if _is_hf(path):
-        from jaxopd import load_hf
+        from jaxopd.hf import load_hf
 
         with sharding.mesh_context(mesh):
             return load_hf(path, dtype=hf_dtype, mesh=mesh, rules=sharding.LOGICAL_AXIS_RULES)

@@ -90,7 +90,7 @@ def load_initial_params(source: InitFromConfig, run: Run, param_dtype: str) -> A
     abstract = sharding.abstract_arrays(run.state["params"], run.shardings["params"])
     if source.kind == "checkpoint":
         return checkpoint.load_params(source_path, abstract)
-    from jaxopd import load_hf  # the optional Hugging Face import path, only needed here
+    from jaxopd.hf import load_hf  # the optional Hugging Face import path, only needed here
 
     _, loaded = load_hf(source_path, dtype=param_dtype, mesh=run.mesh, rules=sharding.LOGICAL_AXIS_RULES)
     loaded = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
