@@ -13,20 +13,21 @@ one batch says how much of a step is noise. Also the cosine between the exact gr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopd import sharding, train, train_step
-from jaxopd.training.config import load_config_file
-from jaxopd.distill import driver
-from jaxopd.distill import rollouts as rollouts_lib
+from jaxopd.distill import rollouts as rollouts_lib, source as distill_source
+from jaxopd.train import OBJECTIVES
+from jaxopd.training import sharding, state as state_lib
+from jaxopd.training.config import load_config_file, to_run_config
 
 import opd_vs_baselines  # noqa: E402  (same directory: RESULTS.md section writer)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+HERE = pathlib.Path(__file__).resolve().parent  # experiments/: RESULTS.md
 SECTION = "## OPD gradient noise"
 
 
@@ -43,26 +44,23 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=512)
     parser.add_argument("--batches", type=int, default=3)
     args = parser.parse_args()
-    config = load_config_file(ROOT / "configs" / "tiny_distill.py", {
-        "batch_size": args.rollouts, "microbatch_size": args.rollouts, "workdir": "/tmp/jaxopd_gradient_noise"})
-    d = driver.build(config)
-    train.load_initial_params(config, d.run)
-    params = d.run.state["params"]
+    config = to_run_config(load_config_file("tiny_distill", {
+        "batch_size": args.rollouts, "microbatch_size": args.rollouts, "workdir": "/tmp/jaxopd_gradient_noise"}))
+    objective = OBJECTIVES["reverse_kl"].objective
+    d = distill_source.build(config, state_lib.build(config, objective))
+    params = state_lib.load_initial_params(config.init_from, d.run, config.model.param_dtype)
     student = d.run.model
     group_size = config.distill.group_size
     prompts = rollouts_lib.read_prompts(config.distill.prompts, config.distill.prompt_field,
                                         args.rollouts // group_size)
 
     def exact_kl(p, layout):
-        """Mean exact per-token KL(student || teacher) over the completion positions (the driver's eval measure)."""
+        """Mean exact per-token KL(student || teacher) over the completion positions (the eval's measure)."""
         kl_sum, count = d.eval_kl(p, d.teacher_params, layout)
         return kl_sum / count
 
     def sampled_loss(p, batch, baseline):
-        variant = config.copy_and_resolve_references()
-        with variant.unlocked():
-            variant.distill.kl_baseline = baseline
-        objective = train_step.OBJECTIVES["reverse_kl"]
+        variant = dataclasses.replace(config, distill=dataclasses.replace(config.distill, kl_baseline=baseline))
         totals = objective.totals(batch, variant)
         return objective.loss(student, p, jax.tree.map(lambda x: x[0], batch), totals, variant)[0]
 
@@ -74,7 +72,7 @@ def main() -> None:
             rollouts = rollouts_lib.rollout(d.student_sampler, params, d.tokenizer, prompts, jax.random.key(index),
                                             group_size=group_size, add_bos=config.data.add_bos, checker=d.checker,
                                             temperature=config.distill.temperature)
-            batch, _ = driver.step_batch(d, rollouts)
+            batch, _ = distill_source.step_batch(d, rollouts)
             layout = {key: jnp.asarray(value[0]) for key, value in batch.items()}
             exact = flat(exact_grad(params, layout))
             plain = flat(sampled_grad(params, batch, False))
@@ -93,7 +91,7 @@ def main() -> None:
               "sampled estimate's disagreement with the exact one is mostly the one-sample noise, which the "
               "batch-mean baseline reduces."]
     section = "\n".join(lines) + "\n"
-    opd_vs_baselines.write_section(ROOT / "experiments" / "RESULTS.md", section)
+    opd_vs_baselines.write_section(HERE / "RESULTS.md", section)
     print(section)
 
 

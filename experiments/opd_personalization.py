@@ -28,22 +28,22 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxopd import train
-from jaxopd.training.config import load_config_file, model_config_dict, to_model_config
+from jaxopd.bundled import resolve_path
 from jaxopd.data.tokenizer import load_tokenizer
 from jaxopd.distill import rollouts as rollouts_lib
-from jaxopd.distill.driver import train_distill
-from jaxopd.distill.teacher import load_model, read_model_fields
-from jaxopd.training.flops import count_params
 from jaxopd.distill.sampling import Sampler
+from jaxopd.distill.teacher import load_model, read_model_fields
 from jaxopd.tasks import arithmetic
+from jaxopd.train import train
+from jaxopd.training.config import load_config_file, model_config_dict, to_model_config
+from jaxopd.training.flops import count_params
 
 import opd_vs_baselines  # noqa: E402  (same directory: RESULTS.md section writer)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-ARITHMETIC = ROOT / "data" / "tasks" / "arithmetic"
+HERE = pathlib.Path(__file__).resolve().parent  # experiments/: RESULTS.md
+ARITHMETIC = pathlib.Path(resolve_path("data/tasks/arithmetic"))
 SECTION = "## OPD personalization"
-DISTILL_CONFIG = ROOT / "configs" / "tiny_distill.py"
+DISTILL_CONFIG = "tiny_distill"  # the bundled run config, by name
 
 
 def accuracies(path: pathlib.Path, tests: list[tuple[list[str], Callable[[str, str], bool]]]) -> list[float]:
@@ -84,7 +84,7 @@ def build_start(workdir: pathlib.Path) -> pathlib.Path:
     """A: the bundled student after 300 more steps of SFT on teacher samples at peak LR 1.5e-3."""
     start = workdir / "start_teacher_sft_lr0.0015"
     if not (start / "checkpoints").exists():
-        train_distill(load_config_file(DISTILL_CONFIG, {
+        train(load_config_file(DISTILL_CONFIG, {
             "loss": "teacher_sft", "workdir": str(start), "steps": 300, "eval_every": 300, "checkpoint_every": 300,
             "progress_bar": False, "optimizer.schedule.decay_end": 300, "optimizer.schedule.peak_lr": 1.5e-3,
             "optimizer.schedule.end_lr": 1.5e-4}))
@@ -141,7 +141,7 @@ def main() -> None:
             "optimizer.schedule.decay_end": args.finetune_steps, "optimizer.schedule.peak_lr": args.finetune_lr})
         config.model = start_model
         if not (finetuned / "checkpoints").exists():
-            train.train(config)
+            train(config)
         paths[labels[0]].append(finetuned)
         for lr, label in zip(lrs, labels[1:]):
             recovered = workdir / f"{finetuned.name}_opd{args.opd_steps}_lr{lr:g}"
@@ -153,7 +153,7 @@ def main() -> None:
                 "optimizer.schedule.end_lr": lr / 10})
             config.model = start_model
             if not (recovered / "checkpoints").exists():
-                train_distill(config)
+                train(config)
             paths[label].append(recovered)
             logged = map(json.loads, (recovered / "metrics.jsonl").read_text().splitlines())
             evals = [line["eval/reverse_kl"] for line in logged if "eval/reverse_kl" in line]
@@ -186,7 +186,7 @@ def main() -> None:
     lines += [f"| {label} | {old} | {new} |" for label, old, new in rows]
     lines += ["", "During C:", *kl_lines]
     section = "\n".join(lines) + "\n"
-    opd_vs_baselines.write_section(ROOT / "experiments" / "RESULTS.md", section)
+    opd_vs_baselines.write_section(HERE / "RESULTS.md", section)
     print(section)
 
 

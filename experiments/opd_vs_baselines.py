@@ -3,7 +3,7 @@
     PYTHONPATH=. python experiments/opd_vs_baselines.py [--seeds 0,1,2] [--steps 150] [--target 0.5] [--jobs 2]
 
 Starting point (data/tasks/train_teacher.py made both): a teacher trained to high accuracy on multi-digit addition,
-and a smaller student after a short SFT on teacher samples. From there, with the same driver, batch and optimizer:
+and a smaller student after a short SFT on teacher samples. From there, with the same loop, batch and optimizer:
   - teacher_sft: more off-policy distillation (SFT on teacher samples; cost = teacher sampling + training),
   - grpo: RL with the sparse correctness reward, group-normalized (cost = student sampling + training),
   - reverse_kl: on-policy distillation (cost = student sampling + teacher scoring + training),
@@ -25,10 +25,10 @@ import time
 
 import numpy as np
 
+from jaxopd import train
 from jaxopd.training.config import load_config_file
-from jaxopd.distill import driver
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+HERE = pathlib.Path(__file__).resolve().parent  # experiments/: the figure and RESULTS.md
 METHODS = {"teacher_sft": "SFT on teacher samples", "grpo": "RL, sparse reward (GRPO)", "reverse_kl": "OPD",
            "full_reverse_kl": "OPD, exact per-token KL"}
 SECTION = "## On-policy distillation"
@@ -36,7 +36,7 @@ SECTION = "## On-policy distillation"
 
 def method_config(method: str, seed: int, lr: float, args: argparse.Namespace):
     workdir = pathlib.Path(args.workdir) / f"{method}_lr{lr:g}_seed{seed}"
-    return load_config_file(ROOT / "configs" / "tiny_distill.py", {
+    return load_config_file("tiny_distill", {
         "loss": method, "seed": seed, "steps": args.steps, "workdir": str(workdir), "eval_every": args.eval_every,
         "checkpoint_every": args.steps, "progress_bar": False, "log_every": args.eval_every,
         "optimizer.schedule.decay_end": args.steps, "optimizer.schedule.peak_lr": lr,
@@ -48,7 +48,7 @@ def run(method: str, seed: int, lr: float, args: argparse.Namespace) -> dict:
     workdir = pathlib.Path(config.workdir)
     if not (workdir / "metrics.jsonl").exists():
         start = time.perf_counter()
-        driver.train_distill(config)
+        train.train(config)
         print(f"{method} lr {lr:g} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     evals = [row for row in rows if "eval/accuracy" in row]
@@ -104,7 +104,7 @@ def results_section(curves: dict, target: float, args: argparse.Namespace, best_
              f"({config.batch_size // config.distill.group_size} prompts x {config.distill.group_size} samples), "
              "optimizer (AdamW, warmup then cosine to a tenth of the peak) and steps; each method's peak learning "
              f"rate is the best of {args.lrs} on seed {args.seeds.split(',')[0]} (fewest FLOPs to the target, then "
-             "highest final accuracy; sweep below). FLOPs follow jaxopd/flops.py: "
+             "highest final accuracy; sweep below). FLOPs follow jaxopd/training/flops.py: "
              "student or teacher "
              "sampling (prefill + cached decode), teacher scoring (one forward) and training (3x forward). "
              f"Teacher accuracy: {curves['reverse_kl'][0]['teacher_accuracy']:.3f}.", "",
@@ -187,9 +187,9 @@ def main() -> None:
         futures = {method: [pool.submit(run, method, seed, best_lr[method], args) for seed in seeds]
                    for method in METHODS}
         curves = {method: [future.result() for future in runs] for method, runs in futures.items()}
-    plot(curves, args.target, ROOT / "experiments" / "opd_vs_baselines.png")
+    plot(curves, args.target, HERE / "opd_vs_baselines.png")
     section = results_section(curves, args.target, args, best_lr, sweep)
-    write_section(ROOT / "experiments" / "RESULTS.md", section)
+    write_section(HERE / "RESULTS.md", section)
     print(section)
 
 
