@@ -61,3 +61,10 @@ def run_config_summary(name: str) -> str:
     """The first paragraph of a bundled run config's docstring, on one line (read, not executed)."""
     docstring = ast.get_docstring(ast.parse(run_config_path(name).read_text())) or ""
     return " ".join(docstring.split("\n\n")[0].split())
+
+
+def resolve_config_flag(argv: list[str]) -> list[str]:
+    """`argv` with `--config=<name or path>` replaced by the config file's path (for absl's config_flags, which only
+    read paths)."""
+    return [f"--config={run_config_path(arg.split('=', 1)[1])}" if arg.startswith("--config=") else arg
+            for arg in argv]

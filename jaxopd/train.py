@@ -15,7 +15,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from jaxopd.bundled import bundled_run_configs, run_config_path, run_config_summary
+from jaxopd.bundled import bundled_run_configs, resolve_config_flag, run_config_path, run_config_summary
 from jaxopd.configdict import config_dict_of, from_config_dict
 from jaxopd.distill import objectives as distill_objectives, source as distill_source
 from jaxopd.training import config as config_lib, sharding
@@ -109,7 +109,7 @@ def run() -> None:
         config_lib.check_override_keys(config_lib.load_config_file(path), sys.argv[1:])
     except ValueError as error:
         sys.exit(f"error: {error}")
-    sys.argv = [arg if not arg.startswith("--config=") else f"--config={path}" for arg in sys.argv]
+    sys.argv = resolve_config_flag(sys.argv)
     config_flags.DEFINE_config_file("config", str(path), "run config file (a bundled name or a path)",
                                     lock_config=True)
     app.run(main)

@@ -1,4 +1,4 @@
-"""Pipeline statistics for a run config: `python -m jaxopd.data --config=configs/<x>.py --stats`.
+"""Pipeline statistics for a run config: `python -m jaxopd.data --config=<name or file> --stats`.
 
 The config file's get_config() must have `data` (see default_data_config), `seq_len`, `batch_size` and `seed`;
 overrides work as in training (`--config.data.fim_rate=0.5`). Runs one epoch of the train split on this host (or
@@ -9,6 +9,7 @@ ceil(token pairs / seq_len), the skipped/empty/invalid counts, and two decoded r
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Iterable
 
@@ -16,6 +17,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxopd.bundled import resolve_config_flag
 from jaxopd.data.pipeline import DataIterator, make_pipeline
 from jaxopd.data.tokenizer import Tokenizer
 
@@ -112,4 +114,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, argv=resolve_config_flag(sys.argv))

@@ -141,8 +141,8 @@ def run_loop(config: RunConfig, run: Run, objective: Objective, source: BatchSou
             values["mfu"] = interval["flops/training"] / elapsed / (peak * jax.device_count())
         writer.write(step, values)
         bar.update(step, values)
-        first = first or values
-        last = {**last, **values}
+        first = first or {**values, "step": step}
+        last = {**last, **values, "step": step}
         interval.update(tokens=0.0, **{"flops/training": 0.0}, start=time.perf_counter(), steps=0)
 
     try:
@@ -204,7 +204,7 @@ def _summary(before: dict[str, Any], first: dict[str, Any], last: dict[str, Any]
              workdir: pathlib.Path) -> str:
     """One line: before -> after for the headline metrics, steps and wall time, where the outputs are."""
     parts = [f"{key} {before[key]:.4g} -> {last[key]:.4g}" for key in eval_headline if key in before and key in last]
-    if train_headline in first and train_headline in last:
+    if train_headline in first and train_headline in last and first["step"] < last["step"]:
         parts.append(f"{train_headline} {first[train_headline]:.4g} -> {last[train_headline]:.4g}")
     return (f"done: steps {start} -> {steps_done} in {seconds:.0f} s; {', '.join(parts)}; outputs in {workdir} "
             "(metrics.jsonl, tensorboard/, checkpoints/, config.json)")
