@@ -21,8 +21,7 @@ from jaxopd.training.config import base_config, load_config_file, model_config_d
 from jaxopd.distill.teacher import load_model, save_model
 from jaxopd.tasks.arithmetic import read_jsonl
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-ARITHMETIC = ROOT / "data" / "tasks" / "arithmetic"
+ARITHMETIC = pathlib.Path(__file__).resolve().parent / "arithmetic"  # the bundled task, beside this file
 # The teacher is DeepSeek-V3-style (MLA with interleaved RoPE), the student (configs/tiny_distill.py) Qwen3-style
 # GQA: distillation needs only a shared tokenizer.
 TEACHER_MODEL = dict(vocab_size=17, d_model=96, num_layers=3, num_heads=4, mlp_dim=256, attention="mla",
@@ -67,7 +66,7 @@ def write_teacher_samples(teacher: pathlib.Path, corpus: pathlib.Path, batch: in
 
     model, params = load_model(teacher)
     tokenizer = load_tokenizer(ARITHMETIC / "tokenizer.json")
-    distill = load_config_file(ROOT / "configs" / "tiny_distill.py").distill
+    distill = load_config_file("tiny_distill").distill
     sampler = Sampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id)
     prompts = [problem["prompt"] for problem in read_jsonl(ARITHMETIC / "train.jsonl")]
     correct = 0.0
@@ -98,7 +97,7 @@ def main() -> None:
     export(workdir / "teacher", ARITHMETIC / "teacher")
     samples = workdir / "teacher_samples.jsonl"
     write_teacher_samples(ARITHMETIC / "teacher", samples)
-    student_model = load_config_file(ROOT / "configs" / "tiny_distill.py").model.to_dict()
+    student_model = load_config_file("tiny_distill").model.to_dict()
     train.train(ce_config(workdir / "student_init", samples, args.student_steps, student_model))
     export(workdir / "student_init", ARITHMETIC / "student_init")
 
