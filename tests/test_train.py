@@ -102,6 +102,19 @@ def test_uninterrupted_run_logs_what_the_issue_lists(uninterrupted):
     assert json.loads((workdir / "config.json").read_text())["steps"] == 20
 
 
+def test_objectives_table_names_every_loss_the_config_accepts():
+    import typing
+    assert tuple(train.OBJECTIVES) == typing.get_args(config_lib.Loss)
+
+
+def test_rerun_of_a_finished_run_says_so_and_changes_nothing(uninterrupted, capsys):
+    _, workdir = uninterrupted
+    before = (workdir / "metrics.jsonl").read_text()
+    assert train.train(_config(workdir)) == {}
+    assert "already holds a finished run: its newest checkpoint is step 20 and steps=20" in capsys.readouterr().out
+    assert (workdir / "metrics.jsonl").read_text() == before
+
+
 def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path):
     # A huge learning rate sends the params to inf after the first update: step 2's loss is not finite.
     config = _config(tmp_path, **{"optimizer.schedule.kind": "constant", "optimizer.schedule.peak_lr": 1e30,
@@ -122,7 +135,7 @@ def test_nonfinite_steps_can_be_skipped(tmp_path):
 
 
 @pytest.mark.slow
-def test_init_from_a_jaxopd_checkpoint_loads_its_params(tmp_path, uninterrupted):
+def test_init_from_a_jaxopd_checkpoint_loads_its_params(tmp_path, uninterrupted, capsys):
     _, first = uninterrupted
     # Learning rate 0 and no bias update: the one step leaves the loaded (step 20) params as they are.
     train.train(_config(tmp_path, steps=1, checkpoint_every=0, moe_bias_rate=0.0, eval_every=1,
@@ -131,3 +144,9 @@ def test_init_from_a_jaxopd_checkpoint_loads_its_params(tmp_path, uninterrupted)
     evals = [[json.loads(line)["eval/loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
               if "eval/loss" in line] for workdir in (first, tmp_path)]
     assert evals[1] == evals[0][-1:] * 2  # at the start and after the step: the loaded params' eval both times
+    # The last line a person reads: the headline eval before -> after, and where the outputs are.
+    ce = [json.loads(line)["eval/ce_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+          if "eval/ce_loss" in line]
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("done: steps 0 -> 1 in ") and f"eval/ce_loss {ce[0]:.4g} -> {ce[1]:.4g}" in summary
+    assert f"outputs in {tmp_path}" in summary

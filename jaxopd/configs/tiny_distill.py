@@ -5,7 +5,7 @@ task accuracy and per-token reverse KL to the teacher before and after.
 
     python -m jaxopd.train --config=configs/tiny_distill.py [--config.workdir=/tmp/opd]
 
-Baselines with the same driver: --config.loss=teacher_sft (off-policy distillation: SFT on teacher samples),
+Baselines with the same loop: --config.loss=teacher_sft (off-policy distillation: SFT on teacher samples),
 --config.loss=grpo (sparse correctness reward, group-normalized), and the exact full-vocabulary divergences
 --config.loss=full_reverse_kl | forward_kl | jsd (GKD).
 """

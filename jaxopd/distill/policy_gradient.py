@@ -1,6 +1,6 @@
 """Policy-gradient and advantage math on the log-probs of sampled tokens: on-policy distillation and GRPO.
 
-Pure functions on arrays (no Flax, no configs), used by jaxopd/distill/objectives.py and driver.py:
+Pure functions on arrays (no Flax, no configs), used by jaxopd/distill/objectives.py and source.py:
   sampled_reverse_kl_advantages(student_logprobs [B,T], teacher_logprobs [B,T], mask [B,T], coef=1.0) -> [B,T]
   policy_gradient_loss(logprobs [B,T], sampler_logprobs [B,T], advantages [B,T], mask [B,T], *, clip_epsilon=None,
       advantage_clip=None, normalize="tokens"|"sequences") -> (loss scalar, metrics dict)

@@ -3,7 +3,7 @@
 One step directory holds four items: `params` and `train` (opt_state, step, rng) as sharded arrays,
 `data` (each process's iterator `get_state()` as process_<i>-of-<n>.json) and `config` (the resolved config).
 A run resumes on the process count that wrote its checkpoint, unless its data state is the same on every process
-(`same_data_state_on_every_process`, as the distillation driver's global prompt position), which any count reads.
+(`same_data_state_on_every_process`, as distillation's global prompt position), which any count reads.
 Saves are asynchronous and atomic (orbax writes a temporary directory and renames it when every item is committed),
 so an interrupted save never looks like a checkpoint. A finished checkpoint that fails to restore (a truncated or
 deleted file) is reported and the previous one used.

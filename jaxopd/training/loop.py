@@ -106,7 +106,7 @@ def run_loop(config: RunConfig, run: Run, objective: Objective, source: BatchSou
     if start == 0:
         before = evaluator.start(state["params"])
         writer.write(0, {**before, "flops/total": flops_total})
-        if is_main:
+        if is_main and before:
             print("step 0: " + _describe(before), flush=True)
     else:  # the step-0 line of the run being resumed
         before = next(iter(_logged_metrics(workdir)), {}) if is_main else {}

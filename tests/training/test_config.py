@@ -1,6 +1,7 @@
 """Config files, overrides, lock errors with close keys, model presets as overridable ConfigDicts."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -100,3 +101,80 @@ def test_deepseek_v3_config_follows_the_paper():
     assert float(lr(config.steps - 1)) == pytest.approx(7.3e-6)
     assert sharding.mesh_shape(config.mesh, 1024) == (1, 16, 64, 1)
     assert config.microbatch_size % (16 * 64) == 0
+
+
+def test_every_problem_is_reported_at_once_with_its_key(config_file):
+    # Field problems (types and choices) are collected over the whole config ...
+    config = config_lib.load_config_file(config_file, {"loss": "bogus", "optimizer.schedule.kind": "linear",
+                                                       "data.packing": "first_fit"}).to_dict()
+    config["steps"] = 2.5  # a hand-written dict (a ConfigDict would refuse it on assignment)
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.to_run_config(config)
+    assert len(error.value.problems) == 4, error.value
+    for text in ("config.loss='bogus' must be one of 'ce', 'reverse_kl'", "config.optimizer.schedule.kind='linear'",
+                 "config.data.packing='first_fit'", "config.steps=2.5 must be of type int"):
+        assert text in str(error.value)
+    # ... and so are the rules between fields.
+    config = config_lib.load_config_file(config_file, {"batch_size": 12, "microbatch_size": 8, "log_every": 0,
+                                                       "seq_len": 1})
+    with pytest.raises(config_lib.ConfigError, match="3 problems") as error:
+        config_lib.to_run_config(config)
+    assert {"batch_size=12 must be a positive multiple of microbatch_size=8", "log_every=0 must be at least 1",
+            "seq_len=1 is too short"} <= {p.split(" (")[0].split(":")[0] for p in error.value.problems}
+
+
+def test_distillation_settings_are_checked_only_for_distillation(config_file):
+    config_lib.to_run_config(config_lib.load_config_file(config_file))  # "ce": an empty distill.teacher is fine
+    config = config_lib.load_config_file("tiny_distill", {"distill.teacher": "", "seq_len": 12, "batch_size": 510,
+                                                          "microbatch_size": 510})
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.to_run_config(config)
+    assert len(error.value.problems) == 3
+    assert "distill.teacher is empty" in str(error.value) and "seq_len=12 must equal" in str(error.value)
+    assert "batch_size=510 (rollouts per step) must be a multiple of distill.group_size=4" in str(error.value)
+
+
+def test_typed_config_groups_the_flat_keys_and_round_trips():
+    config = config_lib.load_config_file("tiny_distill", {"checkpoint_every": 7})
+    run = config_lib.to_run_config(config)
+    assert run.objective.loss == "reverse_kl" and run.checkpointing.checkpoint_every == 7
+    assert run.distill.teacher == "data/tasks/arithmetic/teacher" and run.model.num_kv_heads == 2
+    # The typed run turns back into the same ConfigDict, key for key.
+    from jaxopd.configdict import config_dict_of
+    assert config_dict_of(config_lib.RunConfig, run).to_dict() == config.to_dict()
+
+
+def test_saved_config_json_loads_back_to_the_same_run(tmp_path):
+    config = config_lib.load_config_file("tiny_pretrain", {"seed": 3, "model.num_layers": 2})
+    path = config_lib.save_config(config, tmp_path)
+    assert config_lib.to_run_config(config_lib.load_config_file(str(path))) == config_lib.to_run_config(config)
+
+
+def test_bundled_configs_and_files_are_found_from_any_directory(tmp_path, monkeypatch):
+    from jaxopd import bundled
+    monkeypatch.chdir(tmp_path)
+    assert {"tiny_pretrain", "tiny_distill"} <= set(bundled.bundled_run_configs())
+    config = config_lib.load_config_file("tiny_distill")
+    for path in (config.distill.teacher, config.distill.prompts, config.data.tokenizer, config.init_from.path):
+        assert pathlib.Path(bundled.resolve_path(path)).exists(), path
+    assert pathlib.Path(bundled.resolve_path("configs/tiny_pretrain.py")).is_file()
+    (tmp_path / "data").mkdir()  # a user's own file wins over the bundled one of the same name
+    (tmp_path / "data" / "tokenizer.model").write_text("mine")
+    assert bundled.resolve_path("data/tokenizer.model") == "data/tokenizer.model"
+    with pytest.raises(ValueError, match="no bundled run config named 'tiny_distil'.*tiny_distill"):
+        config_lib.load_config_file("tiny_distil")
+
+
+def test_printed_differences_are_the_changed_keys_only():
+    changed = config_lib.differences_from_defaults(config_lib.load_config_file("tiny_pretrain", {"seed": 4}))
+    assert changed["seed"] == 4 and changed["steps"] == 200 and changed["unigram_entropy_batches"] == 50
+    assert "log_every" not in changed and "keep_checkpoints" not in changed and not any(key.startswith("model.") for key in changed)
+
+
+def test_help_lists_the_bundled_configs_and_exits_0(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "jaxopd.train", "--help"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for text in ("tiny_distill", "tiny_pretrain", "deepseek_v3_671b_pretrain", "--config.steps=1000",
+                 "config.loss is one of: ce, reverse_kl"):
+        assert text in result.stdout
