@@ -4,9 +4,18 @@ One step directory holds four items: `params` and `train` (opt_state, step, rng)
 `data` (each process's iterator `get_state()` as process_<i>-of-<n>.json) and `config` (the resolved config).
 A run resumes on the process count that wrote its checkpoint, unless its data state is the same on every process
 (`same_data_state_on_every_process`, as distillation's global prompt position), which any count reads.
-Saves are asynchronous and atomic (orbax writes a temporary directory and renames it when every item is committed),
-so an interrupted save never looks like a checkpoint. A finished checkpoint that fails to restore (a truncated or
-deleted file) is reported and the previous one used.
+Saves are asynchronous and atomic (orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` when every
+item is committed), so an interrupted save never looks like a checkpoint.
+
+Restoring tells two failures apart, newest step first:
+- *incompatible*: the config saved with the checkpoint differs from the run's in a key that resuming needs (anything
+  but MAY_CHANGE_ON_RESUME), or its arrays have other shapes or dtypes than the run's state. It raises
+  IncompatibleCheckpointError (a ValueError) naming each difference and the ways forward, before anything is written,
+  moved or deleted, so a changed config never restarts at step 0 and lets rotation delete the old run's checkpoints.
+- *damaged*: an item does not read (a truncated or missing file, a partial copy). The step directory is moved aside to
+  `<step>.damaged-<UTC time>` (a name orbax does not take for a step, so that step can be saved again), reported in
+  one line, and the previous step is tried; with no step left the run starts afresh.
+Nothing is deleted but by the rotation (`keep`) of the run's own checkpoints.
 """
 
 from __future__ import annotations
@@ -15,10 +24,40 @@ import json
 import logging
 import pathlib
 import re
+import time
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxopd.training.config import flat_values
+
+# Run-config keys (dotted, as in the ConfigDict; a trailing "." covers a whole section) that may differ between a
+# checkpoint and the run resuming it: how long, how often, where and on what devices the run computes, not what it
+# computes. Every other key must match, new keys included (a key the saved config lacks, from an older jaxopd, is not
+# compared). The learning-rate schedule may change (to extend a run: raise steps and decay_end); the optimizer's own
+# constants, the loss and its weights, the model, the sizes, the seed and the data may not.
+MAY_CHANGE_ON_RESUME = (
+    "workdir", "steps", "log_every", "eval_every", "progress_bar", "unigram_entropy_batches",
+    "checkpoint_every", "keep_checkpoints", "async_checkpoints", "skip_nonfinite_steps", "loss_chunk_size",
+    "optimizer.schedule.", "mesh.", "distributed.", "init_from.", "data.eval_batches",
+    "distill.eval_prompts", "distill.eval_prompts_count",
+    # how the forward pass runs, not the architecture (jaxopd/model/config.py)
+    "model.remat", "model.attention_implementation", "model.attention_block_q", "model.attention_block_kv",
+    "model.expert_parallel",
+)
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The newest checkpoint was written by a run this config cannot resume."""
+
+
+def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, current value)} of the keys that differ and must match to resume."""
+    saved, current = flat_values(saved), flat_values(current)
+    return {key: (saved[key], current[key]) for key in sorted(saved.keys() & current.keys())
+            if saved[key] != current[key]
+            and not any(key == rule or (rule.endswith(".") and key.startswith(rule)) for rule in MAY_CHANGE_ON_RESUME)}
 
 
 class Checkpointer:
@@ -52,14 +91,34 @@ class Checkpointer:
             params=ocp.args.StandardSave(state["params"]), train=ocp.args.StandardSave(train),
             data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config)), force=True)
 
-    def restore_latest(self, abstract_state: dict[str, Any]) -> Optional[tuple[dict[str, Any], Any]]:
+    def restore_latest(self, abstract_state: dict[str, Any], config: dict[str, Any]
+                       ) -> Optional[tuple[dict[str, Any], Any]]:
         """(state, data_state) of the newest checkpoint that restores, or None when there is none.
 
         `abstract_state` gives shapes, dtypes and shardings (jax.ShapeDtypeStruct with .sharding) so arrays are
-        read straight into their shards.
+        read straight into their shards; `config` is the run's (the dict `save` is given). Raises
+        IncompatibleCheckpointError, having changed nothing, when a checkpoint is not this run's; damaged ones are
+        moved aside (see the module docstring).
         """
+        damaged: list[tuple[int, str]] = []
+        restored = self._newest_restorable(abstract_state, config, damaged)
+        if damaged:
+            self._set_aside(damaged)
+        return restored
+
+    def _newest_restorable(self, abstract_state: dict[str, Any], config: dict[str, Any],
+                           damaged: list[tuple[int, str]]) -> Optional[tuple[dict[str, Any], Any]]:
         abstract_train = {key: value for key, value in abstract_state.items() if key != "params"}
         for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+                metadata = self.manager.item_metadata(step)
+                saved_arrays = {name: ocp.tree.to_flat_dict(metadata[name].tree, sep="/") for name in ("params", "train")}
+            except Exception as error:  # an unreadable config or array metadata: damaged
+                damaged.append((step, _reason(error)))
+                continue
+            self._check_compatible(step, saved, config, saved_arrays,
+                                   {"params": abstract_state["params"], "train": abstract_train})
             data_file = self._data_file_to_read(step)
             items = dict(params=ocp.args.StandardRestore(abstract_state["params"]),
                          train=ocp.args.StandardRestore(abstract_train))
@@ -69,12 +128,48 @@ class Checkpointer:
                 else:  # written by another process count: the state every process saved alike
                     restored = dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
                     restored["data"] = json.loads((self._step_path(step) / "data" / data_file).read_text())
-            except Exception as error:  # a damaged checkpoint: any read error; fall back to the one before
-                logging.warning("checkpoint at step %d in %s does not restore (%s: %s); trying the previous one",
-                                step, self.manager.directory, type(error).__name__, error)
+            except Exception as error:  # any read error of a compatible checkpoint: damaged
+                damaged.append((step, _reason(error)))
                 continue
             return {"params": restored["params"], **restored["train"]}, restored["data"]
         return None
+
+    def _check_compatible(self, step: int, saved_config: dict[str, Any], config: dict[str, Any],
+                          saved_arrays: dict[str, dict[str, Any]], abstract: dict[str, Any]) -> None:
+        """Raises IncompatibleCheckpointError listing the config keys and arrays that differ."""
+        lines = [f"{key}: {saved!r} in the checkpoint, {current!r} now"
+                 for key, (saved, current) in resume_differences(saved_config, config).items()]
+        for name, tree in abstract.items():
+            wanted = {key: (tuple(leaf.shape), str(leaf.dtype)) for key, leaf in
+                      ocp.tree.to_flat_dict(tree, sep="/").items()}
+            found = {key: (tuple(leaf.shape), str(leaf.dtype)) for key, leaf in saved_arrays[name].items()}
+            lines += [f"{name} array {key}: {found.get(key, 'absent')} in the checkpoint, {wanted.get(key, 'absent')} "
+                      "now" for key in sorted(wanted.keys() | found.keys()) if wanted.get(key) != found.get(key)]
+        if lines:
+            shown = lines[:12] + ([f"... and {len(lines) - 12} more"] if len(lines) > 12 else [])
+            raise IncompatibleCheckpointError(
+                f"the newest checkpoint in {self.manager.directory} (step {step}) was written by a run this config "
+                "cannot resume; these differ:\n" + "\n".join(f"  - {line}" for line in shown) +
+                "\nNothing was changed. Either rerun with the config the checkpoint was saved with (its config.json), "
+                f"or keep these changes in a new --config.workdir, starting from these weights with "
+                f"--config.init_from.path={self.manager.directory} if you want them.")
+
+    def _set_aside(self, damaged: list[tuple[int, str]]) -> None:
+        """Moves each damaged step directory to `<step>.damaged-<UTC time>` (process 0 moves; the others wait)."""
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            for step, reason in damaged:
+                target = self._step_path(step).with_name(f"{step}.damaged-{stamp}")
+                suffix = 1
+                while target.exists():  # damaged twice within a second
+                    suffix += 1
+                    target = self._step_path(step).with_name(f"{step}.damaged-{stamp}-{suffix}")
+                self._step_path(step).rename(target)
+                logging.warning("checkpoint step %d does not restore (%s); moved it to %s", step, reason, target)
+        if self._process_count > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("jaxopd: damaged checkpoints set aside")
+        self.manager.reload()
 
     def _step_path(self, step: int) -> pathlib.Path:
         return pathlib.Path(self.manager.directory) / str(step)
@@ -100,6 +195,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _reason(error: Exception) -> str:
+    """The first line of an error, short enough for a one-line report."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
 
 
 def step_directory(path: str | pathlib.Path) -> pathlib.Path:

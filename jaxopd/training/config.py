@@ -362,16 +362,17 @@ def save_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
 def differences_from_defaults(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """{dotted key: value} of the keys outside `model` whose value differs from base_config()'s (what a run prints
     at start; the model is summarized apart)."""
-    defaults = _flat_values(base_config().to_dict())
-    return {key: value for key, value in _flat_values(config.to_dict()).items()
+    defaults = flat_values(base_config().to_dict())
+    return {key: value for key, value in flat_values(config.to_dict()).items()
             if not key.startswith("model.") and defaults.get(key, object()) != value}
 
 
-def _flat_values(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_values(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of the leaves of a nested dict (`optimizer.schedule.peak_lr`)."""
     values = {}
     for name, value in tree.items():
         if isinstance(value, dict):
-            values.update(_flat_values(value, f"{prefix}{name}."))
+            values.update(flat_values(value, f"{prefix}{name}."))
         else:
             values[f"{prefix}{name}"] = value
     return values

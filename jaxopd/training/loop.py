@@ -77,13 +77,19 @@ def run_loop(config: RunConfig, run: Run, objective: Objective, source: BatchSou
     config_dict = config_dict_of(RunConfig, config)
     if is_main:
         _print_start(config_dict, run)
-        (workdir / "config.json").parent.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(config_dict.to_dict(), indent=2, sort_keys=True))
     checkpointer = checkpoint.Checkpointer(
         workdir / "checkpoints", every=config.checkpointing.checkpoint_every,
         keep=config.checkpointing.keep_checkpoints, async_save=config.checkpointing.async_checkpoints,
         same_data_state_on_every_process=source.same_state_on_every_process)
-    restored = checkpointer.restore_latest(sharding.abstract_arrays(run.state, run.shardings))
+    # Raises IncompatibleCheckpointError before this run writes anything when the workdir holds another run's.
+    try:
+        restored = checkpointer.restore_latest(sharding.abstract_arrays(run.state, run.shardings),
+                                               config_dict.to_dict())
+    except BaseException:
+        checkpointer.close()
+        raise
+    if is_main:
+        (workdir / "config.json").write_text(json.dumps(config_dict.to_dict(), indent=2, sort_keys=True))
     if restored is not None:
         state, loop_state = restored
         source.set_state(loop_state["source"])
