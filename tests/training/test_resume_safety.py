@@ -12,7 +12,7 @@ import pytest
 
 from jaxopd import train
 from jaxopd.training import checkpoint
-from tests.test_train import _assert_same_steps, _config, _launch, _metrics, _wait_for
+from tests.test_train import _assert_same_steps, _config, _launch, _metrics, _wait_for, uninterrupted  # noqa: F401
 
 # The first run: 12 steps saved at 4, 8 and 12 (the issue's repro), no eval so that each run is short.
 FIRST = {"steps": 12, "checkpoint_every": 4, "eval_every": 0, "unigram_entropy_batches": 0}
@@ -92,3 +92,40 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_retrained(finished, tmp_
     assert len(report) == 1 and report[0].endswith(f"moved it to {workdir / 'checkpoints' / aside}"), outputs[0]
     assert "already holds a finished run: its newest checkpoint is step 12" in outputs[1]
     _assert_same_steps(finished[1], _metrics(workdir), range(9, 13))
+
+
+def _saved_steps(workdir):
+    directory = workdir / "checkpoints"
+    return [int(path.name) for path in directory.iterdir() if path.name.isdigit()] if directory.is_dir() else []
+
+
+def _saving(workdir, after):
+    """Whether orbax is writing a step after `after` (its temporary directory exists)."""
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and any(".orbax-checkpoint-tmp" in path.name and int(path.name.split(".")[0]) > after
+                                      for path in directory.iterdir())
+
+
+@pytest.mark.slow
+def test_sigkill_during_saves_never_leaves_a_workdir_that_does_not_resume_exactly(tmp_path, uninterrupted):
+    """Every step saves (asynchronously); each launch is killed at a random moment of a save, four times, and the
+    finished run's every step matches the uninterrupted run bitwise."""
+    rng = random.Random(20)
+    flags = ["--config.checkpoint_every=1", "--config.async_checkpoints=True"]
+    kills = []
+    for _ in range(4):
+        start = max(_saved_steps(tmp_path), default=0)
+        process = _launch(tmp_path, *flags)
+        target = start + rng.randint(1, 3)  # kill during the save of a step a little after the resumed one
+        _wait_for(lambda: _saving(tmp_path, target - 1), process)
+        time.sleep(rng.uniform(0.0, 0.2))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills.append((start, max(_saved_steps(tmp_path), default=0)))
+    assert kills[-1][1] < 20, f"killed too late: the run had already finished ({kills})"
+    process = _launch(tmp_path, *flags)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output[-3000:]
+    damaged = [path.name for path in (tmp_path / "checkpoints").iterdir() if ".damaged-" in path.name]
+    print(f"kills (resumed from, newest saved when killed): {kills}; damaged steps set aside: {damaged}")
+    _assert_same_steps(uninterrupted[0], _metrics(tmp_path), range(1, 21))
