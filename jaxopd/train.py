@@ -9,6 +9,7 @@ the train step optimizes, and what feeds the one loop (jaxopd/training/loop.py) 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from typing import Any, Callable
 
@@ -20,10 +21,11 @@ from jaxopd.configdict import config_dict_of, from_config_dict
 from jaxopd.distill import objectives as distill_objectives, source as distill_source
 from jaxopd.training import config as config_lib, sharding
 from jaxopd.training.config import ConfigError, DistributedConfig, RunConfig
-from jaxopd.training.loop import BatchSource, Evaluator, NonFiniteLossError, run_loop
+from jaxopd.training.loop import BatchSource, Evaluator, NonFiniteLossError, RunStopped, run_loop
 from jaxopd.training.objectives import CROSS_ENTROPY, Objective
 from jaxopd.training.pretraining import PretrainingEvaluator, PretrainingSource
 from jaxopd.training.state import Run, build
+from jaxopd.training.workdir_lock import WorkdirLockedError
 
 
 def _pretraining(config: RunConfig, run: Run) -> tuple[BatchSource, Evaluator]:
@@ -54,7 +56,8 @@ OBJECTIVES: dict[str, Recipe] = {
 
 def train(config: ml_collections.ConfigDict | RunConfig) -> dict[str, Any]:
     """Runs (or resumes) the training described by `config`; returns the last logged metrics (eval ones included).
-    Raises ConfigError listing every problem of the config before anything is built."""
+    Raises ConfigError listing every problem of the config before anything is built, WorkdirLockedError when another
+    run holds the workdir, and RunStopped (NonFiniteLossError, WriteFailedError) when the run cannot go on."""
     if isinstance(config, RunConfig):
         config = config_dict_of(RunConfig, config)
     problems: list[str] = []
@@ -90,8 +93,13 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
         train(flags.FLAGS.config)
-    except (NonFiniteLossError, ValueError) as error:
+    except ValueError as error:
         sys.exit(f"error: {error}")
+    except (RunStopped, WorkdirLockedError) as error:
+        # os._exit: after a failed write, threads of orbax may never end and would hold a normal exit forever.
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
 
 
 def run() -> None:

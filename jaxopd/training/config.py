@@ -44,6 +44,11 @@ class ObjectiveConfig:
     moe_balance_weight: float = 1e-4  # sequence-wise balance loss alpha (DeepSeek-V3 §4.2)
     moe_bias_rate: float = 1e-3  # aux-loss-free bias update speed gamma (DeepSeek-V3 §4.2)
     skip_nonfinite_steps: bool = False  # True: a NaN/Inf step leaves the state unchanged; False: stop the run
+    # The guard (jaxopd/training/guard.py) stops the run, naming the last checkpoint from before the trouble, when:
+    max_skipped_steps: int = 10  # with skip_nonfinite_steps, this many steps in a row are skipped
+    divergence_factor: float = 50.0  # the grad norm (or a pretraining loss) passes this times its running median,
+    #                                  or the grad norm is exactly 0 after non-zero ones; 0: no divergence check
+    divergence_warmup_steps: int = 5  # healthy steps seen before the factor applies
 
     def __post_init__(self):
         check_choices(self)
@@ -268,6 +273,12 @@ def _rule_problems(run: RunConfig, process_count: int) -> list[str]:
     if run.eval_every < 0 or run.checkpointing.checkpoint_every < 0:
         problems.append(f"eval_every={run.eval_every} and checkpoint_every={run.checkpointing.checkpoint_every} "
                         "must be >= 0 (0: never)")
+    if run.objective.max_skipped_steps < 1 or run.objective.divergence_warmup_steps < 1:
+        problems.append(f"max_skipped_steps={run.objective.max_skipped_steps} and divergence_warmup_steps="
+                        f"{run.objective.divergence_warmup_steps} must be at least 1")
+    if not (run.objective.divergence_factor == 0 or run.objective.divergence_factor > 1):
+        problems.append(f"divergence_factor={run.objective.divergence_factor} must be above 1 (or 0: no divergence "
+                        "check)")
     if run.objective.loss_chunk_size < 1:
         problems.append(f"loss_chunk_size={run.objective.loss_chunk_size} must be at least 1")
     if run.objective.is_distillation:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -58,35 +59,54 @@ def unigram_entropy(token_counts: np.ndarray) -> float:
 
 
 class MetricsWriter:
-    """Appends metric dicts to workdir/metrics.jsonl and TensorBoard; only the writing process (process 0) writes."""
+    """Appends metric dicts to workdir/metrics.jsonl and TensorBoard events (workdir/tensorboard/); only the writing
+    process (process 0) writes.
+
+    Both files are written and flushed in the calling thread, so a failed write (a full disk, a read-only or vanished
+    directory) raises OSError from `write` at once. (tensorboardX's SummaryWriter writes from a thread of its own
+    that dies on such an error, after which `add_scalar` blocks forever on its full queue.)
+    """
 
     def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
-        self._jsonl = self._tensorboard = None
+        self._jsonl = self._events = None
+        self._failed = False
         if enabled:
             workdir = pathlib.Path(workdir)
             workdir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(workdir / "metrics.jsonl", "a")
             if tensorboard:
-                from tensorboardX import SummaryWriter
-                self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+                from tensorboardX.event_file_writer import EventsWriter
+                (workdir / "tensorboard").mkdir(exist_ok=True)
+                self._events = EventsWriter(str(workdir / "tensorboard" / "events"))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         values = {name: _plain(value) for name, value in metrics.items()}
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self._jsonl.flush()
-        if self._tensorboard is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tensorboard.add_scalar(name, value, step)
+        try:
+            self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self._jsonl.flush()
+            if self._events is not None:
+                from tensorboardX.proto import event_pb2, summary_pb2
+                scalars = [summary_pb2.Summary.Value(tag=name, simple_value=value) for name, value in values.items()
+                           if isinstance(value, (int, float)) and math.isfinite(value)]
+                self._events.write_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                                         summary=summary_pb2.Summary(value=scalars)))
+                self._events.flush()
+        except OSError:
+            self._failed = True
+            raise
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        """Closes the files; after a failed write, without raising again (the buffered bytes cannot be written)."""
+        for file in (self._jsonl, self._events):
+            if file is not None:
+                try:
+                    file.close()
+                except OSError:
+                    if not self._failed:
+                        raise
 
 
 class ProgressBar:
