@@ -34,9 +34,10 @@ def _copy(finished, tmp_path) -> pathlib.Path:
 
 
 def _snapshot(workdir):
-    """Every path under the workdir with its size and modification time."""
+    """Every path under the workdir with its size and modification time, but the lock file (which every run,
+    refused or not, takes before reading the workdir)."""
     return {str(path.relative_to(workdir)): (path.stat().st_size, path.stat().st_mtime_ns)
-            for path in workdir.rglob("*")}
+            for path in workdir.rglob("*") if path.name != ".lock"}
 
 
 def _steps(workdir):
