@@ -51,8 +51,7 @@ def main() -> None:
     params = state_lib.load_initial_params(config.init_from, d.run, config.model.param_dtype)
     student = d.run.model
     group_size = config.distill.group_size
-    prompts = rollouts_lib.read_prompts(config.distill.prompts, config.distill.prompt_field,
-                                        args.rollouts // group_size)
+    prompts = d.train_prompts[:args.rollouts // group_size]  # the first of the checked prompts, in file order
 
     def exact_kl(p, layout):
         """Mean exact per-token KL(student || teacher) over the completion positions (the eval's measure)."""

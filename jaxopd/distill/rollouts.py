@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
+import json
 from typing import Any, Callable, Optional, Sequence
 
 import grain
@@ -17,7 +19,7 @@ from jax.sharding import Mesh
 
 from jaxopd.training import sharding
 from jaxopd.bundled import resolve_path
-from jaxopd.data.sources import JsonlSource, expand_paths
+from jaxopd.data.sources import expand_paths
 from jaxopd.training.flops import decode_flops_per_token, flops_per_token
 from jaxopd.model import ModelConfig
 from jaxopd.distill.sampling import SampleOutput, Sampler, left_pad, sequence_layout
@@ -27,17 +29,82 @@ _decode_flops = functools.lru_cache(maxsize=None)(decode_flops_per_token)
 _forward_flops = functools.lru_cache(maxsize=None)(flops_per_token)
 
 
+def load_prompts(paths: str, field: str, *, key: str, tokenizer: Any = None, add_bos: bool = True,
+                 max_prompt_len: int = 0, long_prompts: str = "error") -> list[str]:
+    """Every prompt of JSON Lines files (comma-separated paths or globs; `field` of each non-blank line), in file
+    order, checked before any step runs: a line that is not a JSON object with a string `field`, or a file set with no
+    prompt, is an error naming the file and line; a prompt whose tokens (BOS included) exceed `max_prompt_len` is an
+    error naming the first one (`long_prompts="error"`) or is left out, counted and reported ("skip"), never cut.
+    `key` is the config key the paths came from, for the messages. Without a tokenizer lengths are not checked."""
+    try:
+        files = expand_paths([resolve_path(p) for p in paths.split(",") if p])
+    except ValueError as error:
+        raise ValueError(f"{key}={paths!r}: {error}".replace("; set data.paths", f"; set {key}")) from error
+    prompts, too_long = [], []
+    for path in files:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            lines = f.read().split(b"\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            text = _prompt_of(line, field, where=f"{path}:{number}")
+            length = len(encode_prompts(tokenizer, [text], add_bos)[0]) if tokenizer is not None else 0
+            if length > max_prompt_len:
+                too_long.append((f"{path}:{number}", length))
+            else:
+                prompts.append(text)
+    if too_long:
+        where, length = too_long[0]
+        counted = f"{len(too_long)} of the {len(prompts) + len(too_long)} prompts of {key} are longer than " \
+                  f"distill.max_prompt_len={max_prompt_len} tokens (BOS included), the first at {where} ({length} tokens)"
+        if long_prompts == "error":
+            raise ValueError(f"{counted}: raise distill.max_prompt_len (seq_len with it), shorten them, or set "
+                             "distill.long_prompts='skip' to leave them out")
+        if jax.process_index() == 0:
+            print(f"{counted}: left out (distill.long_prompts='skip')", flush=True)
+    if not prompts:
+        raise ValueError(f"{key}={paths!r} holds no prompt" + (" that fits distill.max_prompt_len" if too_long else "")
+                         + f" ({', '.join(files)}); give JSON Lines with a {field!r} field on each line")
+    return prompts
+
+
+def _prompt_of(line: bytes, field: str, where: str) -> str:
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: malformed JSON ({error.msg} at column {error.colno}); a prompts file holds one "
+                         "JSON object per line") from error
+    if not isinstance(row, dict) or field not in row:
+        found = f"fields {sorted(row)}" if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+        raise ValueError(f"{where}: no field {field!r} ({found}); set distill.prompt_field to the field holding "
+                         "the prompt")
+    if not isinstance(row[field], str):
+        raise ValueError(f"{where}: field {field!r} is a JSON {type(row[field]).__name__}, not a string")
+    return row[field]
+
+
+def read_prompts(paths: str, field: str, count: int, key: str = "distill.eval_prompts") -> list[str]:
+    """The first `count` prompts of JSON Lines files, in file order (a fixed eval set), each line checked as by
+    `load_prompts` (lengths not: give them to a sampler that checks)."""
+    prompts = load_prompts(paths, field, key=key)
+    if count > len(prompts):
+        raise ValueError(f"{count} prompts requested (distill.eval_prompts_count) but {key}={paths!r} has "
+                         f"{len(prompts)}; lower distill.eval_prompts_count or give more prompts")
+    return prompts[:count]
+
+
 class PromptStream:
-    """Prompt texts from JSON Lines files (`field` of each line), shuffled with `seed`, reshuffled every epoch and
-    repeated forever, through grain; `get_state()`/`set_state()` resume exactly.
+    """Prompt texts (checked by `load_prompts`) shuffled with `seed`, reshuffled every epoch and repeated forever,
+    through grain; `get_state()`/`set_state()` resume exactly.
 
     On several processes every process holds the same global stream and `next(count)` returns its share: the
     `process_index`-th of `process_count` contiguous parts of the next `count` prompts. So the prompts of a step are
     the same whatever the number of processes, and the state (the global position) is too."""
 
-    def __init__(self, paths: str, field: str, seed: int, process_index: int = 0, process_count: int = 1):
-        source = JsonlSource(expand_paths([resolve_path(p) for p in paths.split(",") if p]), text_field=field)
-        self._dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    def __init__(self, prompts: Sequence[str], seed: int, process_index: int = 0, process_count: int = 1):
+        self._dataset = grain.MapDataset.source(list(prompts)).shuffle(seed=seed).repeat(None)
         self._process_index, self._process_count = process_index, process_count
         self._next_index = 0  # global position of the next prompt (what grain's iterator state calls next_index)
 
@@ -48,21 +115,13 @@ class PromptStream:
         share = count // self._process_count
         start = self._next_index + self._process_index * share
         self._next_index += count
-        return [self._dataset[index].decode("utf-8") for index in range(start, start + share)]
+        return [self._dataset[index] for index in range(start, start + share)]
 
     def get_state(self) -> Any:
         return {"next_index": self._next_index}
 
     def set_state(self, state: Any) -> None:
         self._next_index = int(state["next_index"])
-
-
-def read_prompts(paths: str, field: str, count: int) -> list[str]:
-    """The first `count` prompts of JSON Lines files, in file order (the fixed eval set)."""
-    source = JsonlSource(expand_paths([resolve_path(p) for p in paths.split(",") if p]), text_field=field)
-    if count > len(source):
-        raise ValueError(f"{count} eval prompts requested but {paths} has {len(source)}; lower distill.eval_prompts")
-    return [source[i].decode("utf-8") for i in range(count)]
 
 
 @dataclasses.dataclass

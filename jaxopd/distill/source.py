@@ -53,6 +53,7 @@ class Distiller:
     scorer: Any
     eval_kl: Any
     checker: Callable[[str, str], bool]
+    train_prompts: list[str]  # every training prompt, checked, in file order
     eval_prompts: list[str]  # this process's share of the held-out prompts
     microbatches: Any  # (layout, rewards) -> the train step batch, see step_batch
     teacher_unembed: Optional[jax.Array]  # [microbatches, d_teacher, vocab] replicated, for the full divergences
@@ -98,12 +99,22 @@ def build(config: RunConfig, run: Run) -> Distiller:
     if divergence:  # a global replicated array, whatever the teacher's own sharding
         replicated = NamedSharding(run.mesh, PartitionSpec())
         teacher_unembed = jax.jit(repeated_unembed, out_shardings=replicated)(teacher_params)
-    eval_prompts = rollouts_lib.read_prompts(distill.eval_prompts, distill.prompt_field, distill.eval_prompts_count)
+    # Every prompt checked (fields, lengths) before step 1, so no prompt stops the run at the step that draws it.
+    checks = dict(tokenizer=tokenizer, add_bos=config.data.add_bos, max_prompt_len=distill.max_prompt_len,
+                  long_prompts=distill.long_prompts)
+    train_prompts = rollouts_lib.load_prompts(distill.prompts, distill.prompt_field, key="distill.prompts", **checks)
+    eval_prompts = rollouts_lib.load_prompts(distill.eval_prompts, distill.prompt_field, key="distill.eval_prompts",
+                                             **checks)
+    if distill.eval_prompts_count > len(eval_prompts):
+        raise ValueError(f"distill.eval_prompts_count={distill.eval_prompts_count} but distill.eval_prompts="
+                         f"{distill.eval_prompts!r} has {len(eval_prompts)} usable prompts; lower "
+                         "distill.eval_prompts_count or give more prompts")
+    eval_prompts = eval_prompts[:distill.eval_prompts_count]
     share = distill.eval_prompts_count // jax.process_count()
     eval_prompts = eval_prompts[jax.process_index() * share:(jax.process_index() + 1) * share]
     return Distiller(config, run, tokenizer, teacher_model, teacher_params, samplers[0], samplers[1],
                      teacher_lib.make_scorer(teacher_model, config.objective.loss_chunk_size, return_hidden=divergence),
-                     jax.jit(eval_kl), TASK_CHECKERS[distill.task], eval_prompts,
+                     jax.jit(eval_kl), TASK_CHECKERS[distill.task], train_prompts, eval_prompts,
                      jax.jit(microbatches, out_shardings=row_sharding), teacher_unembed)
 
 
@@ -156,8 +167,8 @@ class RolloutSource:
     def __init__(self, d: Distiller):
         self.d = d
         distill = d.config.distill
-        self.prompts = rollouts_lib.PromptStream(distill.prompts, distill.prompt_field, d.config.seed,
-                                                 jax.process_index(), jax.process_count())
+        self.prompts = rollouts_lib.PromptStream(d.train_prompts, d.config.seed, jax.process_index(),
+                                                 jax.process_count())
         self.rng = jax.random.key(d.config.seed)
         self.teacher_samples = d.config.objective.loss in objectives.TEACHER_SAMPLES
 

@@ -150,6 +150,7 @@ class DistillConfig:
     teacher_tokenizer: str = ""  # "" = data.tokenizer; else the teacher's own, checked against it up front
     group_size: int = 4  # samples per prompt; batch_size rollouts per step = batch_size / group_size prompts
     max_prompt_len: int = 8  # BOS + prompt tokens (prompts are left-padded to this)
+    long_prompts: Literal["error", "skip"] = "error"  # a prompt over max_prompt_len: stop before step 1, or leave it out
     max_new_tokens: int = 5
     temperature: float = 1.0  # sampling temperature; 1.0 for OPD (the student's own distribution)
     kl_coef: float = 1.0  # advantage = kl_coef * (log p_teacher - log p_student) ...
