@@ -180,8 +180,11 @@ def _document_dataset(data_config, *, seed: int, process_index: int, process_cou
     stats.update(documents_in_split=len(documents), documents_per_host=per_host,
                  documents_dropped_by_sharding=len(documents) - per_host * process_count)
     if per_host == 0:
+        fix = ("give more documents, or a larger data.eval_fraction" if split == "eval" else
+               f"give more documents, or set data.eval_fraction=0 (it holds out {num_eval} of the {len(held_out)}) "
+               "and eval_every=0")
         raise ValueError(f"split={split!r} has {len(documents)} documents, fewer than process_count={process_count}; "
-                         "use more data or a larger data.eval_fraction")
+                         f"{fix}")
     if data_config.shuffle and split == "train":
         documents = documents.shuffle(seed=_derived_seed(seed, 0))
     documents = documents[process_index:per_host * process_count:process_count]

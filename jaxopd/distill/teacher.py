@@ -8,7 +8,6 @@ through `losses.token_logprobs` on the model's final hidden states, chunked over
 
 from __future__ import annotations
 
-import json
 import pathlib
 import shutil
 from typing import Any, Callable, Optional, Sequence
@@ -21,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from jaxopd.training import checkpoint, sharding
 from jaxopd.training.config import MeshConfig, model_config_dict, to_model_config
+from jaxopd.hf.safetensors_io import read_json
 from jaxopd.kernels import losses
 from jaxopd.model import ModelConfig, Transformer, unembedding
 
@@ -29,7 +29,7 @@ PROBE_TEXT = "The teacher and the student must share a tokenizer: 0123456789 +-*
 
 def _is_hf(path: pathlib.Path) -> bool:
     config_file = path / "config.json"
-    return config_file.exists() and "model_type" in json.loads(config_file.read_text())
+    return config_file.exists() and "model_type" in read_json(config_file)
 
 
 def model_from_dict(model_fields: dict[str, Any]) -> Transformer:

@@ -27,7 +27,7 @@ import numpy as np
 from jaxopd.hf.config import config_from_hf, config_to_hf
 from jaxopd.hf.fp8 import FP8_BLOCK
 from jaxopd.hf.mapping import Entry, ignorable, param_entries, shared_copies
-from jaxopd.hf.safetensors_io import SafetensorsReader, ShardWriter
+from jaxopd.hf.safetensors_io import SafetensorsReader, ShardWriter, read_json
 
 if TYPE_CHECKING:
     from jaxopd.model import Transformer
@@ -92,7 +92,7 @@ def load_hf(path: str | os.PathLike, dtype: str = "bfloat16", mesh: Optional[jax
     if mesh is not None and rules is None:
         raise ValueError("load_hf: mesh given without rules; pass the logical axis rules that map parameter axes "
                          "(embed, mlp, experts, ...) to mesh axes")
-    hf_config = json.loads((path / "config.json").read_text())
+    hf_config = read_json(path / "config.json")
     dtype = jnp.dtype(dtype).name
     config = config_from_hf(hf_config).replace(dtype=dtype, param_dtype=dtype)
     checkpoint = SafetensorsReader(path)

@@ -20,6 +20,23 @@ from jaxopd.hf.fp8 import dequantize_fp8_blockwise
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file of a checkpoint directory (config.json, the shard index), errors naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); a Hugging Face checkpoint directory needs a JSON "
+                         "config.json (and index, if sharded)") from error
+
+
+def _open(file: Path) -> Any:
+    try:
+        return safe_open(file, framework="np")
+    except Exception as error:  # e.g. "Error while deserializing header", without the file's name
+        raise ValueError(f"{file} is not a readable safetensors file ({type(error).__name__}: {error}); it may be "
+                         "truncated or damaged") from error
+
+
 class SafetensorsReader:
     """Tensor-by-tensor access to the safetensors files of one checkpoint directory (single file or sharded).
 
@@ -30,7 +47,7 @@ class SafetensorsReader:
     def __init__(self, path: Path):
         index = path / INDEX_FILE
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index)["weight_map"]
             self.where = str(index)
             self.file_of = {name: path / file for name, file in weight_map.items()}
         else:
@@ -40,7 +57,7 @@ class SafetensorsReader:
             self.where = ", ".join(str(f) for f in files)
             self.file_of = {}
             for file in files:
-                with safe_open(file, framework="np") as handle:
+                with _open(file) as handle:
                     self.file_of.update({name: file for name in handle.keys()})
         self._handles: dict[Path, Any] = {}
         self._headers: dict[Path, tuple[int, dict]] = {}
@@ -50,7 +67,7 @@ class SafetensorsReader:
         if file not in self._handles:
             if not file.exists():
                 raise ValueError(f"{self.where} names shard {file}, which does not exist")
-            self._handles[file] = safe_open(file, framework="np")
+            self._handles[file] = _open(file)
         return self._handles[file]
 
     def _raw(self, name: str) -> np.ndarray:
@@ -58,9 +75,13 @@ class SafetensorsReader:
         handle = self._handle(file)
         if name not in handle.keys():
             raise ValueError(f"tensor {name!r} is listed in {self.where} but missing from {file}")
-        if handle.get_slice(name).get_dtype() == "F8_E4M3":
-            return self._read_float8(file, name)  # numpy has no float8 type for safetensors to hand back
-        return handle.get_tensor(name)
+        try:
+            if handle.get_slice(name).get_dtype() == "F8_E4M3":
+                return self._read_float8(file, name)  # numpy has no float8 type for safetensors to hand back
+            return handle.get_tensor(name)
+        except Exception as error:  # safetensors' own errors name neither the file nor the tensor
+            raise ValueError(f"{file}: tensor {name!r} does not read ({type(error).__name__}: {error}); the file "
+                             "may be truncated or damaged") from error
 
     def _read_float8(self, file: Path, name: str) -> np.ndarray:
         # safetensors layout: 8-byte little-endian header size, JSON header, then raw little-endian tensor bytes.

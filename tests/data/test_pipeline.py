@@ -289,3 +289,11 @@ def test_hugging_face_tokenizer_with_fim_end_to_end(tmp_path):
     rebuilt = [undo_fim(d, tokenizer, "psm") if d[1] == begin else tokenizer.decode(d[1:-1]) for d in documents]
     assert sorted(rebuilt) == sorted(texts)
     assert len(fim) == iterator.stats["documents_fim"] and 10 < len(fim) < 30
+
+
+def test_a_corpus_the_eval_split_empties_names_the_fix(tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", ["a single document"])
+    with pytest.raises(ValueError, match=r"split='train' has 0 documents.*set data.eval_fraction=0 \(it holds out 1 "
+                                         r"of the 1\)"):
+        make_pipeline(data_config(path, eval_fraction=0.02), seq_len=8, batch_size=1, seed=0, process_index=0,
+                      process_count=1)
