@@ -102,7 +102,7 @@ def run_loop(config: RunConfig, run: Run, objective: Objective, source: BatchSou
     """Runs (or resumes) `config` in `config.workdir`; returns the last logged metrics (eval ones included).
     Raises WorkdirLockedError when another run holds the workdir, RunStopped when the run cannot go on."""
     # Process 0 holds the lock, before anything is written to the workdir.
-    with workdir_lock.hold(config.workdir, enabled=jax.process_index() == 0):
+    with workdir_lock.hold(config.workdir, enabled=jax.process_index() == 0, process_count=jax.process_count()):
         return _run_loop(config, run, objective, source, evaluator)
 
 

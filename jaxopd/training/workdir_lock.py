@@ -23,12 +23,39 @@ class WorkdirLockedError(RuntimeError):
 
 
 @contextlib.contextmanager
-def hold(workdir: str | pathlib.Path, *, enabled: bool = True) -> Iterator[None]:
+def hold(workdir: str | pathlib.Path, *, enabled: bool = True, process_count: int = 1) -> Iterator[None]:
     """Holds the lock on `workdir` (created if missing) for the `with` body; raises WorkdirLockedError naming the
-    holder when another run has it. enabled=False (processes other than 0 of a multi-process run) does nothing."""
+    holder when another run has it. enabled=False (processes other than 0 of a multi-process run) takes nothing;
+    with process_count > 1 every process learns whether process 0 got the lock and raises with it when not, so a
+    refused multi-process run ends everywhere instead of leaving the others waiting in a collective."""
     if not enabled:
+        if process_count > 1 and not _agree(True):
+            raise WorkdirLockedError(f"{workdir} is in use by another run (process 0 could not lock it)")
         yield
         return
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(_locked(workdir))
+    except WorkdirLockedError:
+        if process_count > 1:
+            _agree(False)
+        raise
+    with held:
+        if process_count > 1:
+            _agree(True)
+        yield
+
+
+def _agree(locked: bool) -> bool:
+    """Process 0's `locked`, on every process."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(locked)))
+
+
+@contextlib.contextmanager
+def _locked(workdir: str | pathlib.Path) -> Iterator[None]:
     path = pathlib.Path(workdir) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

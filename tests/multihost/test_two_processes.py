@@ -27,3 +27,13 @@ def test_two_processes_match_one_process(tmp_path, run_processes):
     # Each process saved its own data-iterator state in the shared checkpoint.
     data_dir = tmp_path / "multi" / "checkpoints" / "3" / "data"
     assert {p.name for p in data_dir.glob("process_*.json")} == {"process_0-of-2.json", "process_1-of-2.json"}
+
+
+@pytest.mark.slow
+def test_a_locked_workdir_stops_every_process(tmp_path, run_processes):
+    """Process 0 is refused the lock: the other process learns it and stops too, instead of waiting in a collective."""
+    from jaxopd.training import workdir_lock
+    with workdir_lock.hold(tmp_path / "multi"):
+        outputs = run_processes(CONFIG, tmp_path / "multi", OVERRIDES, timeout=240, succeed=False)
+    assert "is in use by another run (host" in outputs[0]
+    assert "is in use by another run (process 0 could not lock it)" in outputs[1]
