@@ -30,7 +30,11 @@ MICROBATCH_SIZE = 3072  # the ramp grows in whole microbatches: 3072, 6144, ...,
 def get_config():
     config = base_config()
     config.workdir = "/mnt/gcs/deepseek_v3_671b"  # a bucket mounted on every worker (tpu/setup.sh)
-    config.model = load_model_preset("deepseek_v3", dtype="bfloat16", remat=True)
+    # Full remat: each of the 61 blocks keeps only its bf16 input (3 x 4096 tokens x 7168 per chip and microbatch,
+    # ~11 GB over the layers, beside the ~10.5 GB of params and moments). Keeping the matmul outputs as well
+    # ("dots_with_no_batch_dims_saveable": MLA's q and k/v up-projections alone are 128 heads x 448 per token,
+    # ~8x the block input) would take ~100 GB, more than a v5p chip's 95 GB.
+    config.model = load_model_preset("deepseek_v3", dtype="bfloat16", remat="full")
     config.seq_len = SEQ_LEN
     config.batch_size = BATCH_SIZE
     config.microbatch_size = MICROBATCH_SIZE

@@ -1,5 +1,6 @@
 """A 1B-class dense model (Llama 3.2 1B shape, models/llama3_1b.py) pretrained on one GPU: bf16 compute with
-fp32 params, rematerialized layers, 16 x 2048-token sequences per step as 4 accumulated microbatches of 4.
+fp32 params, layers rematerialized except their matmul outputs, 16 x 2048-token sequences per step as 4 accumulated
+microbatches of 4.
 
 It runs as is on the bundled corpus and tokenizer (vocab 4096 instead of Llama's 128256: ~0.97B params);
 for real runs point data.paths at the corpus and data.tokenizer at the Llama 3 tokenizer and drop the vocab override.
@@ -13,7 +14,13 @@ from jaxopd.training.config import base_config, load_model_preset
 def get_config():
     config = base_config()
     config.workdir = "workdirs/llama3_1b_gpu"
-    config.model = load_model_preset("llama3_1b", vocab_size=4096, dtype="bfloat16", remat=True)
+    # Each layer keeps its weight matmuls' bf16 outputs (q/k/v/o, gate/up: ~43 KB per token) for the backward pass:
+    # ~5.6 GB for a 4 x 2048-token microbatch over 16 layers, beside ~20 GB of fp32 params, grads and Adam moments.
+    # It recomputes only attention and the elementwise work (~1/8 of a forward pass at 2048 tokens) where "full"
+    # recomputes the whole forward pass; "dots_saveable" would also keep the float32 attention logits (2 GB a layer).
+    # On a GPU under 40 GB use remat="full".
+    config.model = load_model_preset("llama3_1b", vocab_size=4096, dtype="bfloat16",
+                                     remat="dots_with_no_batch_dims_saveable")
     config.seq_len = 2048
     config.batch_size = 16
     config.microbatch_size = 4

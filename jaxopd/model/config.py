@@ -11,13 +11,16 @@ from typing import Any, Literal, Optional, get_args
 
 from jaxopd.kernels.rope import RopeLayout, RopeScaling, check_rope_scaling
 
-__all__ = ["AttentionImplementation", "AttentionKind", "DTypeName", "ModelConfig", "RopeScaling", "RouterScore"]
+__all__ = ["AttentionImplementation", "AttentionKind", "DTypeName", "ModelConfig", "RematPolicy", "RopeScaling",
+           "RouterScore"]
 
 AttentionKind = Literal["gqa", "mla"]
 RouterScore = Literal["sigmoid", "softmax"]  # "sigmoid" (DeepSeek-V3) or "softmax" (V2, Qwen-MoE, Mixtral)
 # `jaxopd.kernels.attention` implementations: "blockwise" for long context, "splash" on TPU.
 AttentionImplementation = Literal["xla", "cudnn", "blockwise", "splash"]
 DTypeName = Literal["float32", "bfloat16", "float16"]
+# What each decoder block keeps for the backward pass; `jaxopd.model.remat` says what each saves and recomputes.
+RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload"]
 
 
 def _either(options: Any) -> str:
@@ -84,10 +87,12 @@ class ModelConfig:
     init_std: float = 0.02  # normal(0, init_std) for every matrix and the embedding (HF `initializer_range`)
     dtype: DTypeName = "float32"  # compute dtype; softmax, norms and logits stay float32
     param_dtype: DTypeName = "float32"
-    remat: bool = False  # rematerialize each decoder block in the backward pass (nn.remat)
-    # How the forward pass runs (not the architecture): `jaxopd.kernels.attention` implementation for training and
-    # prefill, and whether routed experts run expert-parallel (shard_map over the "expert" axis of the mesh set
-    # with `jax.set_mesh`; at init or with no mesh set they run unsharded).
+    # How the forward pass runs (not the architecture): what each decoder block keeps for the backward pass and
+    # what it recomputes (`jaxopd.model.remat`; saved configs' remat false/true load as "none"/"full"), the
+    # `jaxopd.kernels.attention` implementation for training and prefill, and whether routed experts run
+    # expert-parallel (shard_map over the "expert" axis of the mesh set with `jax.set_mesh`; at init or with no mesh
+    # set they run unsharded).
+    remat: RematPolicy = "none"
     attention_implementation: AttentionImplementation = "xla"
     attention_block_q: int = 512  # tile sizes of "blockwise" and "splash"
     attention_block_kv: int = 512
@@ -103,7 +108,7 @@ class ModelConfig:
             if getattr(self, name) not in get_args(DTypeName):
                 raise ValueError(f"config.{name}={getattr(self, name)!r} is not a dtype name ({_either(DTypeName)})")
         for name, options in (("rope_layout", RopeLayout), ("router_score", RouterScore),
-                              ("attention_implementation", AttentionImplementation)):
+                              ("remat", RematPolicy), ("attention_implementation", AttentionImplementation)):
             if getattr(self, name) not in get_args(options):
                 raise ValueError(f"config.{name}={getattr(self, name)!r} must be {_either(options)}")
         if self.rope_scaling is not None:

@@ -66,6 +66,7 @@ from jaxopd.model.block import Block, MTPModule, MoEStats
 from jaxopd.model.cache import write
 from jaxopd.model.config import ModelConfig
 from jaxopd.model.layers import Embed, RMSNorm, compute, param
+from jaxopd.model.remat import remat_block
 from jaxopd.model.validation import check_inputs
 
 
@@ -89,7 +90,7 @@ class Transformer(nn.Module):
 
     def setup(self):
         c = self.config
-        block_cls = nn.remat(Block) if c.remat else Block
+        block_cls = remat_block(Block, c.remat)
         self.embed = Embed(c)
         self.layers = [block_cls(c, i) for i in range(c.num_layers)]
         self.final_norm = RMSNorm(c)

@@ -217,10 +217,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 def model_config_dict(fields: dict[str, Any]) -> ml_collections.ConfigDict:
     """A ConfigDict holding every ModelConfig field (`fields` over the defaults), optional ones as typed
-    placeholders so the command line can set them (`--config.model.num_kv_heads=2`)."""
+    placeholders so the command line can set them (`--config.model.num_kv_heads=2`).
+
+    Saved model sections (a checkpoint's config, `workdir/config.json`) come through here, so values an older jaxopd
+    wrote are translated here, once: `remat` false/true (before remat policies) is "none"/"full"."""
     unknown = set(fields) - {f.name for f in dataclasses.fields(ModelConfig)}
     if unknown:
         raise ValueError(f"model fields {sorted(unknown)} are not ModelConfig fields")
+    if isinstance(fields.get("remat"), bool):
+        fields = {**fields, "remat": "full" if fields["remat"] else "none"}
     section = config_dict_of(ModelConfig)
     for name, value in fields.items():
         if name == "rope_scaling" and value is not None:
@@ -344,7 +349,10 @@ def load_config_file(name_or_path: str | pathlib.Path, overrides: Optional[dict[
     `--config=... --config.a.b=v` for tests and notebooks."""
     path = run_config_path(str(name_or_path))
     if path.suffix == ".json":
-        config = ml_collections.ConfigDict(json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        config = ml_collections.ConfigDict(saved)
+        if "model" in saved:
+            config.model = model_config_dict(saved["model"])  # as a checkpoint's model section is read
     else:
         config = _load_module(path).get_config()
     config.lock()

@@ -1,19 +1,24 @@
 """Transformer forward: shapes/dtypes, param annotations, packed documents, MTP semantics, MoE statistics."""
 
+import contextlib
 import functools
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import flax.linen as nn
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import CONFIGS, GQA, MLA_MOE, init_params, random_tokens
 
 from jaxopd.model import Transformer, moe_layer_paths, unembedding, update_expert_biases
+from jaxopd.model.config import RematPolicy
 from jaxopd.model.validation import default_positions
 
 ALLOWED_PARAM_AXES = {"vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "experts", "expert_mlp", "q_lora",
@@ -148,17 +153,52 @@ def test_update_expert_biases_follows_load_sign_and_keeps_boxes():
         assert layer["expert_bias"] is not original["expert_bias"]  # the input tree is not mutated
 
 
-def test_remat_changes_nothing_numerically():
-    params = init_params(GQA)
-    tokens = random_tokens(GQA, (1, 6))
+def _squared_logits_loss(params, config, tokens):
+    return jnp.mean(Transformer(config).apply({"params": params}, tokens) ** 2)
 
-    def loss(p, config):
-        return jnp.mean(_apply(config, p, tokens) ** 2)
 
-    plain = jax.grad(loss)(params, GQA)
-    remat = jax.grad(loss)(params, GQA.replace(remat=True))
+# "offload" runs on CPU too: jax's CPU devices have a "pinned_host" memory (jaxopd/model/remat.py). "mla_moe": MoE
+# layers and MTP blocks rematerialized too.
+@pytest.mark.parametrize("name, policy", [("gqa", "full"), ("gqa", "dots_saveable"),
+                                          ("gqa", "dots_with_no_batch_dims_saveable"), ("gqa", "offload"),
+                                          ("mla_moe", "dots_with_no_batch_dims_saveable")])
+def test_remat_policies_change_nothing_numerically(name, policy):
+    config = CONFIGS[name]
+    params = init_params(config)
+    tokens = random_tokens(config, (1, 6))
+    grad = jax.jit(jax.grad(_squared_logits_loss), static_argnums=1)
+    plain = grad(params, config, tokens)
+    remat = grad(params, config.replace(remat=policy), tokens)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _saved_residuals(config, params, tokens) -> list[str]:
+    """jax's line for each array the backward pass keeps ('f32[1,6,48] output of dot_general from .../swiglu')."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        jax.ad_checkpoint.print_saved_residuals(lambda p: _squared_logits_loss(p, config, tokens), params)
+    return printed.getvalue().splitlines()
+
+
+def test_remat_policies_keep_what_they_name():
+    params = init_params(GQA)
+    tokens = random_tokens(GQA, (1, 6))
+    saved = {policy: _saved_residuals(GQA.replace(remat=policy), params, tokens) for policy in get_args(RematPolicy)}
+
+    def matmul_outputs(policy, source=""):
+        return [line.split()[0] for line in saved[policy] if "output of dot_general" in line and source in line]
+
+    attention_kernel = os.path.join("kernels", "attention.py")  # the attention logits and values einsums
+    projections = matmul_outputs("dots_with_no_batch_dims_saveable")
+    assert matmul_outputs("full") == []
+    assert projections and matmul_outputs("dots_with_no_batch_dims_saveable", attention_kernel) == []
+    assert matmul_outputs("dots_saveable", attention_kernel)
+    assert len(saved["full"]) < len(saved["dots_with_no_batch_dims_saveable"]) < len(saved["dots_saveable"])
+    # "offload" keeps the same matmul outputs, in host memory instead of device memory.
+    assert matmul_outputs("offload") == []
+    assert [line.split()[0] for line in saved["offload"] if "<host>" in line] == [
+        shape.replace("f32[", "f32<host>[") for shape in projections]
 
 
 @pytest.mark.parametrize(
@@ -169,6 +209,7 @@ def test_remat_changes_nothing_numerically():
         (dict(head_dim=None, d_model=30), "head_dim"),
         (dict(first_k_dense=9), "first_k_dense"),
         (dict(dtype="bf16"), "dtype"),
+        (dict(remat=True), "remat"),
     ],
 )
 def test_bad_configs_raise_clear_errors(change, message):

@@ -102,10 +102,10 @@ def test_arrays_of_other_shapes_are_incompatible_not_damage(tmp_path):
 
 def test_what_may_change_on_resume():
     saved = {"steps": 10, "log_every": 1, "checkpoint_every": 4, "keep_checkpoints": 3, "workdir": "a",
-             "optimizer": {"b1": 0.9, "schedule": {"decay_end": 10}}, "model": {"remat": False, "d_model": 4},
+             "optimizer": {"b1": 0.9, "schedule": {"decay_end": 10}}, "model": {"remat": "none", "d_model": 4},
              "batch_size": 8, "microbatch_size": 8, "seq_len": 32, "seed": 0, "loss": "ce", "data": {"paths": "x"}}
     resumable = {**saved, "steps": 20, "log_every": 5, "checkpoint_every": 3, "keep_checkpoints": 1, "workdir": "b",
-                 "optimizer": {"b1": 0.9, "schedule": {"decay_end": 20}}, "model": {"remat": True, "d_model": 4}}
+                 "optimizer": {"b1": 0.9, "schedule": {"decay_end": 20}}, "model": {"remat": "offload", "d_model": 4}}
     assert checkpoint.resume_differences(saved, resumable) == {}
     not_resumable = {**saved, "optimizer": {"b1": 0.8, "schedule": {"decay_end": 10}}, "seed": 1, "loss": "jsd",
                      "data": {"paths": "y"}, "seq_len": 16}

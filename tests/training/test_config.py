@@ -150,6 +150,17 @@ def test_saved_config_json_loads_back_to_the_same_run(tmp_path):
     assert config_lib.to_run_config(config_lib.load_config_file(str(path))) == config_lib.to_run_config(config)
 
 
+def test_config_json_saved_with_remat_true_loads_with_full_remat(tmp_path):
+    config = config_lib.load_config_file("tiny_pretrain")
+    saved = json.loads(config_lib.config_to_json(config))
+    saved["model"]["remat"] = True  # as written before remat policies had names
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved))
+    assert config_lib.to_run_config(config_lib.load_config_file(str(path))).model.remat == "full"
+    assert config_lib.load_config_file(str(path), {"model.remat": "dots_saveable"}).model.remat == "dots_saveable"
+    assert config_lib.model_config_dict({"remat": False}).remat == "none"
+
+
 def test_bundled_configs_and_files_are_found_from_any_directory(tmp_path, monkeypatch):
     from jaxopd import bundled
     monkeypatch.chdir(tmp_path)
