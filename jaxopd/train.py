@@ -16,7 +16,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from jaxopd.bundled import bundled_run_configs, resolve_config_flag, run_config_path, run_config_summary
+from jaxopd.bundled import bundled_run_configs, run_config_summary
 from jaxopd.configdict import config_dict_of, from_config_dict
 from jaxopd.distill import objectives as distill_objectives, source as distill_source
 from jaxopd.training import config as config_lib, sharding
@@ -112,13 +112,13 @@ def run() -> None:
         print(usage())
         sys.exit(0)
     name = next((arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("--config=")), "tiny_pretrain")
-    try:
-        path = run_config_path(name)
-        config_lib.check_override_keys(config_lib.load_config_file(path), sys.argv[1:])
+    try:  # a bundled name, a get_config() file or a saved workdir/config.json, read by the one loader
+        config = config_lib.load_config_file(name)
+        config_lib.check_override_keys(config, sys.argv[1:])
     except ValueError as error:
         sys.exit(f"error: {error}")
-    sys.argv = resolve_config_flag(sys.argv)
-    config_flags.DEFINE_config_file("config", str(path), "run config file (a bundled name or a path)",
+    sys.argv = [arg for arg in sys.argv if not arg.startswith("--config=")]  # the overrides apply to `config`
+    config_flags.DEFINE_config_dict("config", config, "the run config (--config=<bundled name or path>)",
                                     lock_config=True)
     app.run(main)
 

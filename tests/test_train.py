@@ -152,3 +152,16 @@ def test_init_from_a_jaxopd_checkpoint_loads_its_params(tmp_path, uninterrupted,
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("done: steps 0 -> 1 in ") and f"eval/ce_loss {ce[0]:.4g} -> {ce[1]:.4g}" in summary
     assert f"outputs in {tmp_path}" in summary
+
+
+@pytest.mark.slow
+def test_cli_runs_from_a_saved_config_json(tmp_path, uninterrupted):
+    """`--config=<workdir>/config.json` reruns a run's resolved config, overrides on top."""
+    _, first = uninterrupted
+    process = subprocess.run([sys.executable, "-m", "jaxopd.train", f"--config={first / 'config.json'}",
+                              f"--config.workdir={tmp_path}", "--config.steps=2", "--config.eval_every=0"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["steps"] == 2 and saved["model"] == json.loads((first / "config.json").read_text())["model"]
+    assert _metrics(tmp_path)[2]["loss"] == _metrics(first)[2]["loss"]  # the same run, cut short
