@@ -21,7 +21,7 @@ from jaxopd.configdict import config_dict_of, from_config_dict
 from jaxopd.distill import objectives as distill_objectives, source as distill_source
 from jaxopd.training import config as config_lib, sharding
 from jaxopd.training.config import ConfigError, DistributedConfig, RunConfig
-from jaxopd.training.loop import BatchSource, Evaluator, NonFiniteLossError, RunStopped, run_loop
+from jaxopd.training.loop import BatchSource, Evaluator, RunStopped, run_loop
 from jaxopd.training.objectives import CROSS_ENTROPY, Objective
 from jaxopd.training.pretraining import PretrainingEvaluator, PretrainingSource
 from jaxopd.training.state import Run, build

@@ -2,19 +2,17 @@
 params-only loading."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
 from jaxopd import train
-from jaxopd.training import config as config_lib
+from jaxopd.training import config as config_lib, loop
 
 CONFIG = pathlib.Path(__file__).parent / "tiny_train_config.py"
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -120,7 +118,7 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path):
     config = _config(tmp_path, **{"optimizer.schedule.kind": "constant", "optimizer.schedule.peak_lr": 1e30,
                                   "checkpoint_every": 1, "steps": 3})
     # Step 2's loss is computed on the params saved at step 1, so that checkpoint is not a good one.
-    with pytest.raises(train.NonFiniteLossError, match=r"at step 2; stopping. No checkpoint predates it .*"
+    with pytest.raises(loop.NonFiniteLossError, match=r"at step 2; stopping. No checkpoint predates it .*"
                                                        r"checkpoints \[1\] were saved after the trouble began"):
         train.train(config)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]

@@ -166,7 +166,6 @@ class RolloutSource:
 
     def __init__(self, d: Distiller):
         self.d = d
-        distill = d.config.distill
         self.prompts = rollouts_lib.PromptStream(d.train_prompts, d.config.seed, jax.process_index(),
                                                  jax.process_count())
         self.rng = jax.random.key(d.config.seed)

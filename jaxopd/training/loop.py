@@ -24,7 +24,6 @@ import time
 from typing import Any, Optional, Protocol
 
 import jax
-import numpy as np
 
 from jaxopd.configdict import config_dict_of
 from jaxopd.training import checkpoint, metrics as metrics_lib, sharding, workdir_lock

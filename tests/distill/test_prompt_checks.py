@@ -42,7 +42,7 @@ def test_skipped_prompts_are_counted_and_left_out_of_the_stream(tmp_path, capsys
     path = write_prompts(tmp_path / "p.jsonl", prompts)
     kept = load_prompts(str(path), "prompt", key="distill.prompts", long_prompts="skip", **CHECKS)
     assert kept == ["1+1=", "2+2=", "3+3="]
-    assert f"2 of the 5 prompts of distill.prompts are longer" in capsys.readouterr().out
+    assert "2 of the 5 prompts of distill.prompts are longer" in capsys.readouterr().out
     # The stream draws only kept prompts, the same ones for the same seed (so a resume draws what a run would).
     drawn = PromptStream(kept, seed=0).next(30)
     assert set(drawn) == set(kept) and drawn == PromptStream(kept, seed=0).next(30)

@@ -60,7 +60,7 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_used(tmp_
     np.testing.assert_array_equal(state["params"]["w"], 4.0)
     (aside,) = [name for name in _step_names(tmp_path) if name.startswith("6.")]
     assert re.fullmatch(r"6\.damaged-\d{8}T\d{6}Z", aside) and _step_names(tmp_path) == ["2", "4", aside]
-    assert f"checkpoint step 6 does not restore (" in caplog.text and f"moved it to {tmp_path / aside}" in caplog.text
+    assert "checkpoint step 6 does not restore (" in caplog.text and f"moved it to {tmp_path / aside}" in caplog.text
     # The moved directory is no step to orbax, and step 6 saves again (it failed with "already exists" before).
     saver.save(6, _state(6), [{"produced": 6}], CONFIG)
     saver.wait()

@@ -8,13 +8,13 @@ import json
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
+from tests.test_train import _launch as launch_trainer
 from jaxopd import train
-from jaxopd.training import config as config_lib
+from jaxopd.training import config as config_lib, loop
 from jaxopd.training.config import ObjectiveConfig
 from jaxopd.training.guard import Guard, last_good_checkpoint
 from jaxopd.training.metrics import MetricsWriter
@@ -24,9 +24,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _launch(workdir, *overrides):
-    args = [sys.executable, "-m", "jaxopd.train", f"--config={CONFIG}", f"--config.workdir={workdir}",
-            "--config.eval_every=0", *overrides]
-    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """The trainer's CLI on tests/tiny_train_config.py without evals: these tests watch the training steps."""
+    return launch_trainer(workdir, "--config.eval_every=0", *overrides)
 
 
 def _logged_steps(workdir) -> int:
@@ -137,7 +136,7 @@ def test_skipped_steps_have_a_cap(tmp_path):
         "workdir": str(tmp_path), "optimizer.schedule.kind": "constant", "optimizer.schedule.peak_lr": 1e30,
         "skip_nonfinite_steps": True, "max_skipped_steps": 3, "steps": 8, "checkpoint_every": 0, "eval_every": 0,
         "unigram_entropy_batches": 0})
-    with pytest.raises(train.NonFiniteLossError, match=r"3 steps in a row \(2 to 4\) .* were skipped"):
+    with pytest.raises(loop.NonFiniteLossError, match=r"3 steps in a row \(2 to 4\) .* were skipped"):
         train.train(config)
 
 

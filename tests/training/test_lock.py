@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.test_train import _launch as launch_trainer
 from jaxopd.training import workdir_lock
 
 CONFIG = pathlib.Path(__file__).parents[1] / "tiny_train_config.py"
@@ -17,9 +18,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _launch(workdir, *overrides):
-    args = [sys.executable, "-m", "jaxopd.train", f"--config={CONFIG}", f"--config.workdir={workdir}",
-            "--config.eval_every=0", *overrides]
-    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """The trainer's CLI on tests/tiny_train_config.py without evals: these tests watch the training steps."""
+    return launch_trainer(workdir, "--config.eval_every=0", *overrides)
 
 
 def test_a_held_workdir_is_refused_naming_the_holder(tmp_path):
