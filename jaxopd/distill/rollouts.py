@@ -85,10 +85,10 @@ def _prompt_of(line: bytes, field: str, where: str) -> str:
     return row[field]
 
 
-def read_prompts(paths: str, field: str, count: int, key: str = "distill.eval_prompts") -> list[str]:
-    """The first `count` prompts of JSON Lines files, in file order (a fixed eval set), each line checked as by
-    `load_prompts` (lengths not: give them to a sampler that checks)."""
-    prompts = load_prompts(paths, field, key=key)
+def read_prompts(paths: str, field: str, count: int, key: str = "distill.eval_prompts", **checks: Any) -> list[str]:
+    """The first `count` prompts of JSON Lines files, in file order (a fixed eval set), checked by `load_prompts`
+    (lengths only when `checks` give it a tokenizer)."""
+    prompts = load_prompts(paths, field, key=key, **checks)
     if count > len(prompts):
         raise ValueError(f"{count} prompts requested (distill.eval_prompts_count) but {key}={paths!r} has "
                          f"{len(prompts)}; lower distill.eval_prompts_count or give more prompts")

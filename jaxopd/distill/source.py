@@ -103,13 +103,8 @@ def build(config: RunConfig, run: Run) -> Distiller:
     checks = dict(tokenizer=tokenizer, add_bos=config.data.add_bos, max_prompt_len=distill.max_prompt_len,
                   long_prompts=distill.long_prompts)
     train_prompts = rollouts_lib.load_prompts(distill.prompts, distill.prompt_field, key="distill.prompts", **checks)
-    eval_prompts = rollouts_lib.load_prompts(distill.eval_prompts, distill.prompt_field, key="distill.eval_prompts",
+    eval_prompts = rollouts_lib.read_prompts(distill.eval_prompts, distill.prompt_field, distill.eval_prompts_count,
                                              **checks)
-    if distill.eval_prompts_count > len(eval_prompts):
-        raise ValueError(f"distill.eval_prompts_count={distill.eval_prompts_count} but distill.eval_prompts="
-                         f"{distill.eval_prompts!r} has {len(eval_prompts)} usable prompts; lower "
-                         "distill.eval_prompts_count or give more prompts")
-    eval_prompts = eval_prompts[:distill.eval_prompts_count]
     share = distill.eval_prompts_count // jax.process_count()
     eval_prompts = eval_prompts[jax.process_index() * share:(jax.process_index() + 1) * share]
     return Distiller(config, run, tokenizer, teacher_model, teacher_params, samplers[0], samplers[1],

@@ -27,7 +27,7 @@ import jax
 
 from jaxopd.configdict import config_dict_of
 from jaxopd.training import checkpoint, metrics as metrics_lib, sharding, workdir_lock
-from jaxopd.training.config import RunConfig, differences_from_defaults
+from jaxopd.training.config import RunConfig, differences_from_defaults, save_config
 from jaxopd.training.flops import count_params
 from jaxopd.training.guard import Guard, last_good_checkpoint
 from jaxopd.training.objectives import Objective
@@ -124,7 +124,7 @@ def _run_loop(config: RunConfig, run: Run, objective: Objective, source: BatchSo
         checkpointer.close()
         raise
     if is_main:
-        (workdir / "config.json").write_text(json.dumps(config_dict.to_dict(), indent=2, sort_keys=True))
+        save_config(config_dict, workdir)
     if restored is not None:
         state, loop_state = restored
         source.set_state(loop_state["source"])
