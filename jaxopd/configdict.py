@@ -5,7 +5,8 @@ dataclasses. `config_dict_of` turns a dataclass's defaults into the ConfigDict a
 default and type is written once, on the dataclass. `from_config_dict` builds the dataclass back, checking every value
 against its field's type (`Literal` choices included) and collecting every problem instead of stopping at the first.
 
-Two conventions: an `Optional[SomeDataclass]` field is a ConfigDict of that dataclass's fields whose required fields
+Three conventions: a `dict[str, SomeDataclass]` field is a ConfigDict of named ConfigDicts (ml_collections keeps
+them sorted by name), each checked as that dataclass; an `Optional[SomeDataclass]` field is a ConfigDict of that dataclass's fields whose required fields
 are left unset (None) to mean "None" (so each field stays overridable from the command line); and a dataclass may name
 nested dataclass fields in `FLATTENED` whose keys sit at its own level instead of in a sub-dict.
 """
@@ -48,6 +49,9 @@ def _fill(result: ml_collections.ConfigDict, cls: type, values: Mapping[str, Any
             nested = ml_collections.ConfigDict()
             _fill(nested, inner, _values_of(inner, value))
             result[field.name] = nested
+        elif _named_dataclasses(inner):
+            result[field.name] = ml_collections.ConfigDict(
+                {name: config_dict_of(_named_dataclasses(inner), item) for name, item in (value or {}).items()})
         elif value is None:
             result[field.name] = config_dict.placeholder(_python_type(inner))
         else:
@@ -111,6 +115,13 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
         if optional and required and all(value.get(name) is None for name in required):
             return None  # its required fields unset: the convention for "no such block" (module docstring)
         return from_config_dict(inner, value, problems, key)
+    item_class = _named_dataclasses(inner)
+    if item_class:
+        if not isinstance(value, Mapping):
+            problems.append(f"{key}={value!r} must be a dict of named {item_class.__name__} dicts")
+            return None
+        items = {str(name): _convert(item_class, item, f"{key}.{name}", problems) for name, item in value.items()}
+        return items if all(item is not None for item in items.values()) else None
     if typing.get_origin(inner) is Literal:
         choices = typing.get_args(inner)
         if value not in choices:
@@ -121,6 +132,15 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
     if inner in (int, float, str, bool) and (not isinstance(value, inner) or (inner is int and isinstance(value, bool))):
         problems.append(f"{key}={value!r} must be of type {inner.__name__}")
     return value
+
+
+def _named_dataclasses(hint: Any) -> Optional[type]:
+    """D for dict[str, D] with D a dataclass, else None."""
+    if typing.get_origin(hint) is dict:
+        key, item = typing.get_args(hint)
+        if key is str and dataclasses.is_dataclass(item):
+            return item
+    return None
 
 
 def _optional_inner(hint: Any) -> Any:
