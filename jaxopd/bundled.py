@@ -13,6 +13,7 @@ import ast
 import glob
 import os
 import pathlib
+from typing import Optional
 
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 # Top-level name of the checkout's view -> the package directory holding those files.
@@ -63,8 +64,17 @@ def run_config_summary(name: str) -> str:
     return " ".join(docstring.split("\n\n")[0].split())
 
 
+def split_variant(name_or_path: str) -> tuple[str, Optional[str]]:
+    """("opd_qwen3", "gpu8") for "opd_qwen3:gpu8": a config file's variant, passed to its `get_config(variant)` (the
+    `path:argument` convention of ml_collections' config flags); (name, None) without one."""
+    name, colon, variant = name_or_path.rpartition(":")
+    return (name, variant) if colon and name else (name_or_path, None)
+
+
 def resolve_config_flag(argv: list[str]) -> list[str]:
-    """`argv` with `--config=<name or path>` replaced by the config file's path (for absl's config_flags, which only
-    read paths)."""
-    return [f"--config={run_config_path(arg.split('=', 1)[1])}" if arg.startswith("--config=") else arg
-            for arg in argv]
+    """`argv` with `--config=<name or path>[:variant]` replaced by the config file's path and the same variant (for
+    absl's config_flags, which only read paths)."""
+    def resolved(value: str) -> str:
+        name, variant = split_variant(value)
+        return str(run_config_path(name)) + (f":{variant}" if variant is not None else "")
+    return [f"--config={resolved(arg.split('=', 1)[1])}" if arg.startswith("--config=") else arg for arg in argv]

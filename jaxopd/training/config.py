@@ -17,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import json
 import pathlib
 from typing import Any, ClassVar, Iterable, Literal, Optional
 
 import ml_collections
 
-from jaxopd.bundled import run_config_path
+from jaxopd.bundled import run_config_path, split_variant
 from jaxopd.configdict import check_choices, config_dict_of, from_config_dict
 from jaxopd.data.pipeline import DataConfig
 from jaxopd.model import load_preset
@@ -345,10 +346,19 @@ def check_override_keys(config: ml_collections.ConfigDict, argv: Iterable[str], 
 def load_config_file(name_or_path: str | pathlib.Path, overrides: Optional[dict[str, Any]] = None
                      ) -> ml_collections.ConfigDict:
     """The locked ConfigDict of a run config — a bundled name (`tiny_distill`), a `get_config()` file, or a saved
-    `workdir/config.json` — with {"a.b": value} overrides applied. The programmatic twin of
-    `--config=... --config.a.b=v` for tests and notebooks."""
-    path = run_config_path(str(name_or_path))
-    if path.suffix == ".json":
+    `workdir/config.json` — with {"a.b": value} overrides applied. A `:variant` suffix (`opd_qwen3:gpu8`) calls
+    `get_config(variant)`. The programmatic twin of `--config=... --config.a.b=v` for tests and notebooks."""
+    name, variant = split_variant(str(name_or_path))
+    path = run_config_path(name)
+    if variant is not None:
+        if path.suffix == ".json":
+            raise ValueError(f"{name_or_path}: a saved config.json has no variants; drop ':{variant}'")
+        get_config = _load_module(path).get_config
+        if not inspect.signature(get_config).parameters:
+            raise ValueError(f"{name_or_path}: {path.name} has no variants (its get_config takes no argument); drop "
+                             f"':{variant}'")
+        config = get_config(variant)
+    elif path.suffix == ".json":
         saved = json.loads(path.read_text())
         config = ml_collections.ConfigDict(saved)
         if "model" in saved:

@@ -189,3 +189,18 @@ def test_help_lists_the_bundled_configs_and_exits_0(tmp_path):
     for text in ("tiny_distill", "tiny_pretrain", "deepseek_v3_671b_pretrain", "--config.steps=1000",
                  "config.loss is one of: ce, reverse_kl"):
         assert text in result.stdout
+
+
+def test_config_variants_call_get_config_with_the_suffix(tmp_path):
+    path = tmp_path / "variants.py"
+    path.write_text("from jaxopd.training.config import base_config\n\n"
+                    "def get_config(variant='cpu'):\n"
+                    "    config = base_config()\n"
+                    "    config.batch_size = {'cpu': 8, 'gpu8': 64}[variant]\n"
+                    "    return config\n")
+    assert config_lib.load_config_file(f"{path}:gpu8").batch_size == 64
+    assert config_lib.load_config_file(str(path)).batch_size == 8
+    from jaxopd.bundled import resolve_config_flag
+    assert resolve_config_flag([f"--config={path}:gpu8", "--x"]) == [f"--config={path}:gpu8", "--x"]
+    with pytest.raises(ValueError, match="tiny_pretrain.py has no variants .* drop ':gpu8'"):
+        config_lib.load_config_file("tiny_pretrain:gpu8")
