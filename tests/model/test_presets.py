@@ -27,13 +27,14 @@ def _main_and_mtp(config: ModelConfig) -> tuple[int, int]:
 
 # (preset, published figure, what it counts). Sources: DeepSeek-V3 report (671B main model; the HF checkpoint's
 # 685B adds the MTP module with its own copies of embedding and head), DeepSeek-V2-Lite model card (15.7B), Qwen3
-# model cards (non-embedding 0.44B and 6.95B), Meta's Llama 3.1 8B (8.03B) and Llama 3.2 1B (1.23B).
+# model cards (non-embedding 0.44B, 6.95B and 31.2B), Meta's Llama 3.1 8B (8.03B) and Llama 3.2 1B (1.23B).
 PUBLISHED = [
     ("deepseek_v3", 671e9, "main"),
     ("deepseek_v3", 685e9, "hf_checkpoint"),
     ("deepseek_v2_lite", 15.7e9, "main"),
     ("qwen3_0_6b", 0.44e9, "non_embedding"),
     ("qwen3_8b", 6.95e9, "non_embedding"),
+    ("qwen3_32b", 31.2e9, "non_embedding"),
     ("llama3_8b", 8.03e9, "main"),
     ("llama3_1b", 1.23e9, "main"),
 ]
