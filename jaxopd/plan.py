@@ -270,12 +270,12 @@ class Plan:
     def summary(self) -> dict[str, Any]:
         return {
             "fits": self.fits, "topology": self.topology, "chips": self.chips, "mesh": self.mesh_shape,
-            "hbm_per_chip_gib": round(max(p.total_bytes for p in self.programs) / GIB, 4),
+            "hbm_per_chip_gib": round(max(p.total_bytes for p in self.programs) / GIB, 6),
             "chip_hbm_gib": self.chip.hbm_gib, "flops_per_step": self.flops_per_step,
             "compile_seconds": round(sum(p.compile_seconds for p in self.programs), 2),
             "step_seconds_lower_bound": self.step_seconds, "mfu_ceiling": round(self.mfu_ceiling(), 4),
-            "programs": {p.name: {"calls": p.calls, **{f"{k}_gib": round(v / GIB, 4) for k, v in p.parts().items()},
-                                  "total_gib": round(p.total_bytes / GIB, 4), "flops_per_chip": p.flops,
+            "programs": {p.name: {"calls": p.calls, **{f"{k}_gib": round(v / GIB, 6) for k, v in p.parts().items()},
+                                  "total_gib": round(p.total_bytes / GIB, 6), "flops_per_chip": p.flops,
                                   "bytes_accessed_per_chip": p.bytes_accessed,
                                   "roofline_seconds": p.roofline_seconds(self.chip),
                                   "compile_seconds": round(p.compile_seconds, 2)} for p in self.programs},

@@ -106,10 +106,11 @@ def test_tiny_pretraining_fits_v5p_2x2x1(libtpu):
     assert summary["fits"] is True and summary["chips"] == 4 and summary["mesh"]["data"] == 4
     step = summary["programs"]["train step"]
     # Arguments: the replicated state (fp32 params + Adam's two fp32 moments, 12 bytes a param) and this chip's
-    # quarter of the batch (5 arrays of 4 bytes, 16 x 128 tokens).
+    # quarter of the batch (5 arrays of 4 bytes, 16 x 128 tokens); TPU memory tiles pad small arrays (norm scales,
+    # biases) by a few percent here.
     config = load_preset("tiny")
     expected = 12 * count_params(config)["total"] + 5 * 4 * 16 * 128 / 4
-    assert step["arguments_gib"] * GIB == pytest.approx(expected, rel=0.01)
+    assert expected <= step["arguments_gib"] * GIB <= 1.1 * expected
     # The compiler counts at least the model's own work (6 FLOPs per parameter and token, plus attention).
     assert summary["flops_per_step"] >= flops_per_token(config, 128, training=True) * 16 * 128
     assert summary["step_seconds_lower_bound"] >= summary["flops_per_step"] / 4 / V5P_PEAK
@@ -133,13 +134,16 @@ def test_tiny_distillation_fits_v5p_2x2x1(libtpu):
 
 @pytest.mark.slow
 def test_an_oversized_config_does_not_fit_and_names_its_biggest_part(libtpu):
-    # A 2^26-token vocabulary: embeddings of 2^26 x 128, over 8B parameters of 12 bytes each, replicated.
-    result = _plan("--config=tiny_pretrain", "--topology=v5p:2x2x1", "--config.model.vocab_size=67108864",
-                   "--config.batch_size=4", "--config.microbatch_size=4", "--config.seq_len=32")
+    # A 2^26-token vocabulary: embeddings of 2^26 x 128, over 8B parameters of 12 bytes each, replicated; one layer
+    # and no MTP module keep the compile short.
+    sizes = dict(vocab_size=2**26, num_layers=1, mtp_depth=0)
+    result = _plan("--config=tiny_pretrain", "--topology=v5p:2x2x1", "--config.batch_size=4",
+                   "--config.microbatch_size=4", "--config.seq_len=32",
+                   *(f"--config.model.{key}={value}" for key, value in sizes.items()))
     assert result.returncode == 1, result.stderr[-3000:]
     summary = _summary(result)
     assert summary["fits"] is False and summary["hbm_per_chip_gib"] > summary["chip_hbm_gib"] == 95
     assert "train step needs" in result.stdout and "biggest part is arguments" in result.stdout
     arguments = summary["programs"]["train step"]["arguments_gib"]
-    assert arguments * GIB >= 12 * count_params(load_preset("tiny").replace(vocab_size=2**26))["total"]
+    assert arguments * GIB >= 12 * count_params(load_preset("tiny").replace(**sizes))["total"]
     assert math.isfinite(summary["flops_per_step"]) and summary["flops_per_step"] > 0
