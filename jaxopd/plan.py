@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import re
 import sys
 import time
@@ -96,11 +97,14 @@ def topology_devices(name: str) -> list[jax.Device]:
         raise PlanError(f"--topology={name!r} needs the TPU compiler (libtpu), which is not installed: {INSTALL_TPU}")
     from jax.experimental import topologies
 
+    # libtpu locks /tmp/libtpu_lockfile for the process that owns the chips; compiling for compile-only devices owns
+    # none, so plans may run side by side (and beside a training process on a TPU VM).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
-    except Exception as error:  # libtpu's own message says which shapes it takes
-        raise PlanError(f"--topology={name!r}: libtpu does not make this slice ({str(error).strip()[:300]}); "
-                        f"expected {TOPOLOGY_FORMS}") from error
+    except Exception as error:  # libtpu's own message says what it refused (an unknown shape, ...)
+        raise PlanError(f"--topology={name!r}: libtpu could not make this slice: {str(error).strip()[:300]} "
+                        f"(topologies: {TOPOLOGY_FORMS})") from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +134,11 @@ class Program:
 
 
 def compile_program(name: str, jitted: Any, args: tuple, mesh: jax.sharding.Mesh, *, calls: int = 1,
-                    resident_bytes: int = 0) -> tuple[Program, Any]:
-    """(its Program, the compiled executable) for `jitted` lowered on shape structs `args` inside the mesh."""
+                    resident_bytes: int = 0, loop_trips: int = 1) -> tuple[Program, Any]:
+    """(its Program, the compiled executable) for `jitted` lowered on shape structs `args` inside the mesh.
+
+    XLA's cost analysis counts a loop's body once: `loop_trips` (the train step's microbatches) scales FLOPs and
+    bytes accessed by the trips of the loop that dominates the program (what is outside it is then overcounted)."""
     start = time.perf_counter()
     with sharding.mesh_context(mesh):
         lowered = jitted.lower(*args)
@@ -148,7 +155,8 @@ def compile_program(name: str, jitted: Any, args: tuple, mesh: jax.sharding.Mesh
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax returns one dict per device program
     program = Program(name, calls, int(memory.argument_size_in_bytes), int(memory.temp_size_in_bytes),
                       int(memory.output_size_in_bytes - memory.alias_size_in_bytes), int(resident_bytes),
-                      float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)), seconds)
+                      loop_trips * float(cost.get("flops", 0.0)), loop_trips * float(cost.get("bytes accessed", 0.0)),
+                      seconds)
     return program, compiled
 
 
@@ -323,7 +331,8 @@ def plan(config: RunConfig, topology: str) -> Plan:
     else:
         batch = _pretraining_batch(config, mesh)
     step = jit_train_step(model, optimizer, OBJECTIVES[config.objective.loss].objective, config, shardings)
-    programs.append(compile_program("train step", step, (state, batch), mesh, resident_bytes=resident)[0])
+    programs.append(compile_program("train step", step, (state, batch), mesh, resident_bytes=resident,
+                                    loop_trips=config.accumulation_steps)[0])
     return Plan(topology, chip, len(devices), dict(mesh.shape), programs)
 
 
