@@ -102,15 +102,12 @@ def main(argv: list[str]) -> None:
         os._exit(1)
 
 
-def run() -> None:
-    """CLI entry: `--help` (exit 0), and misspelt `--config.` keys reported with close valid keys before absl parses
-    anything."""
-    from absl import app
+def define_config_flag() -> None:
+    """The absl flag `config`: the run config sys.argv's `--config=` names (default tiny_pretrain), its `--config.`
+    overrides checked first, so a misspelt key is reported with close valid keys before absl parses anything; exits
+    with the error on a bad config."""
     from ml_collections import config_flags
 
-    if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in sys.argv[1:]):
-        print(usage())
-        sys.exit(0)
     name = next((arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("--config=")), "tiny_pretrain")
     try:  # a bundled name, a get_config() file or a saved workdir/config.json, read by the one loader
         config = config_lib.load_config_file(name)
@@ -120,6 +117,20 @@ def run() -> None:
     sys.argv = [arg for arg in sys.argv if not arg.startswith("--config=")]  # the overrides apply to `config`
     config_flags.DEFINE_config_dict("config", config, "the run config (--config=<bundled name or path>)",
                                     lock_config=True)
+
+
+def wants_help() -> bool:
+    return any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in sys.argv[1:])
+
+
+def run() -> None:
+    """CLI entry: `--help` (exit 0), then the run config flag (define_config_flag) and the run."""
+    from absl import app
+
+    if wants_help():
+        print(usage())
+        sys.exit(0)
+    define_config_flag()
     app.run(main)
 
 

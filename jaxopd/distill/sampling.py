@@ -121,13 +121,25 @@ class Sampler:
         return self._jitted(params, prompts, prompt_lengths, rng, temperature=float(temperature), top_k=top_k,
                               top_p=top_p, greedy=greedy)
 
-    def _generate(self, params, prompts, prompt_lengths, rng, *, temperature, top_k, top_p, greedy):
+    def prefill(self, params: Any, prompts: jax.Array, prompt_lengths: jax.Array) -> tuple[jax.Array, Any]:
+        """(logits `[batch, 1, vocab]` at each prompt's last token, the cache holding the prompts): generation's
+        first pass, traceable on its own (jaxopd.plan compiles it apart)."""
         batch, prompt_len = prompts.shape
-        variables = {"params": params}
         cache = init_cache(self.model.config, batch, prompt_len + self.max_new_tokens, self.cache_dtype)
         positions, segment_ids = prompt_layout(prompt_lengths, prompt_len)
-        logits, cache = self.model.apply(variables, prompts, positions=positions, segment_ids=segment_ids,
-                                         cache=cache, cache_index=jnp.int32(0), last_only=True, method="decode")
+        return self.model.apply({"params": params}, prompts, positions=positions, segment_ids=segment_ids,
+                                cache=cache, cache_index=jnp.int32(0), last_only=True, method="decode")
+
+    def decode_step(self, params: Any, token: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: Any,
+                    cache_index: jax.Array) -> tuple[jax.Array, Any]:
+        """One cached decode step: tokens `[batch]` at `positions`/`segment_ids` `[batch, 1]`, written at slot
+        `cache_index` -> (logits `[batch, 1, vocab]`, the updated cache)."""
+        return self.model.apply({"params": params}, token[:, None], positions=positions, segment_ids=segment_ids,
+                                cache=cache, cache_index=cache_index, method="decode")
+
+    def _generate(self, params, prompts, prompt_lengths, rng, *, temperature, top_k, top_p, greedy):
+        batch, prompt_len = prompts.shape
+        logits, cache = self.prefill(params, prompts, prompt_lengths)
         stop_tokens = jnp.asarray(self.stop_tokens, jnp.int32)
 
         def choose(step_logits, key):
@@ -151,10 +163,8 @@ class Sampler:
             mask = mask.at[:, step].set(live.astype(jnp.float32))
             done = done | jnp.isin(token, stop_tokens)
             # Feed the token back: it sits at column prompt_len + step, position prompt_length + step.
-            next_logits, cache = self.model.apply(
-                variables, token[:, None], positions=(prompt_lengths + step)[:, None],
-                segment_ids=live.astype(jnp.int32)[:, None], cache=cache, cache_index=prompt_len + step,
-                method="decode")
+            next_logits, cache = self.decode_step(params, token, (prompt_lengths + step)[:, None],
+                                                  live.astype(jnp.int32)[:, None], cache, prompt_len + step)
             return step + 1, next_logits[:, -1], cache, done, tokens, logprobs, mask
 
         def cond(carry):

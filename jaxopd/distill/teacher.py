@@ -66,6 +66,18 @@ def load_model(path: str | pathlib.Path, mesh: Optional[jax.sharding.Mesh] = Non
     return model, checkpoint.load_params(path, abstract_params(model, mesh), step)
 
 
+def read_model(path: str | pathlib.Path, hf_dtype: str = "float32") -> Transformer:
+    """The model `load_model(path, hf_dtype=hf_dtype)` returns, from the checkpoint's config alone (no params read):
+    for planning memory before anything is loaded."""
+    path = pathlib.Path(path)
+    if _is_hf(path):
+        from jaxopd.hf.config import config_from_hf
+
+        dtype = jnp.dtype(hf_dtype).name  # as load_hf sets it
+        return Transformer(config_from_hf(read_json(path / "config.json")).replace(dtype=dtype, param_dtype=dtype))
+    return model_from_dict(read_model_fields(path)[1])
+
+
 def read_model_fields(path: str | pathlib.Path) -> tuple[int, dict[str, Any]]:
     """(newest step, the `model` section of its saved config) of a jaxopd checkpoint directory (a run workdir, its
     checkpoints/, or one written by `save_model`): what a run continuing from it sets as `config.model`."""

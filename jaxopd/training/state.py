@@ -39,13 +39,26 @@ def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, ex
     return jax.eval_shape(_init_state(model, optimizer, example_tokens), jax.random.key(0))
 
 
+def state_layout(model: nn.Module, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                 example_tokens: jax.Array) -> tuple[dict[str, Any], Any]:
+    """(the train state as shape structs, its NamedShardings on `mesh`), without touching memory."""
+    boxed = abstract_state(model, optimizer, example_tokens)
+    return nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh)
+
+
+def jit_train_step(model: nn.Module, optimizer: optax.GradientTransformation, objective: Objective,
+                   config: RunConfig, shardings: Any) -> Any:
+    """The run's jitted train step: the state donated and returned in `shardings`."""
+    return jax.jit(make_train_step(model, optimizer, objective, config, shardings["params"]), donate_argnums=0,
+                   out_shardings=(shardings, None))
+
+
 def create_state(model: nn.Module, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh, seed: int,
                  example_tokens: jax.Array) -> tuple[dict[str, Any], Any]:
     """(state, shardings): the state initialized directly into its shards by one jit with out_shardings (no host
     ever holds the whole model)."""
-    boxed = abstract_state(model, optimizer, example_tokens)
-    shardings = sharding.logical_shardings(boxed, mesh)
-    sharding.check_fits(sharding.bytes_per_device(nn.meta.unbox(boxed), shardings), mesh.local_devices[0])
+    abstract, shardings = state_layout(model, optimizer, mesh, example_tokens)
+    sharding.check_fits(sharding.bytes_per_device(abstract, shardings), mesh.local_devices[0])
     init = _init_state(model, optimizer, example_tokens)
     with sharding.mesh_context(mesh):
         state = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)(jax.random.key(seed))
@@ -74,8 +87,7 @@ def build(config: RunConfig, objective: Objective, devices: Optional[list[jax.De
     optimizer = make_optimizer(config.optimizer)
     example = np.zeros((1, config.seq_len), np.int32)
     state, shardings = create_state(model, optimizer, mesh, config.seed, example)
-    step_fn = jax.jit(make_train_step(model, optimizer, objective, config, shardings["params"]), donate_argnums=0,
-                      out_shardings=(shardings, None))
+    step_fn = jit_train_step(model, optimizer, objective, config, shardings)
     eval_fn = jax.jit(make_eval_step(model, objective, config))
     return Run(mesh, model, state, shardings, sharding.within_mesh(mesh, step_fn), sharding.within_mesh(mesh, eval_fn))
 
