@@ -51,11 +51,13 @@ def main() -> None:
     params = state_lib.load_initial_params(config.init_from, d.run, config.model.param_dtype)
     student = d.run.model
     group_size = config.distill.group_size
-    prompts = d.train_prompts[:args.rollouts // group_size]  # the first of the checked prompts, in file order
+    prompts = d.sets[0].train[:args.rollouts // group_size]  # the first of the checked prompts, in file order
+    plan = distill_source.row_plan([len(prompts)], group_size)
+    teacher = d.teachers[0]
 
     def exact_kl(p, layout):
         """Mean exact per-token KL(student || teacher) over the completion positions (the eval's measure)."""
-        kl_sum, count = d.eval_kl(p, d.teacher_params, layout)
+        kl_sum, count = teacher.eval_kl(p, teacher.params, layout)
         return kl_sum / count
 
     def sampled_loss(p, batch, baseline):
@@ -69,9 +71,9 @@ def main() -> None:
         sampled_grad = jax.jit(jax.grad(sampled_loss), static_argnums=2)
         for index in range(args.batches):
             rollouts = rollouts_lib.rollout(d.student_sampler, params, d.tokenizer, prompts, jax.random.key(index),
-                                            group_size=group_size, add_bos=config.data.add_bos, checker=d.checker,
-                                            temperature=config.distill.temperature)
-            batch, _ = distill_source.step_batch(d, rollouts)
+                                            group_size=group_size, temperature=config.distill.temperature)
+            rewards, _ = distill_source.grade(d, rollouts, plan.local_sets)
+            batch, _ = distill_source.step_batch(d, rollouts, rewards, plan, params)
             layout = {key: jnp.asarray(value[0]) for key, value in batch.items()}
             exact = flat(exact_grad(params, layout))
             plain = flat(sampled_grad(params, batch, False))

@@ -31,6 +31,7 @@ import numpy as np
 from jaxopd.bundled import resolve_path
 from jaxopd.data.tokenizer import load_tokenizer
 from jaxopd.distill import rollouts as rollouts_lib
+from jaxopd.distill.prompts import plain_prompts
 from jaxopd.distill.sampling import Sampler
 from jaxopd.distill.teacher import load_model, read_model_fields
 from jaxopd.tasks import arithmetic
@@ -53,9 +54,12 @@ def accuracies(path: pathlib.Path, tests: list[tuple[list[str], Callable[[str, s
     tokenizer = load_tokenizer(ARITHMETIC / "tokenizer.json")
     distill = load_config_file(DISTILL_CONFIG).distill
     sampler = Sampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id)
-    return [float(rollouts_lib.rollout(sampler, params, tokenizer, prompts, jax.random.key(0), group_size=1,
-                                       add_bos=True, checker=checker, greedy=True).rewards.mean())
-            for prompts, checker in tests]
+    accuracy = []
+    for prompts, checker in tests:
+        result = rollouts_lib.rollout(sampler, params, tokenizer, plain_prompts(prompts, tokenizer),
+                                      jax.random.key(0), group_size=1, greedy=True)
+        accuracy.append(float(np.mean([checker(p, c) for p, c in zip(prompts, result.completions)])))
+    return accuracy
 
 
 def make_facts(count: int, seed: int = 11) -> dict[str, str]:
@@ -111,7 +115,7 @@ def main() -> None:
     start_model = model_config_dict(read_model_fields(start)[1])  # B and C are A's architecture
     size = f"{count_params(to_model_config(start_model))['total'] / 1e3:.0f}k-param model"
     documents, new_prompts, new_checker = new_material(args.new, args.facts)
-    held_out_addition = rollouts_lib.read_prompts(str(ARITHMETIC / "eval.jsonl"), "prompt", 256)
+    held_out_addition = [row["prompt"] for row in arithmetic.read_jsonl(ARITHMETIC / "eval.jsonl")][:256]
     name = f"{args.new}{args.facts if args.new == 'facts' else ''}_mix{args.mix_old:g}"
     # The new documents, optionally mixed with some old-task documents (the seed mixes chat data into mid-training);
     # few facts are repeated to the corpus size of the subtraction run, so both see as many tokens per epoch.

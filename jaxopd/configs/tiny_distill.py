@@ -28,6 +28,7 @@ def get_config():
         prompts=f"{ARITHMETIC}/train.jsonl",  # JSON Lines with a "prompt" field
         eval_prompts=f"{ARITHMETIC}/eval.jsonl",
         teacher=f"{ARITHMETIC}/teacher",
+        grader="arithmetic",  # the exact answer, computed from the prompt
         max_prompt_len=8,  # BOS + prompt tokens (left-padded to this): "<bos>99+99=" is 7
         max_new_tokens=5,  # "198<eos>" is 4
     )

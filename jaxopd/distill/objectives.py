@@ -70,9 +70,15 @@ def rollout_advantages(batch: Batch, loss: str, config: RunConfig) -> jax.Array:
     if distill.kl_baseline:
         # A constant baseline leaves the gradient's expectation unchanged (E[grad log pi] = 0) but removes the
         # -KL offset that every sampled token's advantage shares, which otherwise pushes down every sampled token
-        # and moves mass to tokens that were not sampled. Here: the mean advantage over the microbatch's tokens.
+        # and moves mass to tokens that were not sampled. Here: the mean advantage over the microbatch's tokens of
+        # the same prompt set (sets have their own teachers, so their own offsets).
         mask = batch["loss_mask"]
-        kl = (kl - jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)) * mask
+        if "set_index" in batch:
+            sets = jax.nn.one_hot(batch["set_index"], len(distill.prompt_sets()), dtype=kl.dtype)  # [rows, sets]
+            means = (sets.T @ jnp.sum(kl * mask, -1)) / jnp.maximum(sets.T @ jnp.sum(mask, -1), 1.0)
+            kl = (kl - (sets @ means)[:, None]) * mask
+        else:
+            kl = (kl - jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)) * mask
     return kl + distill.reward_weight * task
 
 

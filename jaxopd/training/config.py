@@ -139,23 +139,47 @@ class InitFromConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptSetConfig:
+    """One of `distill.sets`: its prompts, scored by its own teacher, drawn with its weight, graded by its grader."""
+
+    prompts: str  # JSON Lines or Parquet rows, comma-separated files or globs
+    eval_prompts: str = ""  # "": no eval of this set
+    teacher: str = ""  # "": distill.teacher
+    teacher_tokenizer: str = ""  # "": distill.teacher_tokenizer
+    weight: float = 1.0  # its share of each step's prompts: weight / the sum of the sets' weights
+    grader: Optional[str] = None  # None: distill.grader; "": none
+
+
+@dataclasses.dataclass(frozen=True)
 class DistillConfig:
     """The `config.distill` block, read when `config.loss` is a distillation objective."""
 
-    task: Literal["arithmetic"] = "arithmetic"  # the checker that scores completions (jaxopd/distill/source.py)
-    prompts: str = ""  # JSON Lines, comma-separated files or globs
+    prompts: str = ""  # JSON Lines or Parquet rows (`prompt` strings or chat `messages`), comma-separated files/globs
     eval_prompts: str = ""
-    prompt_field: str = "prompt"
+    prompt_field: str = "prompt"  # a row's prompt string ...
+    messages_field: str = "messages"  # ... or its chat turns, rendered with the tokenizer's chat template
+    prompt_as_user_turn: bool = False  # render prompt strings as the one user turn of a chat too
+    template_vars: str = ""  # chat template variables as a JSON object, e.g. '{"enable_thinking": false}'
+    grader: str = ""  # "": none (pure OPD); exact_match | math | regex | arithmetic | package.module:function
+    grader_pattern: str = ""  # grader="regex": a Python regular expression searched in the completion
+    answer_field: str = "answer"  # the row field exact_match and math compare with
+    # Several prompt sets, each with its own teacher, weight and grader (then prompts/eval_prompts above are unused):
+    # {"math": {"prompts": ..., "teacher": ...}, "chat": {...}}; metrics per set as reverse_kl/<set> etc.
+    sets: dict[str, PromptSetConfig] = dataclasses.field(default_factory=dict)
+    # Score the sampler's tokens again with the student in a full forward pass, in the same row groups as the
+    # teachers (as verl recomputes old log-probs): the importance ratio starts at exactly 1 and a set whose teacher
+    # is the student's own checkpoint has advantages of exactly 0; one more student forward pass per step.
+    recompute_logprobs: bool = False
     eval_prompts_count: int = 256  # held-out prompts per eval (greedy accuracy + reverse KL on one sample each)
     teacher: str = ""  # jaxopd checkpoint directory or Hugging Face checkpoint
     teacher_tokenizer: str = ""  # "" = data.tokenizer; else the teacher's own, checked against it up front
     group_size: int = 4  # samples per prompt; batch_size rollouts per step = batch_size / group_size prompts
-    max_prompt_len: int = 8  # BOS + prompt tokens (prompts are left-padded to this)
+    max_prompt_len: int = 8  # prompt tokens after templating, BOS included (prompts are left-padded to this)
     long_prompts: Literal["error", "skip"] = "error"  # a prompt over max_prompt_len: stop before step 1, or leave it out
     max_new_tokens: int = 5
     temperature: float = 1.0  # sampling temperature; 1.0 for OPD (the student's own distribution)
     kl_coef: float = 1.0  # advantage = kl_coef * (log p_teacher - log p_student) ...
-    kl_baseline: bool = True  # subtract the mean OPD advantage of the batch's tokens (variance reduction, unbiased)
+    kl_baseline: bool = True  # subtract the mean OPD advantage of each set's tokens in a microbatch (unbiased)
     reward_weight: float = 0.0  # ... + reward_weight * group-normalized task reward
     clip_epsilon: Optional[float] = None  # PPO clip of the importance ratio vs the sampler (None: unclipped)
     advantage_clip: Optional[float] = None  # clip |advantage| (None: no clipping)
@@ -164,6 +188,30 @@ class DistillConfig:
 
     def __post_init__(self):
         check_choices(self, "distill")
+
+    def prompt_sets(self) -> dict[str, PromptSetConfig]:
+        """The sets a run draws from, each complete (teacher and grader filled in from the distill defaults): `sets`,
+        or without them one set named "" of `prompts`, `eval_prompts`, `teacher` and `grader`."""
+        if not self.sets:
+            return {"": PromptSetConfig(self.prompts, self.eval_prompts, self.teacher, self.teacher_tokenizer, 1.0,
+                                        self.grader)}
+        return {name: dataclasses.replace(
+            item, teacher=item.teacher or self.teacher, teacher_tokenizer=item.teacher_tokenizer or
+            self.teacher_tokenizer, grader=self.grader if item.grader is None else item.grader)
+            for name, item in sorted(self.sets.items())}
+
+
+def prompt_quotas(weights: dict[str, float], prompts_per_step: int, multiple: int = 1) -> dict[str, int]:
+    """Each set's prompts per step: `prompts_per_step` split by weight in units of `multiple` (one per process) by
+    largest remainder (ties to the first name), so every step draws the same count from each set."""
+    units = prompts_per_step // multiple
+    total = sum(weights.values())
+    exact = {name: units * weight / total for name, weight in weights.items()}
+    quotas = {name: int(value) for name, value in exact.items()}
+    by_remainder = sorted(weights, key=lambda name: (-(exact[name] - quotas[name]), name))
+    for name in by_remainder[:units - sum(quotas.values())]:
+        quotas[name] += 1
+    return {name: count * multiple for name, count in quotas.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,15 +351,47 @@ def _distill_problems(run: RunConfig, process_count: int) -> list[str]:
     if run.seq_len != distill.max_prompt_len + distill.max_new_tokens:
         problems.append(f"seq_len={run.seq_len} must equal distill.max_prompt_len + distill.max_new_tokens = "
                         f"{distill.max_prompt_len + distill.max_new_tokens} (one row holds prompt + completion)")
-    for key in ("teacher", "prompts", "eval_prompts"):
-        if not getattr(distill, key):
-            problems.append(f"distill.{key} is empty: config.loss={run.objective.loss!r} needs it (see "
-                            "configs/tiny_distill.py)")
+    problems += _prompt_set_problems(run, process_count)
     prompts_per_step = run.batch_size // max(distill.group_size, 1)
     if prompts_per_step % process_count or distill.eval_prompts_count % process_count:
         problems.append(f"each of the {process_count} processes samples an equal share of the prompts: batch_size / "
                         f"distill.group_size = {prompts_per_step} prompts per step and distill.eval_prompts_count="
                         f"{distill.eval_prompts_count} must both be multiples of {process_count}")
+    return problems
+
+
+def _prompt_set_problems(run: RunConfig, process_count: int) -> list[str]:
+    distill, loss, problems = run.distill, run.objective.loss, []
+    where = {name: f"distill.sets.{name}." if name else "distill." for name in distill.prompt_sets()}
+    for name, item in distill.prompt_sets().items():
+        for key in ("teacher", "prompts") + (() if distill.sets else ("eval_prompts",)):
+            if not getattr(item, key):
+                problems.append(f"{where[name]}{key} is empty: config.loss={loss!r} needs it (see "
+                                "configs/tiny_distill.py)")
+        if not item.weight > 0:
+            problems.append(f"{where[name]}weight={item.weight} must be above 0")
+        if not item.grader and (loss == "grpo" or distill.reward_weight):
+            problems.append(f"{where[name]}grader is empty but config.loss={loss!r} with distill.reward_weight="
+                            f"{distill.reward_weight} needs a reward: set distill.grader (exact_match, math, regex, "
+                            "arithmetic or package.module:function)")
+    for name in distill.sets:
+        if not name.replace("_", "").replace("-", "").isalnum():
+            problems.append(f"distill.sets.{name}: a set's name becomes a metric name suffix; use letters, digits, "
+                            "'_' and '-'")
+    if distill.sets and run.eval_every and not any(item.eval_prompts for item in distill.sets.values()):
+        problems.append(f"eval_every={run.eval_every} but no set of distill.sets has eval_prompts: give one, or set "
+                        "eval_every=0")
+    teachers = {item.teacher for item in distill.prompt_sets().values()}
+    if len(teachers) > 1 and loss in ("full_reverse_kl", "forward_kl", "jsd"):
+        problems.append(f"config.loss={loss!r} reads one teacher's hidden states and unembedding, but distill.sets "
+                        f"name {len(teachers)} teachers: use one teacher, or loss='reverse_kl'")
+    prompts_per_step = run.batch_size // max(distill.group_size, 1)
+    if distill.sets and not problems and prompts_per_step % process_count == 0:
+        weights = {name: item.weight for name, item in distill.sets.items()}
+        for name, count in prompt_quotas(weights, prompts_per_step, process_count).items():
+            if count == 0:
+                problems.append(f"distill.sets.{name}.weight={weights[name]} gives it 0 of the {prompts_per_step} "
+                                "prompts per step: raise its weight or batch_size")
     return problems
 
 
@@ -360,6 +440,8 @@ def load_config_file(name_or_path: str | pathlib.Path, overrides: Optional[dict[
         config = get_config(variant)
     elif path.suffix == ".json":
         saved = json.loads(path.read_text())
+        if "task" in saved.get("distill", {}):  # written before graders: distill.task named the checker
+            saved["distill"]["grader"] = saved["distill"].pop("task")
         config = ml_collections.ConfigDict(saved)
         if "model" in saved:
             config.model = model_config_dict(saved["model"])  # as a checkpoint's model section is read

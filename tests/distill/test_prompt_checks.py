@@ -9,11 +9,15 @@ import pytest
 from jaxopd import train
 from jaxopd.bundled import resolve_path
 from jaxopd.data.tokenizer import load_tokenizer
-from jaxopd.distill.rollouts import PromptStream, load_prompts, read_prompts
+from jaxopd.distill.prompts import PromptStream, load_prompts, read_prompts
 from jaxopd.training.config import load_config_file
 
 TOKENIZER = load_tokenizer(resolve_path("data/tasks/arithmetic/tokenizer.json"))  # one token per character
-CHECKS = dict(tokenizer=TOKENIZER, add_bos=True, max_prompt_len=8)
+CHECKS = dict(tokenizer=TOKENIZER, max_prompt_len=8)
+
+
+def texts(prompts):
+    return [prompt.text for prompt in prompts]
 
 
 def write_prompts(path: pathlib.Path, prompts, field="prompt") -> pathlib.Path:
@@ -24,7 +28,9 @@ def write_prompts(path: pathlib.Path, prompts, field="prompt") -> pathlib.Path:
 def test_prompts_load_in_file_order_as_the_jsonl_reader_gives_them(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "1+2="}\n\n{"prompt": "30+4=", "answer": "34"}\n')  # a blank line is no prompt
-    assert load_prompts(str(path), "prompt", key="distill.prompts", **CHECKS) == ["1+2=", "30+4="]
+    prompts = load_prompts(str(path), key="distill.prompts", **CHECKS)
+    assert texts(prompts) == ["1+2=", "30+4="] and prompts[1].row == {"prompt": "30+4=", "answer": "34"}
+    assert prompts[0].ids == (TOKENIZER.bos_id, *TOKENIZER.encode("1+2=")) and prompts[1].where == f"{path}:3"
 
 
 def test_one_over_long_prompt_among_200_is_named_by_file_and_line(tmp_path):
@@ -32,48 +38,52 @@ def test_one_over_long_prompt_among_200_is_named_by_file_and_line(tmp_path):
     prompts[136] = "1234+5678="
     path = write_prompts(tmp_path / "p.jsonl", prompts)
     with pytest.raises(ValueError, match=rf"^1 of the 200 prompts of distill.prompts are longer than "
-                                         rf"distill.max_prompt_len=8 tokens \(BOS included\), the first at "
+                                         rf"distill.max_prompt_len=8 tokens \(BOS and chat template included\), the first at "
                                          rf"{path}:137 \(11 tokens\).*distill.long_prompts='skip'"):
-        load_prompts(str(path), "prompt", key="distill.prompts", **CHECKS)
+        load_prompts(str(path), key="distill.prompts", **CHECKS)
 
 
 def test_skipped_prompts_are_counted_and_left_out_of_the_stream(tmp_path, capsys):
     prompts = ["1+1=", "1234+5678=", "2+2=", "99999+1=", "3+3="]
     path = write_prompts(tmp_path / "p.jsonl", prompts)
-    kept = load_prompts(str(path), "prompt", key="distill.prompts", long_prompts="skip", **CHECKS)
-    assert kept == ["1+1=", "2+2=", "3+3="]
+    kept = load_prompts(str(path), key="distill.prompts", long_prompts="skip", **CHECKS)
+    assert texts(kept) == ["1+1=", "2+2=", "3+3="]
     assert "2 of the 5 prompts of distill.prompts are longer" in capsys.readouterr().out
     # The stream draws only kept prompts, the same ones for the same seed (so a resume draws what a run would).
-    drawn = PromptStream(kept, seed=0).next(30)
-    assert set(drawn) == set(kept) and drawn == PromptStream(kept, seed=0).next(30)
+    drawn = texts(PromptStream(kept, seed=0).next(30))
+    assert set(drawn) == set(texts(kept)) and drawn == texts(PromptStream(kept, seed=0).next(30))
 
 
 @pytest.mark.parametrize("content, message", [
     ("", r"holds no prompt"),
     ('{"prompt": "1+1="}\n{"prompt": "2+2=",\n', r"p.jsonl:2: malformed JSON"),
-    ('{"prompt": "1+1="}\n{"question": "2+2="}\n', r"p.jsonl:2: no field 'prompt' \(fields \['question'\]\); "
-                                                   r"set distill.prompt_field"),
+    ('{"prompt": "1+1="}\n{"question": "2+2="}\n', r"p.jsonl:2: no field 'prompt' or 'messages' \(fields "
+                                                   r"\['question'\]\); set distill.prompt_field"),
+    ('{"prompt": ""}\n', r"p.jsonl:1: field 'prompt' is empty"),
+    (b'{"prompt": "1+1\xff="}\n', r"p.jsonl:1: not UTF-8 text"),
+    ('{"messages": "hi"}\n', r"p.jsonl:1: field 'messages' must be a non-empty list of chat turns"),
+    ('{"messages": [{"role": "user"}]}\n', r"p.jsonl:1: every turn of 'messages' needs string 'role' and 'content'"),
     ('{"prompt": 12}\n', r"p.jsonl:1: field 'prompt' is a JSON int, not a string"),
-    ('["1+1="]\n', r"p.jsonl:1: no field 'prompt' \(a JSON list\)"),
+    ('["1+1="]\n', r"p.jsonl:1: no field 'prompt' or 'messages' \(a JSON list\)"),
 ])
 def test_bad_prompt_files_are_errors_naming_the_row(tmp_path, content, message):
     path = tmp_path / "p.jsonl"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ValueError, match=message):
-        load_prompts(str(path), "prompt", key="distill.prompts", **CHECKS)
+        load_prompts(str(path), key="distill.prompts", **CHECKS)
 
 
 def test_missing_files_name_the_config_key(tmp_path):
     with pytest.raises(ValueError, match=r"distill.eval_prompts='nowhere/\*.jsonl'.*matches no file; set "
                                          r"distill.eval_prompts"):
-        load_prompts("nowhere/*.jsonl", "prompt", key="distill.eval_prompts", **CHECKS)
+        load_prompts("nowhere/*.jsonl", key="distill.eval_prompts", **CHECKS)
 
 
 def test_eval_count_over_the_file_names_eval_prompts_count(tmp_path):
     path = write_prompts(tmp_path / "eval.jsonl", ["1+1=", "2+2="])
     with pytest.raises(ValueError, match="3 prompts requested \\(distill.eval_prompts_count\\) but "
                                          "distill.eval_prompts=.* has 2; lower distill.eval_prompts_count"):
-        read_prompts(str(path), "prompt", 3)
+        read_prompts(str(path), 3, **CHECKS)
 
 
 @pytest.mark.parametrize("where", ["prompts", "eval_prompts"])

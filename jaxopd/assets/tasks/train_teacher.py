@@ -60,6 +60,7 @@ def write_teacher_samples(teacher: pathlib.Path, corpus: pathlib.Path, batch: in
     import jax
 
     from jaxopd.data.tokenizer import load_tokenizer
+    from jaxopd.distill.prompts import plain_prompts
     from jaxopd.distill.rollouts import rollout
     from jaxopd.distill.sampling import Sampler
     from jaxopd.tasks.arithmetic import check
@@ -73,9 +74,9 @@ def write_teacher_samples(teacher: pathlib.Path, corpus: pathlib.Path, batch: in
     with open(corpus, "w") as f:
         for start in range(0, len(prompts), batch):
             chunk = prompts[start:start + batch]
-            result = rollout(sampler, params, tokenizer, chunk, jax.random.key(start), group_size=1, add_bos=True,
-                             checker=check)
-            correct += result.rewards.sum()
+            result = rollout(sampler, params, tokenizer, plain_prompts(chunk, tokenizer), jax.random.key(start),
+                             group_size=1)
+            correct += sum(check(prompt, completion) for prompt, completion in zip(chunk, result.completions))
             for prompt, completion in zip(chunk, result.completions):
                 f.write(json.dumps({"text": prompt + completion.split("<eos>")[0]}) + "\n")
     print(f"teacher samples: {correct / len(prompts):.3f} correct", flush=True)
