@@ -67,9 +67,11 @@ def build(config: RunConfig, run: Run) -> Distiller:
     teacher_tokenizer = load_tokenizer(resolve_path(distill.teacher_tokenizer or config.data.tokenizer))
     teacher_lib.check_tokenizers(run.model.config, teacher_model.config, tokenizer, teacher_tokenizer)
     divergence = config.objective.loss in objectives.DIVERGENCES
+    top_k = distill.top_k if config.objective.loss in objectives.TOPK_DIVERGENCES else 0  # teacher top-k to score
     sharding.check_batch_divisible(distill.eval_prompts_count, run.mesh, "distill.eval_prompts_count")
     row_sharding = sharding.batch_sharding(run.mesh, leading_axes=1)
-    samplers = [Sampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id)
+    samplers = [Sampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id,
+                        cache_dtype=distill.kv_cache_dtype, microbatch=distill.sampling_microbatch)
                 for model in (run.model, teacher_model)]
 
     def eval_kl(student_params, params_of_teacher, layout):
@@ -108,7 +110,9 @@ def build(config: RunConfig, run: Run) -> Distiller:
     share = distill.eval_prompts_count // jax.process_count()
     eval_prompts = eval_prompts[jax.process_index() * share:(jax.process_index() + 1) * share]
     return Distiller(config, run, tokenizer, teacher_model, teacher_params, samplers[0], samplers[1],
-                     teacher_lib.make_scorer(teacher_model, config.objective.loss_chunk_size, return_hidden=divergence),
+                     teacher_lib.make_scorer(teacher_model, config.objective.loss_chunk_size, return_hidden=divergence,
+                                             top_k=top_k, temperature=distill.temperature,
+                                             microbatch=distill.scoring_microbatch),
                      jax.jit(eval_kl), TASK_CHECKERS[distill.task], train_prompts, eval_prompts,
                      jax.jit(microbatches, out_shardings=row_sharding), teacher_unembed)
 
@@ -143,6 +147,9 @@ def step_batch(d: Distiller, rollouts: rollouts_lib.Rollouts) -> tuple[dict[str,
         layout["teacher_logprobs"] = scores["logprobs"]
         if "hidden" in scores:
             layout["teacher_hidden"] = scores["hidden"]
+        if "topk_ids" in scores:
+            layout.update(teacher_topk_ids=scores["topk_ids"], teacher_topk_logprobs=scores["topk_logprobs"],
+                          teacher_tail_logprob=scores["tail_logprob"])
     else:
         layout["teacher_logprobs"] = layout["target_sampler_logprobs"]
     rewards = sharding.global_batch({"rewards": rollouts.rewards}, d.run.mesh)["rewards"]
