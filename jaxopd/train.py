@@ -51,6 +51,8 @@ OBJECTIVES: dict[str, Recipe] = {
     "full_reverse_kl": Recipe(distill_objectives.FULL_REVERSE_KL, _distillation),  # exact divergences (GKD)
     "forward_kl": Recipe(distill_objectives.FORWARD_KL, _distillation),
     "jsd": Recipe(distill_objectives.JSD, _distillation),
+    "topk_forward_kl": Recipe(distill_objectives.TOPK_FORWARD_KL, _distillation),  # over the teacher's top-k + tail
+    "topk_reverse_kl": Recipe(distill_objectives.TOPK_REVERSE_KL, _distillation),
 }
 
 

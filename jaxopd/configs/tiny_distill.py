@@ -7,7 +7,8 @@ task accuracy and per-token reverse KL to the teacher before and after.
 
 Baselines with the same loop: --config.loss=teacher_sft (off-policy distillation: SFT on teacher samples),
 --config.loss=grpo (sparse correctness reward, group-normalized), and the exact full-vocabulary divergences
---config.loss=full_reverse_kl | forward_kl | jsd (GKD).
+--config.loss=full_reverse_kl | forward_kl | jsd (GKD), and their top-k forms --config.loss=topk_forward_kl |
+topk_reverse_kl --config.distill.top_k=4 (the vocabulary here has 17 tokens).
 """
 
 from jaxopd.training.config import base_config, model_config_dict

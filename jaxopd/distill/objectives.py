@@ -8,11 +8,16 @@ them for `config.loss`:
 - "teacher_sft": off-policy distillation, next-token cross-entropy on teacher samples (the "ce" objective itself).
 - "full_reverse_kl", "forward_kl", "jsd": exact full-vocabulary divergences to the teacher at every completion
   position (GKD, Agarwal et al. 2024), from the teacher's hidden states and unembedding carried in the batch.
+- "topk_forward_kl", "topk_reverse_kl": the same KLs over the teacher's `distill.top_k` most likely tokens at each
+  position of the student's sample plus one bucket for the rest (as TRL, verl and NeMo-RL offer), for teachers whose
+  hidden states and unembedding are too large to carry: the batch holds `k` numbers per position instead.
 
 Rollout batches follow the Batch contract (`jaxopd.distill.sampling.sequence_layout`: tokens, targets, positions,
 segment_ids, loss_mask on completion targets) plus, aligned with `targets`, `target_sampler_logprobs`,
 `teacher_logprobs` and `task_advantages` `[rows, seq]`; the full divergences read `teacher_hidden [rows, seq, d_t]`
-and `teacher_unembed [d_t, vocab]` (repeated per microbatch). Config block: `config.distill`
+and `teacher_unembed [d_t, vocab]` (repeated per microbatch), the top-k ones `teacher_topk_ids [rows, seq, k]` int32,
+`teacher_topk_logprobs [rows, seq, k]` and `teacher_tail_logprob [rows, seq]` (kernels.losses.topk_logprobs at
+`distill.temperature`). Config block: `config.distill`
 (jaxopd/training/config.py: DistillConfig documents every key). The policy-gradient and advantage math they use is
 in policy_gradient.py beside this file.
 """
@@ -35,6 +40,7 @@ from jaxopd.training.objectives import Batch, Objective
 TEACHER_SAMPLES = ("teacher_sft",)  # the teacher samples the completions
 WITHOUT_TEACHER_SCORES = ("teacher_sft", "grpo")  # no teacher forward pass on the completions
 DIVERGENCES = {"full_reverse_kl": "reverse_kl", "forward_kl": "forward_kl", "jsd": "jsd"}  # teacher hidden states
+TOPK_DIVERGENCES = ("topk_forward_kl", "topk_reverse_kl")  # the teacher's top-k log-probs (distill.top_k)
 
 
 def _totals(batch: Batch, config: RunConfig) -> dict[str, jax.Array]:
@@ -106,15 +112,30 @@ def _policy_gradient_loss(loss_name: str):
     return loss
 
 
-def _divergence_loss(divergence: str):
+def _full_divergence(divergence: str):
+    def per_token(hidden, unembed, batch, config):
+        return losses.chunked_divergence(hidden, unembed, batch["teacher_hidden"], batch["teacher_unembed"],
+                                         chunk_size=config.objective.loss_chunk_size, divergence=divergence,
+                                         beta=config.distill.jsd_beta, temperature=config.distill.temperature)
+    return per_token
+
+
+def _topk_divergence(divergence: str):
+    def per_token(hidden, unembed, batch, config):
+        return losses.chunked_topk_divergence(
+            hidden, unembed, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"], batch["teacher_tail_logprob"],
+            chunk_size=config.objective.loss_chunk_size, divergence=divergence, temperature=config.distill.temperature)
+    return per_token
+
+
+def _divergence_loss(name: str, per_token_divergence):
+    """The masked token mean of `per_token_divergence(student hidden, student unembed, batch, config) -> [rows, seq]`,
+    logged as `name`."""
     def loss(model, params, batch, totals, config):
         features = _student_features(model, params, batch)
-        per_token = losses.chunked_divergence(
-            features.hidden, unembedding(params, model.config), batch["teacher_hidden"], batch["teacher_unembed"],
-            chunk_size=config.objective.loss_chunk_size, divergence=divergence, beta=config.distill.jsd_beta,
-            temperature=config.distill.temperature)
+        per_token = per_token_divergence(features.hidden, unembedding(params, model.config), batch, config)
         value = jnp.sum(per_token * batch["loss_mask"]) / totals["tokens"]
-        metrics = {divergence: value, "reverse_kl": sampled_kl(batch).sum() / totals["tokens"],
+        metrics = {name: value, "reverse_kl": sampled_kl(batch).sum() / totals["tokens"],
                    "moe_load": features.moe_load}
         return value + _balance_loss(features, totals, config), metrics
     return loss
@@ -122,6 +143,11 @@ def _divergence_loss(divergence: str):
 
 REVERSE_KL = Objective(_totals, _policy_gradient_loss("reverse_kl"), headline="reverse_kl")
 GRPO = Objective(_totals, _policy_gradient_loss("grpo"), headline="reward")
-FULL_REVERSE_KL = Objective(_totals, _divergence_loss("reverse_kl"), headline="reverse_kl")
-FORWARD_KL = Objective(_totals, _divergence_loss("forward_kl"), headline="forward_kl")
-JSD = Objective(_totals, _divergence_loss("jsd"), headline="jsd")
+FULL_REVERSE_KL = Objective(_totals, _divergence_loss("reverse_kl", _full_divergence("reverse_kl")),
+                            headline="reverse_kl")
+FORWARD_KL = Objective(_totals, _divergence_loss("forward_kl", _full_divergence("forward_kl")), headline="forward_kl")
+JSD = Objective(_totals, _divergence_loss("jsd", _full_divergence("jsd")), headline="jsd")
+TOPK_FORWARD_KL = Objective(_totals, _divergence_loss("topk_forward_kl", _topk_divergence("forward_kl")),
+                            headline="topk_forward_kl")
+TOPK_REVERSE_KL = Objective(_totals, _divergence_loss("topk_reverse_kl", _topk_divergence("reverse_kl")),
+                            headline="topk_reverse_kl")

@@ -10,6 +10,11 @@ positions count from its own first token and padding has segment id 0, so the mo
 cache is the model's own (`jaxopd.model.init_cache`: for MLA only the compressed latent and the rope key; decoding
 uses the absorbed form).
 
+Randomness is per row: row r of a call draws its token at step t with fold_in(fold_in(rng, r), t), so a row's
+completion depends only on its prompt, its index and the key, never on the other rows. That is what lets
+`microbatch` (rows per chunk of one call, for long completions: only one chunk's KV cache is live at a time) leave
+the sampled tokens unchanged.
+
 `logprobs` are the log-probabilities of the sampled tokens under the distribution actually sampled from (after
 temperature, top-k and top-p), which is what an importance ratio against the sampler needs; with `greedy` they are
 the plain log-softmax of the logits at the chosen token. `mask` is 1 on the completion up to and including the first
@@ -19,7 +24,7 @@ stop token; after it a row emits `pad_id` with mask 0.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import chex
 import flax.linen as nn
@@ -28,6 +33,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopd.model import init_cache
+
+
+def map_row_chunks(fn: Callable[[Any], Any], rows_tree: Any, rows_per_chunk: int) -> Any:
+    """`fn` (a tree of `[rows, ...]` arrays -> a tree of `[rows, ...]` arrays, rows independent) applied to
+    `rows_tree` `rows_per_chunk` rows at a time with lax.map, so only one chunk's intermediates are live at once;
+    0 (or at least the batch): one call. Traced inside a jit.
+
+    Chunk j holds rows j, j + n, j + 2n, ... (n chunks): with the batch split over devices in contiguous blocks,
+    every chunk is spread over all of them.
+    """
+    batch = jax.tree.leaves(rows_tree)[0].shape[0]
+    if not rows_per_chunk or rows_per_chunk >= batch:
+        return fn(rows_tree)
+    if batch % rows_per_chunk:
+        raise ValueError(f"{batch} rows do not split into chunks of {rows_per_chunk}: use a chunk size dividing them")
+    chunks = batch // rows_per_chunk
+    split = lambda x: jnp.swapaxes(x.reshape(rows_per_chunk, chunks, *x.shape[1:]), 0, 1)  # [chunks, rows, ...]
+    join = lambda y: jnp.swapaxes(y, 0, 1).reshape(batch, *y.shape[2:])
+    return jax.tree.map(join, jax.lax.map(fn, jax.tree.map(split, rows_tree)))
 
 
 @chex.dataclass(frozen=True)
@@ -95,19 +119,23 @@ def _check_options(temperature: float, top_k: Optional[int], top_p: Optional[flo
 class Sampler:
     """Jitted generation for one model and fixed shapes: prompts `[batch, max_prompt_len]`, completions
     `[batch, max_new_tokens]`. Call it with params, left-padded prompts, their lengths and an RNG key; sampling
-    options are static (each new combination compiles once)."""
+    options are static (each new combination compiles once). `microbatch`: rows decoded together (0: all; it must
+    divide the batch); `cache_dtype`: the KV cache's ("auto": the model's compute dtype)."""
 
     model: nn.Module
     max_prompt_len: int
     max_new_tokens: int
     stop_tokens: tuple[int, ...]
     pad_id: int
-    cache_dtype: Any = jnp.float32
+    cache_dtype: Any = "auto"
+    microbatch: int = 0
 
     def __post_init__(self):
         if self.max_prompt_len < 1 or self.max_new_tokens < 1:
             raise ValueError(f"max_prompt_len={self.max_prompt_len} and max_new_tokens={self.max_new_tokens} "
                              "must both be >= 1")
+        if self.microbatch < 0:
+            raise ValueError(f"microbatch={self.microbatch} must be >= 0 (rows decoded together; 0: all)")
         jitted = jax.jit(self._generate, static_argnames=("temperature", "top_k", "top_p", "greedy"))
         object.__setattr__(self, "_jitted", jitted)
 
@@ -118,6 +146,9 @@ class Sampler:
         _check_options(temperature, top_k, top_p)
         chex.assert_shape(prompts, (None, self.max_prompt_len))
         chex.assert_shape(prompt_lengths, (prompts.shape[0],))
+        if self.microbatch and prompts.shape[0] % self.microbatch:
+            raise ValueError(f"{prompts.shape[0]} rows do not split into sampling microbatches of {self.microbatch}: "
+                             "use a microbatch (distill.sampling_microbatch) that divides the rows")
         return self._jitted(params, prompts, prompt_lengths, rng, temperature=float(temperature), top_k=top_k,
                               top_p=top_p, greedy=greedy)
 
@@ -138,24 +169,32 @@ class Sampler:
                                 cache=cache, cache_index=cache_index, method="decode")
 
     def _generate(self, params, prompts, prompt_lengths, rng, *, temperature, top_k, top_p, greedy):
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+        rows = (prompts, prompt_lengths, jnp.arange(prompts.shape[0], dtype=jnp.int32))
+        return map_row_chunks(lambda chunk: self._generate_rows(params, *chunk, rng, **options), rows,
+                              self.microbatch)
+
+    def _generate_rows(self, params, prompts, prompt_lengths, row_ids, rng, *, temperature, top_k, top_p, greedy):
         batch, prompt_len = prompts.shape
+        row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, row_ids)
         logits, cache = self.prefill(params, prompts, prompt_lengths)
         stop_tokens = jnp.asarray(self.stop_tokens, jnp.int32)
 
-        def choose(step_logits, key):
+        def choose(step_logits, step):
             """Next token `[batch]` and its log-prob under the distribution it was drawn from."""
             if greedy:
                 token = jnp.argmax(step_logits, axis=-1)
                 logprobs = jax.nn.log_softmax(step_logits.astype(jnp.float32), axis=-1)
             else:
                 filtered = filter_logits(step_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-                token = jax.random.categorical(key, filtered, axis=-1)
+                keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+                token = jax.vmap(jax.random.categorical)(keys, filtered)
                 logprobs = jax.nn.log_softmax(filtered, axis=-1)
             return token.astype(jnp.int32), jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
 
         def body(carry):
             step, step_logits, cache, done, tokens, logprobs, mask = carry
-            token, logprob = choose(step_logits, jax.random.fold_in(rng, step))
+            token, logprob = choose(step_logits, step)
             live = jnp.logical_not(done)
             token = jnp.where(live, token, self.pad_id)
             tokens = tokens.at[:, step].set(token)

@@ -88,8 +88,14 @@ class Distiller:
         return any(prompt_set.grader is not None for prompt_set in self.sets)
 
 
+def _sampler(config: RunConfig, model: Any, tokenizer: Any) -> Sampler:
+    distill = config.distill
+    return Sampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id,
+                   cache_dtype=distill.kv_cache_dtype, microbatch=distill.sampling_microbatch)
+
+
 def _load_teacher(config: RunConfig, run: Run, path: str, tokenizer_path: str, tokenizer: Any, *,
-                  return_hidden: bool) -> Teacher:
+                  return_hidden: bool, top_k: int) -> Teacher:
     distill = config.distill
     model, params = teacher_lib.load_model(resolve_path(path), run.mesh)
     teacher_tokenizer = load_tokenizer(resolve_path(tokenizer_path or config.data.tokenizer))
@@ -106,8 +112,10 @@ def _load_teacher(config: RunConfig, run: Run, path: str, tokenizer_path: str, t
             chunk_size=config.objective.loss_chunk_size, temperature=distill.temperature)
         return jnp.sum(per_token * layout["loss_mask"]), jnp.sum(layout["loss_mask"])
 
-    sampler = Sampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id)
-    scorer = Scorer.of(teacher_lib.make_scorer(model, config.objective.loss_chunk_size, return_hidden=return_hidden))
+    sampler = _sampler(config, model, tokenizer)
+    scorer = Scorer.of(teacher_lib.make_scorer(model, config.objective.loss_chunk_size, return_hidden=return_hidden,
+                                               top_k=top_k, temperature=distill.temperature,
+                                               microbatch=distill.scoring_microbatch))
     return Teacher(path, model, params, sampler, scorer, jax.jit(eval_kl))
 
 
@@ -117,6 +125,7 @@ def build(config: RunConfig, run: Run) -> Distiller:
     distill = config.distill
     tokenizer = load_tokenizer(resolve_path(config.data.tokenizer), kind=config.data.tokenizer_kind)
     divergence = config.objective.loss in objectives.DIVERGENCES
+    top_k = distill.top_k if config.objective.loss in objectives.TOPK_DIVERGENCES else 0  # teacher top-k to score
     sharding.check_batch_divisible(distill.eval_prompts_count, run.mesh, "distill.eval_prompts_count")
     row_sharding = sharding.batch_sharding(run.mesh, leading_axes=1)
     configured = distill.prompt_sets()
@@ -126,7 +135,7 @@ def build(config: RunConfig, run: Run) -> Distiller:
         if item.teacher not in teacher_of:
             teacher_of[item.teacher] = len(teachers)
             teachers.append(_load_teacher(config, run, item.teacher, item.teacher_tokenizer, tokenizer,
-                                          return_hidden=divergence))
+                                          return_hidden=divergence, top_k=top_k))
     # Every prompt checked (fields, templates, lengths) before step 1, so no prompt stops the run at the step that
     # draws it; every grader resolved.
     form = prompts_lib.PromptFormat(distill.prompt_field, distill.messages_field, config.data.add_bos,
@@ -167,10 +176,10 @@ def build(config: RunConfig, run: Run) -> Distiller:
     if divergence:  # a global replicated array, whatever the teacher's own sharding
         replicated = NamedSharding(run.mesh, PartitionSpec())
         teacher_unembed = jax.jit(repeated_unembed, out_shardings=replicated)(teachers[0].params)
-    student_sampler = Sampler(run.model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,),
-                              tokenizer.pad_id)
+    student_sampler = _sampler(config, run.model, tokenizer)
     return Distiller(config, run, tokenizer, teachers, sets, student_sampler,
-                     Scorer.of(teacher_lib.make_scorer(run.model, config.objective.loss_chunk_size)),
+                     Scorer.of(teacher_lib.make_scorer(run.model, config.objective.loss_chunk_size,
+                                                       microbatch=distill.scoring_microbatch)),
                      jax.jit(microbatches, out_shardings=row_sharding), teacher_unembed)
 
 
@@ -271,6 +280,9 @@ def step_batch(d: Distiller, rollouts: rollouts_lib.Rollouts, rewards: np.ndarra
         layout["teacher_logprobs"] = scores["logprobs"]
         if "hidden" in scores:
             layout["teacher_hidden"] = scores["hidden"]
+        if "topk_ids" in scores:
+            layout.update(teacher_topk_ids=scores["topk_ids"], teacher_topk_logprobs=scores["topk_logprobs"],
+                          teacher_tail_logprob=scores["tail_logprob"])
     if d.config.distill.recompute_logprobs:
         with sharding.mesh_context(d.run.mesh):
             recomputed = score_by_group(_teacher_groups(d, plan, student_params), layout)["logprobs"]

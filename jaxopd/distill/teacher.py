@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from jaxopd.training import checkpoint, sharding
 from jaxopd.training.config import MeshConfig, model_config_dict, to_model_config
+from jaxopd.distill.sampling import map_row_chunks
 from jaxopd.hf.safetensors_io import read_json
 from jaxopd.kernels import losses
 from jaxopd.model import ModelConfig, Transformer, unembedding
@@ -134,20 +135,30 @@ def check_tokenizers(student_config: ModelConfig, teacher_config: ModelConfig, s
                          f"{student_config.vocab_size}; raise model.vocab_size")
 
 
-def make_scorer(model: Transformer, chunk_size: int, *, return_hidden: bool = False
+def make_scorer(model: Transformer, chunk_size: int, *, return_hidden: bool = False, top_k: int = 0,
+                temperature: float = 1.0, microbatch: int = 0
                 ) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
     """score(params, batch) -> {"logprobs": [rows, seq] log-prob of batch["targets"] at each position (float32),
-    and with return_hidden "hidden": [rows, seq, d] final hidden states}, jitted. batch: tokens, targets, positions,
-    segment_ids `[rows, seq]` (the Batch contract); run it inside `sharding.mesh_context(mesh)`."""
-    def score(params, batch):
-        features = model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
-                               positions=batch["positions"], method="features")
-        logprobs = losses.token_logprobs(features.hidden, unembedding(params, model.config), batch["targets"],
-                                         chunk_size=chunk_size)
-        result = {"logprobs": logprobs}
+    with return_hidden "hidden": [rows, seq, d] final hidden states, and with top_k > 0 the teacher's top_k most
+    likely next tokens under softmax(logits / temperature) (`losses.topk_logprobs`): "topk_ids" [rows, seq, top_k]
+    int32, "topk_logprobs" [rows, seq, top_k] and "tail_logprob" [rows, seq]}, jitted. batch: tokens, targets,
+    positions, segment_ids `[rows, seq]` (the Batch contract; other keys are ignored); microbatch: rows per forward
+    pass (0: all at once; it must divide the rows), so long rows fit. Run it inside `sharding.mesh_context(mesh)`."""
+    def score_rows(params, rows):
+        features = model.apply({"params": params}, rows["tokens"], segment_ids=rows["segment_ids"],
+                               positions=rows["positions"], method="features")
+        unembed = unembedding(params, model.config)
+        result = {"logprobs": losses.token_logprobs(features.hidden, unembed, rows["targets"], chunk_size=chunk_size)}
         if return_hidden:
             result["hidden"] = features.hidden
+        if top_k:
+            result["topk_ids"], result["topk_logprobs"], result["tail_logprob"] = losses.topk_logprobs(
+                features.hidden, unembed, top_k=top_k, chunk_size=chunk_size, temperature=temperature)
         return result
+
+    def score(params, batch):
+        rows = {key: batch[key] for key in ("tokens", "targets", "positions", "segment_ids")}
+        return map_row_chunks(lambda chunk: score_rows(params, chunk), rows, microbatch)
     return jax.jit(score)
 
 

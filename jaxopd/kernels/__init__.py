@@ -1,7 +1,7 @@
 """Kernels: pure functions on arrays and plain Python numbers (no Flax, no configs, no meshes).
 
 masks (the attention mask rule), attention (GQA, MLA), blockwise_attention, rope, moe (routing, dispatch, balance),
-layers (RMSNorm, SwiGLU), losses (chunked cross-entropy, token log-probs, KL and JSD).
+layers (RMSNorm, SwiGLU), losses (chunked cross-entropy, token log-probs, KL and JSD, top-k KL).
 
 Shape legend. Inside kernels, array names end in their shape, one letter per axis (`q_BxTxKxGxA` is
 `[batch, q_len, kv_heads, groups, qk_head_dim]`); a lowercase `x` first stands for any leading axes (`gate_xF` is
@@ -27,8 +27,9 @@ Head dims, each its own letter:
 Blocks of a sequence:
   I  a block of T (a blockwise-attention query block; a losses sequence chunk)
   J  a block of S (a blockwise-attention key/value block)
+Top-k choices:
+  U  chosen per token (top_k): MoE's experts; the teacher's top-k tokens of the top-k distillation losses
 MoE routing and balance:
-  U  experts chosen per token (top_k)
   M  (token, chosen expert) pairs, T * U, sorted by expert
   Y  expert groups (group-limited routing)
   Z  experts per group (E / Y)

@@ -14,6 +14,11 @@ Public API (shapes in the letters of jaxopd/kernels/__init__.py; W is the teache
   generalized_jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0) -> [...]        GKD's JSD(beta)
   chunked_divergence(student_hidden [B,T,D], student_unembed [D,V], teacher_hidden [B,T,W], teacher_unembed [W,V],
       *, chunk_size, divergence="reverse_kl"|"forward_kl"|"jsd", beta=0.5, temperature=1.0) -> [B,T] float32
+  topk_logprobs(hidden [B,T,D], unembed [D,V], *, top_k, chunk_size, temperature=1.0)
+      -> (ids [B,T,U] int32, logprobs [B,T,U] float32, tail_logprob [B,T] float32)     the teacher's top-k and the rest
+  chunked_topk_divergence(student_hidden [B,T,D], student_unembed [D,V], teacher_ids [B,T,U],
+      teacher_logprobs [B,T,U], teacher_tail_logprob [B,T], *, chunk_size, divergence="forward_kl"|"reverse_kl",
+      temperature=1.0) -> [B,T] float32       KL over the U + 1 buckets: the teacher's top-k tokens and one tail
 
 The policy-gradient and advantage math on sampled tokens' log-probs is in jaxopd/distill/policy_gradient.py.
 """
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+TOPK_DIVERGENCES = ("reverse_kl", "forward_kl")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -245,3 +251,115 @@ def chunked_divergence(
     chunk_fn = functools.partial(_divergence_chunk, divergence=divergence, beta=beta, temperature=temperature)
     weights = (student_unembed, jax.lax.stop_gradient(teacher_unembed))
     return _map_seq_chunks(chunk_fn, weights, (student_hidden, jax.lax.stop_gradient(teacher_hidden)), chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Top-k divergences: the teacher's top-k tokens plus one tail bucket for the rest of the vocabulary, so a teacher's
+# distribution travels as U numbers per position instead of its hidden states and unembedding.
+
+
+def _check_top_k(top_k: int, vocab: int) -> None:
+    if not isinstance(top_k, int) or not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k={top_k!r} must be an int in [1, vocab={vocab}] (teacher tokens kept per position)")
+
+
+def _tail_log_mass(logits_BxIxV: Array, ids_BxIxU: Array) -> Array:
+    """log sum(exp(logits)) over the tokens outside the distinct `ids` `[b, i]`: the tail bucket, up to log Z.
+
+    Summed over the complement itself rather than as log(Z - sum over the top-k), which cancels catastrophically in
+    float32 exactly when the top-k hold nearly all the mass. Needs U < V (an empty complement has no finite log).
+    """
+    outside_BxIxV = jnp.put_along_axis(logits_BxIxV, ids_BxIxU, -jnp.inf, axis=-1, inplace=False)
+    return jax.nn.logsumexp(outside_BxIxV, axis=-1)
+
+
+def _topk_chunk(unembed_DxV, hidden_BxIxD, *, top_k, temperature):
+    logits_BxIxV = _logits(hidden_BxIxD, unembed_DxV, temperature)
+    log_z_BxI = jax.nn.logsumexp(logits_BxIxV, axis=-1)
+    top_BxIxU, ids_BxIxU = jax.lax.top_k(logits_BxIxV, top_k)
+    if top_k < logits_BxIxV.shape[-1]:
+        tail_BxI = _tail_log_mass(logits_BxIxV, ids_BxIxU) - log_z_BxI
+    else:  # the top-k are the whole vocabulary: the tail bucket is empty
+        tail_BxI = jnp.full_like(log_z_BxI, -jnp.inf)
+    return ids_BxIxU.astype(jnp.int32), top_BxIxU - log_z_BxI[..., None], tail_BxI
+
+
+def topk_logprobs(
+    hidden: Array, unembed: Array, *, top_k: int, chunk_size: int, temperature: float = 1.0
+) -> tuple[Array, Array, Array]:
+    """The top_k most likely next tokens of softmax(hidden @ unembed / temperature) and the mass of all others.
+
+    hidden [batch, seq, d], unembed [d, vocab] -> (ids [batch, seq, top_k] int32 in descending probability,
+    logprobs [batch, seq, top_k] float32 their log-probs, tail_logprob [batch, seq] float32 = log(1 - sum of their
+    probabilities), -inf when top_k = vocab). The teacher's side of `chunked_topk_divergence`, without gradient.
+    """
+    _check_chunk_size(chunk_size)
+    _check_temperature(temperature)
+    _check_hidden_unembed("topk_logprobs", hidden, unembed)
+    _check_top_k(top_k, unembed.shape[1])
+    chunk_fn = functools.partial(_topk_chunk, top_k=top_k, temperature=temperature)
+    return jax.lax.stop_gradient(_map_seq_chunks(chunk_fn, unembed, (hidden,), chunk_size))
+
+
+def _bucket_kl(log_p: Array, log_q: Array) -> Array:
+    """sum_b p_b (log p_b - log q_b) over the last axis of log-probabilities."""
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def _topk_divergence_chunk(unembed_DxV, hidden_BxIxD, ids_BxIxU, teacher_BxIxU, teacher_tail_BxI, *, divergence,
+                           temperature):
+    logits_BxIxV = _logits(hidden_BxIxD, unembed_DxV, temperature)
+    log_z_BxI = jax.nn.logsumexp(logits_BxIxV, axis=-1)
+    student_BxIxU = jnp.take_along_axis(logits_BxIxV, ids_BxIxU, axis=-1) - log_z_BxI[..., None]
+    if ids_BxIxU.shape[-1] < logits_BxIxV.shape[-1]:  # else the tail is empty for both: no bucket
+        student_tail_BxI = _tail_log_mass(logits_BxIxV, ids_BxIxU) - log_z_BxI
+        student_BxIxU = jnp.concatenate([student_BxIxU, student_tail_BxI[..., None]], axis=-1)
+        teacher_BxIxU = jnp.concatenate([teacher_BxIxU, teacher_tail_BxI[..., None]], axis=-1)
+    if divergence == "forward_kl":
+        return _bucket_kl(teacher_BxIxU, student_BxIxU)
+    return _bucket_kl(student_BxIxU, teacher_BxIxU)
+
+
+def chunked_topk_divergence(
+    student_hidden: Array,
+    student_unembed: Array,
+    teacher_ids: Array,
+    teacher_logprobs: Array,
+    teacher_tail_logprob: Array,
+    *,
+    chunk_size: int,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+) -> Array:
+    """Per-position KL between student and teacher over U + 1 buckets: the teacher's top-k tokens and the tail.
+
+    The coarse-grained distributions put on each of the teacher's top-k tokens its own probability and on the tail
+    bucket the mass of every other token; KL between them is a lower bound of the full KL (data processing) and
+    equals it when top_k = vocab. The student's bucket log-probs come from its own chunked logits (gathered at
+    `teacher_ids`, the tail summed over the complement).
+
+    Args:
+      student_hidden: [batch, seq, d]; student_unembed: [d, vocab].
+      teacher_ids, teacher_logprobs, teacher_tail_logprob: `topk_logprobs` of the teacher at the same positions and
+        the same `temperature` ([batch, seq, top_k] int, [batch, seq, top_k], [batch, seq]); a fixed target.
+      divergence: "forward_kl" (sum_b p_b log(p_b / q_b), teacher p) or "reverse_kl" (sum_b q_b log(q_b / p_b)).
+    Returns:
+      [batch, seq] float32 divergence per position; the caller masks and averages.
+    """
+    _check_chunk_size(chunk_size)
+    _check_temperature(temperature)
+    _check_hidden_unembed("chunked_topk_divergence", student_hidden, student_unembed)
+    if divergence not in TOPK_DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r} must be one of {TOPK_DIVERGENCES}")
+    rows_seq = student_hidden.shape[:2]
+    if (teacher_ids.ndim != 3 or teacher_ids.shape[:2] != rows_seq or teacher_logprobs.shape != teacher_ids.shape
+            or teacher_tail_logprob.shape != rows_seq):
+        raise ValueError(
+            f"chunked_topk_divergence: teacher_ids {teacher_ids.shape}, teacher_logprobs {teacher_logprobs.shape} and "
+            f"teacher_tail_logprob {teacher_tail_logprob.shape} must be [batch, seq, top_k] x2 and [batch, seq] with "
+            f"[batch, seq] = {rows_seq}"
+        )
+    _check_top_k(teacher_ids.shape[-1], student_unembed.shape[1])
+    chunk_fn = functools.partial(_topk_divergence_chunk, divergence=divergence, temperature=temperature)
+    teacher = jax.lax.stop_gradient((teacher_logprobs.astype(jnp.float32), teacher_tail_logprob.astype(jnp.float32)))
+    return _map_seq_chunks(chunk_fn, student_unembed, (student_hidden, teacher_ids, *teacher), chunk_size)

@@ -22,9 +22,12 @@ from jaxopd.model.config import ModelConfig
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "bfloat16") -> dict:
-    """An empty cache for `batch` rows of `max_len` tokens (layout in the module docstring), keys/values in `dtype`."""
+    """An empty cache for `batch` rows of `max_len` tokens (layout in the module docstring), keys/values in `dtype`
+    ("auto": the model's compute dtype `config.dtype`)."""
     if batch < 1 or max_len < 1:
         raise ValueError(f"init_cache: batch={batch} and max_len={max_len} must both be >= 1")
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = config.dtype
     if config.attention == "mla":
         layer = {
             "latent": jnp.zeros((batch, max_len, config.kv_lora_rank), dtype),

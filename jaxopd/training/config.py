@@ -32,7 +32,8 @@ from jaxopd.model.config import ModelConfig
 
 # config.loss: the objective of the one train step. "ce" trains on the grain pipeline's batches; the others on the
 # distillation rollouts (jaxopd/distill/objectives.py). The table that maps each to its code is jaxopd/train.py.
-Loss = Literal["ce", "reverse_kl", "grpo", "teacher_sft", "full_reverse_kl", "forward_kl", "jsd"]
+Loss = Literal["ce", "reverse_kl", "grpo", "teacher_sft", "full_reverse_kl", "forward_kl", "jsd", "topk_forward_kl",
+               "topk_reverse_kl"]
 PRETRAINING_LOSSES = ("ce",)
 
 
@@ -185,6 +186,12 @@ class DistillConfig:
     advantage_clip: Optional[float] = None  # clip |advantage| (None: no clipping)
     normalize: Literal["tokens", "sequences"] = "tokens"  # mean over all completion tokens, or over sequences
     jsd_beta: float = 0.5  # loss="jsd": GKD's beta
+    top_k: int = 32  # loss="topk_*": the teacher's top-k tokens per position (+ one tail bucket), 1..vocab_size
+    # Long completions: rows per jitted sampling / teacher-scoring microbatch (0: all rows at once). Each must divide
+    # batch_size (and sampling_microbatch eval_prompts_count too); sampled tokens do not depend on it.
+    sampling_microbatch: int = 0
+    scoring_microbatch: int = 0
+    kv_cache_dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # the samplers' KV cache; auto: the model's dtype
 
     def __post_init__(self):
         check_choices(self, "distill")
@@ -352,6 +359,17 @@ def _distill_problems(run: RunConfig, process_count: int) -> list[str]:
         problems.append(f"seq_len={run.seq_len} must equal distill.max_prompt_len + distill.max_new_tokens = "
                         f"{distill.max_prompt_len + distill.max_new_tokens} (one row holds prompt + completion)")
     problems += _prompt_set_problems(run, process_count)
+    if run.objective.loss.startswith("topk_") and not 1 <= distill.top_k <= run.model.vocab_size:
+        problems.append(f"distill.top_k={distill.top_k} must lie in [1, model.vocab_size={run.model.vocab_size}] "
+                        f"(teacher tokens kept per position by config.loss={run.objective.loss!r})")
+    calls = {"sampling_microbatch": {"batch_size": run.batch_size, "distill.eval_prompts_count":
+                                     distill.eval_prompts_count}, "scoring_microbatch": {"batch_size": run.batch_size}}
+    for key, rows in calls.items():
+        value = getattr(distill, key)
+        if value < 0 or (value and any(count % value for count in rows.values())):
+            named = " and ".join(f"{name}={count}" for name, count in rows.items())
+            problems.append(f"distill.{key}={value} must be 0 (all rows in one call) or divide the rows of each "
+                            f"call: {named}")
     prompts_per_step = run.batch_size // max(distill.group_size, 1)
     if prompts_per_step % process_count or distill.eval_prompts_count % process_count:
         problems.append(f"each of the {process_count} processes samples an equal share of the prompts: batch_size / "
