@@ -126,7 +126,8 @@ def checkpoint_dtype(hf_config: dict, checkpoint: SafetensorsReader, where: Path
             raise ValueError(f"{where / 'config.json'}: dtype={name!r} is not float32, bfloat16 or float16; pass "
                              "load_hf(..., dtype=...)")
         return name
-    tensor = "model.embed_tokens.weight" if "model.embed_tokens.weight" in checkpoint.file_of else min(checkpoint.file_of)
+    embedding = "model.embed_tokens.weight"
+    tensor = embedding if embedding in checkpoint.file_of else min(checkpoint.file_of)
     tag = checkpoint.stored_dtype(tensor)
     if tag not in _STORED_DTYPES:
         raise ValueError(f"{checkpoint.where}: tensor {tensor!r} is stored as {tag}, not a floating dtype jaxopd "
