@@ -6,7 +6,7 @@
 Each completion token is shaded by log pi_student(x_t) - log pi_teacher(x_t), the sampled reverse KL that OPD
 penalizes: red where the teacher finds the token less likely than the student does (a penalty), blue where more
 likely. Hovering a token shows both log-probs. DIR is a jaxopd checkpoint directory (a run's `checkpoints/`, or an
-exported one) or a Hugging Face checkpoint.
+exported one) or a Hugging Face checkpoint, whose tokenizer files are used when --tokenizer is not given.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import html
 import math
+import pathlib
 from typing import Sequence
 
 import numpy as np
+
+ARITHMETIC_TOKENIZER = "data/tasks/arithmetic/tokenizer.json"
 
 
 def render_html(prompt_tokens: Sequence[str], completion_tokens: Sequence[str], student_logprobs: Sequence[float],
@@ -59,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", required=True, help="student checkpoint directory (jaxopd or Hugging Face)")
     parser.add_argument("--teacher", required=True, help="teacher checkpoint directory (same tokenizer)")
-    parser.add_argument("--tokenizer", default="data/tasks/arithmetic/tokenizer.json")
+    parser.add_argument("--tokenizer", default="", help="tokenizer file or directory (default: the student's "
+                        f"directory when it holds tokenizer.json, else {ARITHMETIC_TOKENIZER})")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--completion", required=True, help="the student's completion text")
     parser.add_argument("--no-bos", action="store_true", help="do not start the prompt with the BOS token")
@@ -70,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from jaxopd.data.tokenizer import load_tokenizer
     from jaxopd.distill.teacher import load_model, score_texts
 
-    tokenizer = load_tokenizer(resolve_path(args.tokenizer))
+    student_tokenizer = pathlib.Path(resolve_path(args.student)) / "tokenizer.json"
+    tokenizer = load_tokenizer(resolve_path(args.tokenizer or (str(student_tokenizer.parent) if
+                                                               student_tokenizer.is_file() else ARITHMETIC_TOKENIZER)))
     prompt_ids = ([] if args.no_bos or tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(args.prompt)
     completion_ids = tokenizer.encode(args.completion)
     if not completion_ids:

@@ -29,7 +29,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np

@@ -19,7 +19,7 @@ import ml_collections
 from jaxopd.bundled import bundled_run_configs, run_config_summary
 from jaxopd.configdict import config_dict_of, from_config_dict
 from jaxopd.distill import objectives as distill_objectives, source as distill_source
-from jaxopd.training import config as config_lib, sharding
+from jaxopd.training import config as config_lib, init_from, sharding
 from jaxopd.training.config import ConfigError, DistributedConfig, RunConfig
 from jaxopd.training.loop import BatchSource, Evaluator, RunStopped, run_loop
 from jaxopd.training.objectives import CROSS_ENTROPY, Objective
@@ -67,6 +67,7 @@ def train(config: ml_collections.ConfigDict | RunConfig) -> dict[str, Any]:
     if problems:
         raise ConfigError(problems)
     sharding.initialize_distributed(distributed)  # before the checks that depend on the process count
+    config = init_from.resolve(config)  # the architecture and tokenizers the checkpoints hold
     run_config = config_lib.to_run_config(config, process_count=jax.process_count())
     recipe = OBJECTIVES[run_config.objective.loss]
     run = build(run_config, recipe.objective)

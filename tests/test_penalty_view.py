@@ -1,4 +1,5 @@
-"""The per-token penalty page: shading follows log p_student - log p_teacher; the CLI scores with both models."""
+"""The per-token penalty page: shading follows log p_student - log p_teacher; the CLI scores with both models, jaxopd
+checkpoints or Hugging Face directories."""
 
 import re
 
@@ -10,6 +11,7 @@ import numpy as np
 from jaxopd import penalty_view
 from jaxopd.distill.teacher import save_model
 from jaxopd.model import ModelConfig, Transformer
+from tests import tiny_hf
 
 FIELDS = dict(vocab_size=17, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
 
@@ -44,3 +46,24 @@ def test_cli_writes_the_penalties_of_two_checkpoints(tmp_path, capsys):
     np.testing.assert_allclose([float(x) for x in printed.split(",")], page_penalties, atol=1e-4)
     np.testing.assert_allclose(page_penalties, np.subtract(*reference), atol=1e-5)
     assert max(abs(p) for p in page_penalties) > 1e-3  # two different random models disagree
+
+
+def test_cli_scores_hugging_face_directories_with_the_students_tokenizer(tmp_path, capsys):
+    """A Qwen3 student and a DeepSeek-V3 teacher written by transformers; the tokenizer is read from the student's
+    directory. The penalties are transformers' float32 log-prob differences."""
+    import torch
+    import transformers
+
+    student, teacher = tiny_hf.write_qwen3(tmp_path / "student"), tiny_hf.write_deepseek_v3(tmp_path / "teacher")
+    tokens = [1, 6, 7, 15, 8, 17, 9, 10]  # <bos> 1 2 + 3 = | 4 5
+    reference = []
+    for directory in (student, teacher):
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        log_probs = torch.log_softmax(model(torch.tensor([tokens])).logits[0].double(), -1).detach().numpy()
+        reference.append([log_probs[5, 9], log_probs[6, 10]])
+    out = tmp_path / "page.html"
+    penalty_view.main([f"--student={student}", f"--teacher={teacher}", "--prompt", "12+3=", "--completion", "45",
+                       "--out", str(out)])
+    page_penalties = [float(x) for x in re.findall(r'data-penalty="([-0-9.]+)"', out.read_text())]
+    np.testing.assert_allclose(page_penalties, np.subtract(*reference), atol=1e-5)
+    assert "wrote" in capsys.readouterr().out

@@ -29,8 +29,8 @@ def _metrics(workdir) -> dict[int, dict]:
     return {line["step"]: line for line in lines if "loss" in line}
 
 
-def _launch(workdir, *overrides):
-    args = [sys.executable, "-m", "jaxopd.train", f"--config={CONFIG}", f"--config.workdir={workdir}", *overrides]
+def _launch(workdir, *overrides, config=CONFIG):
+    args = [sys.executable, "-m", "jaxopd.train", f"--config={config}", f"--config.workdir={workdir}", *overrides]
     return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

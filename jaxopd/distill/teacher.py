@@ -12,38 +12,19 @@ import pathlib
 import shutil
 from typing import Any, Callable, Optional, Sequence
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxopd.training import checkpoint, sharding
-from jaxopd.training.config import MeshConfig, model_config_dict, to_model_config
 from jaxopd.distill.sampling import map_row_chunks
-from jaxopd.hf.safetensors_io import read_json
+from jaxopd.training import checkpoint, init_from, sharding
+from jaxopd.training.checkpoint import read_model_fields
+from jaxopd.training.config import MeshConfig
+from jaxopd.training.state import abstract_params, model_from_dict
 from jaxopd.kernels import losses
 from jaxopd.model import ModelConfig, Transformer, unembedding
 
 PROBE_TEXT = "The teacher and the student must share a tokenizer: 0123456789 +-*/= (){}[] def f(x): return x\n"
-
-
-def _is_hf(path: pathlib.Path) -> bool:
-    config_file = path / "config.json"
-    return config_file.exists() and "model_type" in read_json(config_file)
-
-
-def model_from_dict(model_fields: dict[str, Any]) -> Transformer:
-    """The Transformer described by a run config's `model` section (as saved in checkpoints and config.json)."""
-    return Transformer(to_model_config(model_config_dict(model_fields)))
-
-
-def abstract_params(model: Transformer, mesh: jax.sharding.Mesh) -> Any:
-    """The model's params as shape structs carrying their NamedShardings on `mesh` (trainer's logical-axis rules)."""
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    shardings = sharding.logical_shardings(boxed, mesh)
-    return jax.tree.map(lambda shape, named: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=named),
-                        nn.meta.unbox(boxed), shardings)
 
 
 def load_model(path: str | pathlib.Path, mesh: Optional[jax.sharding.Mesh] = None, hf_dtype: str = "float32"
@@ -53,15 +34,12 @@ def load_model(path: str | pathlib.Path, mesh: Optional[jax.sharding.Mesh] = Non
     "bfloat16" halves a large teacher's memory on accelerators), params read straight into their shards on `mesh`
     (default: a mesh of all devices, params FSDP-sharded over them)."""
     path = pathlib.Path(path)
-    if not path.exists():
-        raise ValueError(f"checkpoint {path} does not exist; give a jaxopd run/checkpoint directory or a Hugging "
-                         "Face checkpoint directory")
+    kind = init_from.source_kind(path)
     mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig(data=1, fsdp=-1))
-    if _is_hf(path):
+    if kind == "hf":
         from jaxopd.hf import load_hf
 
-        with sharding.mesh_context(mesh):
-            return load_hf(path, dtype=hf_dtype, mesh=mesh, rules=sharding.LOGICAL_AXIS_RULES)
+        return load_hf(path, dtype=hf_dtype, mesh=mesh, rules=sharding.LOGICAL_AXIS_RULES)
     step, model_fields = read_model_fields(path)
     model = model_from_dict(model_fields)
     return model, checkpoint.load_params(path, abstract_params(model, mesh), step)
@@ -70,26 +48,11 @@ def load_model(path: str | pathlib.Path, mesh: Optional[jax.sharding.Mesh] = Non
 def read_model(path: str | pathlib.Path, hf_dtype: str = "float32") -> Transformer:
     """The model `load_model(path, hf_dtype=hf_dtype)` returns, from the checkpoint's config alone (no params read):
     for planning memory before anything is loaded."""
-    path = pathlib.Path(path)
-    if _is_hf(path):
-        from jaxopd.hf.config import config_from_hf
+    if init_from.source_kind(path) == "hf":
+        from jaxopd.hf import hf_model_config
 
-        dtype = jnp.dtype(hf_dtype).name  # as load_hf sets it
-        return Transformer(config_from_hf(read_json(path / "config.json")).replace(dtype=dtype, param_dtype=dtype))
+        return Transformer(hf_model_config(path, dtype=hf_dtype))
     return model_from_dict(read_model_fields(path)[1])
-
-
-def read_model_fields(path: str | pathlib.Path) -> tuple[int, dict[str, Any]]:
-    """(newest step, the `model` section of its saved config) of a jaxopd checkpoint directory (a run workdir, its
-    checkpoints/, or one written by `save_model`): what a run continuing from it sets as `config.model`."""
-    directory = checkpoint.step_directory(path)
-    manager = checkpoint.read_only_manager(directory, {"config": ocp.JsonCheckpointHandler()})
-    step = manager.latest_step()
-    if step is None:
-        raise ValueError(f"no checkpoint steps in {directory}: expected a jaxopd run or a Hugging Face checkpoint")
-    run_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    manager.close()
-    return step, run_config["model"]
 
 
 def save_model(path: str | pathlib.Path, model_fields: dict[str, Any], params: Any, step: int = 0, *,

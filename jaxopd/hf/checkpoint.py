@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -28,6 +29,7 @@ from jaxopd.hf.config import config_from_hf, config_to_hf
 from jaxopd.hf.fp8 import FP8_BLOCK
 from jaxopd.hf.mapping import Entry, ignorable, param_entries, shared_copies
 from jaxopd.hf.safetensors_io import SafetensorsReader, ShardWriter, read_json
+from jaxopd.model.config import ModelConfig
 
 if TYPE_CHECKING:
     from jaxopd.model import Transformer
@@ -43,6 +45,13 @@ def _insert(tree: dict, path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+def _unboxed(tree: Any) -> Any:
+    """`tree` without its flax partitioning boxes, as stored (nn.unbox would add sharding constraints whenever a
+    mesh is set with jax.set_mesh, which arrays placed by hand or shape structs do not take)."""
+    return jax.tree.map(lambda leaf: leaf.value if isinstance(leaf, nn.meta.AxisMetadata) else leaf, tree,
+                        is_leaf=lambda leaf: isinstance(leaf, nn.meta.AxisMetadata))
 
 
 def _flat_paths(tree: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -72,14 +81,91 @@ def _place(host: np.ndarray, sharding: Optional[jax.sharding.Sharding]) -> jax.A
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def load_hf(path: str | os.PathLike, dtype: str = "bfloat16", mesh: Optional[jax.sharding.Mesh] = None,
+# The files of a Hugging Face checkpoint directory that describe its tokenizer (each one optional).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model")
+# safetensors dtype tags -> the dtype a checkpoint is loaded in; DeepSeek's block-wise fp8 weights come with bfloat16
+# (their non-quantized tensors' dtype).
+_STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "bfloat16"}
+
+
+def is_hf_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a Hugging Face checkpoint directory: its config.json names a `model_type` (a jaxopd run
+    workdir's config.json is the run config and has none), or it holds safetensors files beside a config.json."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return False
+    return "model_type" in read_json(path / "config.json") or any(path.glob("*.safetensors"))
+
+
+def copy_tokenizer_files(source: str | os.PathLike, out: str | os.PathLike) -> list[str]:
+    """Copies the tokenizer at `source` into the checkpoint directory `out`: a directory's TOKENIZER_FILES, or a
+    tokenizer file (as tokenizer.json, or tokenizer.model for a sentencepiece .model) with the tokenizer_config.json,
+    special_tokens_map.json and chat_template.jinja beside it. Returns the names written."""
+    source, out = Path(source), Path(out)
+    if source.is_dir():
+        copies = {name: source / name for name in TOKENIZER_FILES}
+    else:
+        copies = {name: source.parent / name for name in TOKENIZER_FILES[1:4]}
+        copies["tokenizer.model" if source.suffix == ".model" else "tokenizer.json"] = source
+    written = []
+    for name, file in copies.items():
+        if file.is_file():
+            shutil.copyfile(file, out / name)
+            written.append(name)
+    return sorted(written)
+
+
+def checkpoint_dtype(hf_config: dict, checkpoint: SafetensorsReader, where: Path) -> str:
+    """The dtype a checkpoint holds its weights in: config.json's `dtype` (transformers 5) or `torch_dtype` (older),
+    else the stored dtype of its embedding (or first) tensor."""
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    if name is not None:
+        name = str(name).removeprefix("torch.")
+        if name not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{where / 'config.json'}: dtype={name!r} is not float32, bfloat16 or float16; pass "
+                             "load_hf(..., dtype=...)")
+        return name
+    embedding = "model.embed_tokens.weight"
+    tensor = embedding if embedding in checkpoint.file_of else min(checkpoint.file_of)
+    tag = checkpoint.stored_dtype(tensor)
+    if tag not in _STORED_DTYPES:
+        raise ValueError(f"{checkpoint.where}: tensor {tensor!r} is stored as {tag}, not a floating dtype jaxopd "
+                         "loads; pass load_hf(..., dtype=...)")
+    return _STORED_DTYPES[tag]
+
+
+def _read(path: Path, dtype: Optional[str]) -> tuple[dict, SafetensorsReader, ModelConfig]:
+    """(config.json, its tensors, the ModelConfig load_hf builds from them in `dtype`, None = the checkpoint's)."""
+    if not (path / "config.json").exists():
+        raise ValueError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
+    hf_config = read_json(path / "config.json")
+    config = config_from_hf(hf_config)
+    checkpoint = SafetensorsReader(path)
+    dtype = jnp.dtype(dtype or checkpoint_dtype(hf_config, checkpoint, path)).name
+    config = config.replace(dtype=dtype, param_dtype=dtype)
+    mtp_prefix = f"model.layers.{config.num_layers}."
+    if config.mtp_depth and not any(name.startswith(mtp_prefix) for name in checkpoint.file_of):
+        warnings.warn(f"config.json asks for {config.mtp_depth} multi-token-prediction module(s) but no "
+                      f"{mtp_prefix}* tensors are stored (transformers drops them); loading without MTP", stacklevel=3)
+        config = config.replace(mtp_depth=0)
+    return hf_config, checkpoint, config
+
+
+def hf_model_config(path: str | os.PathLike, dtype: Optional[str] = None) -> ModelConfig:
+    """The ModelConfig `load_hf(path, dtype)` builds (MTP modules only when their tensors are stored), read from
+    config.json and the tensors' headers alone; ValueError naming the field for what jaxopd does not support."""
+    return _read(Path(path), dtype)[2]
+
+
+def load_hf(path: str | os.PathLike, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mesh] = None,
             rules: Optional[Sequence[tuple[str, Any]]] = None) -> tuple["Transformer", dict]:
     """Load a Hugging Face checkpoint directory (DeepSeek-V3/V2, Qwen3/Qwen2, Llama) as `(model, params)`.
 
     Args:
       path: directory with config.json and model.safetensors or model.safetensors.index.json + shards.
-      dtype: parameter and compute dtype of the model ("bfloat16", "float32"); parameters the model keeps in
-        float32 (router, expert bias) stay float32.
+      dtype: parameter and compute dtype of the model ("bfloat16", "float32"); None: the checkpoint's own
+        (`checkpoint_dtype`). Parameters the model keeps in float32 (router, expert bias) stay float32.
       mesh, rules: when a mesh is given, every parameter is created directly on the NamedSharding its logical axis
         names map to under `rules` (flax logical axis rules: `(("embed", "fsdp"), ("mlp", "tensor"), ...)`).
     Returns: `(model, params)` with `model.apply({"params": params}, tokens [batch, seq])` -> logits.
@@ -87,20 +173,10 @@ def load_hf(path: str | os.PathLike, dtype: str = "bfloat16", mesh: Optional[jax
     from jaxopd.model import Transformer
 
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise ValueError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
     if mesh is not None and rules is None:
         raise ValueError("load_hf: mesh given without rules; pass the logical axis rules that map parameter axes "
                          "(embed, mlp, experts, ...) to mesh axes")
-    hf_config = read_json(path / "config.json")
-    dtype = jnp.dtype(dtype).name
-    config = config_from_hf(hf_config).replace(dtype=dtype, param_dtype=dtype)
-    checkpoint = SafetensorsReader(path)
-    mtp_prefix = f"model.layers.{config.num_layers}."
-    if config.mtp_depth and not any(name.startswith(mtp_prefix) for name in checkpoint.file_of):
-        warnings.warn(f"config.json asks for {config.mtp_depth} multi-token-prediction module(s) but no "
-                      f"{mtp_prefix}* tensors are stored (transformers drops them); loading without MTP", stacklevel=2)
-        config = config.replace(mtp_depth=0)
+    hf_config, checkpoint, config = _read(path, dtype)
     block = (hf_config.get("quantization_config") or {}).get("weight_block_size", FP8_BLOCK)
 
     model = Transformer(config)
@@ -108,7 +184,7 @@ def load_hf(path: str | os.PathLike, dtype: str = "bfloat16", mesh: Optional[jax
     shardings = None
     if mesh is not None:
         shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    abstract = nn.unbox(boxed)
+    abstract = _unboxed(boxed)
     entries = param_entries(config)
     mapped = sorted(entry.path for entry in entries)
     if mapped != sorted(_flat_paths(abstract)):
@@ -149,7 +225,7 @@ def save_hf(model: "Transformer", params: dict, path: str | os.PathLike, max_sha
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2))
-    params = nn.unbox(params)
+    params = _unboxed(params)
     writer = ShardWriter(path, max_shard_size)
     copies: dict[str, list[str]] = {}
     for copy, source in shared_copies(config).items():

@@ -95,6 +95,10 @@ class SafetensorsReader:
         data = np.fromfile(file, dtype=ml_dtypes.float8_e4m3fn, count=math.prod(shape), offset=data_start + begin)
         return data.reshape(shape)
 
+    def stored_dtype(self, name: str) -> str:
+        """The safetensors dtype tag of tensor `name` ("F32", "BF16", "F8_E4M3", ...), its data not read."""
+        return self._handle(self.file_of[name]).get_slice(name).get_dtype()
+
     def read(self, name: str, block: Sequence[int]) -> np.ndarray:
         """The tensor `name`, dequantized to float32 if the checkpoint stores `name + "_scale_inv"` beside it."""
         if name in self.quantized:

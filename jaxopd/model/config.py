@@ -11,8 +11,8 @@ from typing import Any, Literal, Optional, get_args
 
 from jaxopd.kernels.rope import RopeLayout, RopeScaling, check_rope_scaling
 
-__all__ = ["AttentionImplementation", "AttentionKind", "DTypeName", "ModelConfig", "RematPolicy", "RopeScaling",
-           "RouterScore"]
+__all__ = ["FORWARD_PASS_FIELDS", "RUN_CHOICE_FIELDS", "AttentionImplementation", "AttentionKind", "DTypeName",
+           "ModelConfig", "RematPolicy", "RopeScaling", "RouterScore", "architecture_fields"]
 
 AttentionKind = Literal["gqa", "mla"]
 RouterScore = Literal["sigmoid", "softmax"]  # "sigmoid" (DeepSeek-V3) or "softmax" (V2, Qwen-MoE, Mixtral)
@@ -156,3 +156,17 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+# How the forward pass runs, not what it computes: these may change when a run resumes.
+FORWARD_PASS_FIELDS = ("remat", "attention_implementation", "attention_block_q", "attention_block_kv",
+                       "expert_parallel")
+# Fields a run chooses for itself, never read from or compared with a checkpoint the model is loaded from: the
+# forward pass, the dtypes, the initialization of fresh params, and LoRA adapters (trained on top of the weights).
+RUN_CHOICE_FIELDS = FORWARD_PASS_FIELDS + ("dtype", "param_dtype", "init_std", "lora_rank", "lora_alpha",
+                                           "lora_dropout", "lora_targets")
+
+
+def architecture_fields() -> tuple[str, ...]:
+    """The ModelConfig fields that say what the weights mean: every field but RUN_CHOICE_FIELDS."""
+    return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in RUN_CHOICE_FIELDS)

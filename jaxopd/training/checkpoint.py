@@ -30,6 +30,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from jaxopd.model.config import FORWARD_PASS_FIELDS
 from jaxopd.training.config import flat_values
 
 # Run-config keys (dotted, as in the ConfigDict; a trailing "." covers a whole section) that may differ between a
@@ -41,10 +42,9 @@ MAY_CHANGE_ON_RESUME = (
     "workdir", "steps", "log_every", "eval_every", "progress_bar", "unigram_entropy_batches",
     "checkpoint_every", "keep_checkpoints", "async_checkpoints", "skip_nonfinite_steps", "loss_chunk_size",
     "optimizer.schedule.", "mesh.", "distributed.", "init_from.", "data.eval_batches",
-    "distill.eval_prompts", "distill.eval_prompts_count",
+    "distill.eval_prompts", "distill.eval_prompts_count", "export_hf",
     # how the forward pass runs, not the architecture (jaxopd/model/config.py)
-    "model.remat", "model.attention_implementation", "model.attention_block_q", "model.attention_block_kv",
-    "model.expert_parallel",
+    *(f"model.{name}" for name in FORWARD_PASS_FIELDS),
 )
 
 
@@ -226,6 +226,32 @@ def read_only_manager(path: str | pathlib.Path, item_handlers: dict[str, Any]) -
     logging.getLogger("absl").addFilter(_READ_ONLY_NOTICE)  # once: addFilter skips a filter it has
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
     return ocp.CheckpointManager(step_directory(path).absolute(), item_handlers=item_handlers, options=options)
+
+
+def read_run_config(path: str | pathlib.Path, step: Optional[int] = None) -> tuple[int, dict[str, Any]]:
+    """(step, the run config saved with it) of a jaxopd checkpoint directory (a run workdir, its checkpoints/, or
+    one written by `save_model`, whose config is only `{"model": ...}`); the newest step unless `step` is given."""
+    directory = step_directory(path)
+    manager = read_only_manager(directory, {"config": ocp.JsonCheckpointHandler()})
+    steps = manager.all_steps()
+    if not steps:
+        manager.close()
+        raise ValueError(f"no checkpoint steps in {directory}: expected a jaxopd run or a Hugging Face checkpoint")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        manager.close()
+        raise ValueError(f"{directory} has no checkpoint of step {step}; it has steps {sorted(steps)}")
+    run_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    manager.close()
+    return step, run_config
+
+
+def read_model_fields(path: str | pathlib.Path, step: Optional[int] = None) -> tuple[int, dict[str, Any]]:
+    """(step, the `model` section of its saved config) of a jaxopd checkpoint directory (see read_run_config): what
+    a run continuing from it sets as `config.model`."""
+    step, run_config = read_run_config(path, step)
+    return step, run_config["model"]
 
 
 def load_params(path: str | pathlib.Path, abstract_params: Any, step: Optional[int] = None) -> Any:

@@ -132,7 +132,9 @@ class DistributedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class InitFromConfig:
-    kind: Literal["checkpoint", "hf"] = "checkpoint"
+    """The student's initial weights; its architecture is read from there too (jaxopd/training/init_from.py)."""
+
+    kind: Literal["auto", "checkpoint", "hf"] = "auto"  # auto: "hf" for a directory whose config.json has a model_type
     path: str = ""  # a jaxopd run workdir, its checkpoints/, or a Hugging Face directory; "" = fresh initialization
 
     def __post_init__(self):
@@ -173,7 +175,7 @@ class DistillConfig:
     recompute_logprobs: bool = False
     eval_prompts_count: int = 256  # held-out prompts per eval (greedy accuracy + reverse KL on one sample each)
     teacher: str = ""  # jaxopd checkpoint directory or Hugging Face checkpoint
-    teacher_tokenizer: str = ""  # "" = data.tokenizer; else the teacher's own, checked against it up front
+    teacher_tokenizer: str = ""  # "" = a Hugging Face teacher's own, else data.tokenizer; checked against it up front
     group_size: int = 4  # samples per prompt; batch_size rollouts per step = batch_size / group_size prompts
     max_prompt_len: int = 8  # prompt tokens after templating, BOS included (prompts are left-padded to this)
     long_prompts: Literal["error", "skip"] = "error"  # a prompt over max_prompt_len: stop before step 1, or leave it out
@@ -239,6 +241,7 @@ class RunConfig:
     progress_bar: bool = True
     unigram_entropy_batches: int = 0  # >0: log the unigram entropy of that many training microbatches at start
     data_shards: int = 0  # data pipelines per run (0: one per process); fix it to keep data order across host counts
+    export_hf: str = ""  # a directory: a finished run writes its student there as a Hugging Face checkpoint
     objective: ObjectiveConfig = ObjectiveConfig()
     checkpointing: CheckpointConfig = CheckpointConfig()
     data: DataConfig = DataConfig()

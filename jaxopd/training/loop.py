@@ -3,8 +3,9 @@
 restore the newest checkpoint or initialize (`init_from`) -> the evaluator's start values (step 0) -> for each step:
 the batch source's batch -> the jitted train step -> metrics (fetched every `log_every` steps, so the host never waits
 on the device in between), eval every `eval_every`, checkpoint every `checkpoint_every`, save and stop on preemption
--> a summary line. The run holds workdir/.lock for its life (one run per workdir). The guard (guard.py) stops a run
-whose loss or gradient is not finite or diverges, naming the last checkpoint saved before the trouble began. A failed
+-> a summary line -> on a finished run, the student exported as a Hugging Face checkpoint (`export_hf`). The run
+holds workdir/.lock for its life (one run per workdir). The guard (guard.py) stops a run whose loss or gradient is
+not finite or diverges, naming the last checkpoint saved before the trouble began. A failed
 write (metrics, TensorBoard events, a checkpoint, whose async save errors are looked for after every step) stops the
 run within a step, naming the last good checkpoint. SIGTERM or SIGINT saves and stops; a second one ends the process
 at once.
@@ -25,13 +26,15 @@ from typing import Any, Optional, Protocol
 
 import jax
 
+from jaxopd import export
 from jaxopd.configdict import config_dict_of
 from jaxopd.training import checkpoint, metrics as metrics_lib, sharding, workdir_lock
-from jaxopd.training.config import RunConfig, differences_from_defaults, save_config
+from jaxopd.training.config import ConfigError, RunConfig, differences_from_defaults, save_config
 from jaxopd.training.flops import count_params
 from jaxopd.training.guard import Guard, last_good_checkpoint
 from jaxopd.training.objectives import Objective
-from jaxopd.training.state import Run, load_initial_params
+from jaxopd.training.init_from import load_initial_params
+from jaxopd.training.state import Run
 
 
 class RunStopped(RuntimeError):
@@ -142,6 +145,12 @@ def _run_loop(config: RunConfig, run: Run, objective: Objective, source: BatchSo
                   f"{config.steps}. Raise --config.steps to train further, or give a new --config.workdir.",
                   flush=True)
         return {}
+    if config.export_hf:
+        try:
+            _check_export(config)
+        except BaseException:
+            checkpointer.close()
+            raise
 
     checkpoints = pathlib.Path(checkpointer.manager.directory)
     saved = [start] if restored is not None else []  # checkpoint steps written (or restored) by this run
@@ -266,7 +275,23 @@ def _run_loop(config: RunConfig, run: Run, objective: Objective, source: BatchSo
     if is_main:
         print(_summary(before, first, last, objective.headline, evaluator.headline, steps_done,
                        start, time.perf_counter() - wall_start, workdir), flush=True)
+    if config.export_hf and steps_done == config.steps and is_main:
+        copied = export.export_params(run.model.config, state["params"], config.export_hf,
+                                      tokenizer=config.data.tokenizer)
+        print(f"exported the student of step {steps_done} to {config.export_hf} (a Hugging Face checkpoint; "
+              f"tokenizer files: {', '.join(copied) or 'none'})", flush=True)
     return last
+
+
+def _check_export(config: RunConfig) -> None:
+    """Before step 1: export_hf can be written when the run finishes (one process, an empty or new directory)."""
+    if jax.process_count() > 1:
+        raise ConfigError([f"export_hf={config.export_hf!r} writes from one process; on {jax.process_count()} "
+                           "processes leave it empty and run python -m jaxopd.export on the final checkpoint"])
+    try:
+        export.check_out(config.export_hf, overwrite=False, key="export_hf", fix="empty it first")
+    except ValueError as error:
+        raise ConfigError([str(error)]) from None
 
 
 def _print_start(config_dict: Any, run: Run) -> None:

@@ -1,5 +1,5 @@
 """What a run is made of: the mesh, the model, its state created directly in its shards, and the jitted train and eval
-steps of its objective; and `config.init_from` (weights from a jaxopd run or a Hugging Face checkpoint).
+steps of its objective. (Its initial weights, `config.init_from`, are jaxopd/training/init_from.py.)
 
 State is a dict {"params", "opt_state", "step", "rng"}.
 """
@@ -15,10 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxopd.bundled import resolve_path
 from jaxopd.model import Transformer
-from jaxopd.training import checkpoint, sharding
-from jaxopd.training.config import InitFromConfig, RunConfig
+from jaxopd.training import sharding
+from jaxopd.training.config import RunConfig, model_config_dict, to_model_config
 from jaxopd.training.objectives import Objective
 from jaxopd.training.optimizer import make_optimizer
 from jaxopd.training.step import make_eval_step, make_train_step
@@ -51,6 +50,18 @@ def jit_train_step(model: nn.Module, optimizer: optax.GradientTransformation, ob
     """The run's jitted train step: the state donated and returned in `shardings`."""
     return jax.jit(make_train_step(model, optimizer, objective, config, shardings["params"]), donate_argnums=0,
                    out_shardings=(shardings, None))
+
+
+def model_from_dict(model_fields: dict[str, Any]) -> Transformer:
+    """The Transformer described by a run config's `model` section (as saved in checkpoints and config.json)."""
+    return Transformer(to_model_config(model_config_dict(model_fields)))
+
+
+def abstract_params(model: Transformer, mesh: jax.sharding.Mesh) -> Any:
+    """The model's params as shape structs carrying their NamedShardings on `mesh` (trainer's logical-axis rules)."""
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    shardings = sharding.logical_shardings(boxed, mesh)
+    return sharding.abstract_arrays(nn.meta.unbox(boxed), shardings)
 
 
 def create_state(model: nn.Module, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh, seed: int,
@@ -90,34 +101,3 @@ def build(config: RunConfig, objective: Objective, devices: Optional[list[jax.De
     step_fn = jit_train_step(model, optimizer, objective, config, shardings)
     eval_fn = jax.jit(make_eval_step(model, objective, config))
     return Run(mesh, model, state, shardings, sharding.within_mesh(mesh, step_fn), sharding.within_mesh(mesh, eval_fn))
-
-
-def load_initial_params(source: InitFromConfig, run: Run, param_dtype: str) -> Any:
-    """The params `config.init_from` names, in the run's shardings: a jaxopd run's checkpoint, or a Hugging Face
-    checkpoint (read straight into its shards; params it lacks, e.g. MTP modules transformers drops, keep their
-    initialization and are listed). None when init_from.path is empty."""
-    if not source.path:
-        return None
-    source_path = resolve_path(source.path)  # the bundled checkpoints are found from any working directory
-    abstract = sharding.abstract_arrays(run.state["params"], run.shardings["params"])
-    if source.kind == "checkpoint":
-        return checkpoint.load_params(source_path, abstract)
-    from jaxopd.hf import load_hf  # the optional Hugging Face import path, only needed here
-
-    _, loaded = load_hf(source_path, dtype=param_dtype, mesh=run.mesh, rules=sharding.LOGICAL_AXIS_RULES)
-    loaded = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
-    current, treedef = jax.tree_util.tree_flatten_with_path(run.state["params"])
-    unknown = set(loaded) - {path for path, _ in current}
-    if unknown:
-        raise ValueError(f"{source.path} has params config.model does not: "
-                         f"{sorted(map(jax.tree_util.keystr, unknown))[:5]}; make the model preset match the checkpoint")
-    leaves = []
-    for path, leaf in current:
-        new = loaded.get(path, leaf)
-        if new.shape != leaf.shape:
-            raise ValueError(f"{jax.tree_util.keystr(path)}: checkpoint shape {new.shape} != model shape {leaf.shape}")
-        leaves.append(new.astype(leaf.dtype))
-    missing = [jax.tree_util.keystr(path) for path, _ in current if path not in loaded]
-    if missing and jax.process_index() == 0:
-        print(f"init_from: {len(missing)} params not in {source.path} keep their initialization: {missing[:5]}")
-    return jax.device_put(jax.tree.unflatten(treedef, leaves), run.shardings["params"])
