@@ -20,6 +20,8 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
+from jaxopd.data.chat import render_chat
+
 
 # DeepSeek spells these "<｜fim▁begin｜>" etc., StarCoder "<fim_prefix>"; the names are configurable everywhere.
 DEFAULT_FIM_TOKENS = ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>")
@@ -36,7 +38,9 @@ class FimIds(NamedTuple):
 class Tokenizer(abc.ABC):
     """The interface the pipeline needs. `encode` adds no BOS/EOS; the caller frames documents."""
 
+    path: str
     fim_tokens: tuple[str, str, str]
+    _chat_template_file = "<chat template>"  # named in template errors
 
     @property
     @abc.abstractmethod
@@ -81,6 +85,28 @@ class Tokenizer(abc.ABC):
                 )
             ids.append(token_id)
         return FimIds(*ids)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template the model was tuned with, None when the tokenizer has none."""
+        return None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """The named special tokens a chat template sees: {"bos_token": "<s>", "eos_token": ..., ...}."""
+        return {}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **template_vars) -> str:
+        """The prompt text of a conversation, rendered as transformers' `apply_chat_template(tokenize=False)` does;
+        its token ids are `encode(text)` (the template writes BOS itself). template_vars: e.g. enable_thinking=False."""
+        if self.chat_template is None:
+            raise ValueError(
+                f"tokenizer {self.path} has no chat template; set distill.chat_template to the template (or its "
+                ".jinja file), or give prompts as plain `prompt` strings"
+            )
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           special_tokens=self.special_tokens, template_file=self._chat_template_file,
+                           **template_vars)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -139,7 +165,8 @@ class SentencePieceTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers` tokenizer (tokenizer.json, or a checkpoint directory holding one).
 
-    Special tokens are looked up by name; tokenizer_config.json in the same directory supplies the names when present.
+    Special tokens are looked up by name; tokenizer_config.json in the same directory supplies the names when present,
+    and the chat template (chat_template.jinja beside it wins over tokenizer_config.json's, as in transformers).
     """
 
     def __init__(
@@ -159,13 +186,16 @@ class HFTokenizer(Tokenizer):
         path = os.fspath(path)
         directory, file = (path, os.path.join(path, "tokenizer.json")) if os.path.isdir(path) else (
             os.path.dirname(path), path)
-        names = _special_token_names(os.path.join(directory, "tokenizer_config.json"))
+        config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+        overrides = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token}
+        self._special_tokens = {**_special_token_names(config), **{k: v for k, v in overrides.items() if v}}
+        self._chat_template, self._chat_template_file = _read_chat_template(directory, config)
         self.path = path
         self.fim_tokens = tuple(fim_tokens)
         self._tokenizer = tokenizers.Tokenizer.from_file(file)
-        self._bos_id = self._special_id(bos_token or names.get("bos_token"), required=False)
-        self._eos_id = self._special_id(eos_token or names.get("eos_token"), required=True, role="eos")
-        pad = pad_token or names.get("pad_token")
+        self._bos_id = self._special_id(self._special_tokens.get("bos_token"), required=False)
+        self._eos_id = self._special_id(self._special_tokens.get("eos_token"), required=True, role="eos")
+        pad = self._special_tokens.get("pad_token")
         self._pad_id = self._special_id(pad, required=False) if pad else self._eos_id
 
     def _special_id(self, name: str | None, *, required: bool, role: str = "") -> int | None:
@@ -204,18 +234,48 @@ class HFTokenizer(Tokenizer):
     def id_to_token(self, token_id: int) -> str:
         return self._tokenizer.id_to_token(int(token_id))
 
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
 
-def _special_token_names(config_path: str) -> dict[str, str]:
-    if not os.path.exists(config_path):
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        return dict(self._special_tokens)
+
+
+# transformers' SPECIAL_TOKENS_ATTRIBUTES: the named special tokens, each a chat template variable when set.
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
         return {}
-    with open(config_path) as f:
-        config = json.load(f)
+    with open(path) as f:
+        return json.load(f)
+
+
+def _special_token_names(config: dict) -> dict[str, str]:
     # Values are either plain strings or AddedToken dicts {"content": ...}.
     return {
         key: value["content"] if isinstance(value, dict) else value
         for key, value in config.items()
-        if key in ("bos_token", "eos_token", "pad_token") and value
+        if key in _SPECIAL_TOKEN_NAMES and value
     }
+
+
+def _read_chat_template(directory: str, config: dict) -> tuple[str | None, str]:
+    """(template or None, the file it came from). transformers 5 saves chat_template.jinja; older checkpoints keep it
+    in tokenizer_config.json, as a string or as a list of {"name", "template"} of which "default" is the chat one."""
+    jinja_file = os.path.join(directory, "chat_template.jinja")
+    if os.path.exists(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            return f.read(), jinja_file
+    config_file = os.path.join(directory, "tokenizer_config.json")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = {entry["name"]: entry["template"] for entry in template}.get("default")
+        config_file += ' ("default" of its chat templates)'
+    return template, config_file
 
 
 def load_tokenizer(path: str | os.PathLike, fim_tokens: Sequence[str] = DEFAULT_FIM_TOKENS, kind: str = "auto"

@@ -25,6 +25,11 @@ from jaxopd.kernels import losses
 from jaxopd.model import ModelConfig, Transformer, unembedding
 
 PROBE_TEXT = "The teacher and the student must share a tokenizer: 0123456789 +-*/= (){}[] def f(x): return x\n"
+# Chat markup of the common families (ChatML, Llama 3, Llama 2, <think>) and text outside ASCII: tokenizers that
+# agree on plain English can still split these differently.
+CHAT_PROBE_TEXT = ("<|im_start|>system\nGrüße, 世界! ☃ 𝄞 é<|im_end|>\n<|start_header_id|>user<|end_header_id|>\n\n"
+                   "<s>[INST] {{ x }} {% y %} [/INST]</s><think>\n\n</think>\n\n<|eot_id|>\t\r\n")
+PROBE_TEXTS = (PROBE_TEXT, CHAT_PROBE_TEXT)
 
 
 def load_model(path: str | pathlib.Path, mesh: Optional[jax.sharding.Mesh] = None, hf_dtype: str = "float32"
@@ -76,26 +81,55 @@ def save_model(path: str | pathlib.Path, model_fields: dict[str, Any], params: A
 
 
 def check_tokenizers(student_config: ModelConfig, teacher_config: ModelConfig, student_tokenizer: Any,
-                     teacher_tokenizer: Any, probe: str = PROBE_TEXT) -> None:
-    """Raises ValueError, before anything is compiled, unless student and teacher score the same token ids:
-    equal model vocabularies, equal tokenizer vocabularies, and the same ids for a probe text."""
+                     teacher_tokenizer: Any, probes: Sequence[str] = PROBE_TEXTS) -> None:
+    """Raises ValueError, before anything is compiled, unless student and teacher score the same token ids and
+    prompts: equal model vocabularies, then equal tokenizer vocabularies, special tokens (bos/eos/pad ids and
+    spellings), ids of each probe text and chat templates. The message names both tokenizers and the first
+    difference."""
     if student_config.vocab_size != teacher_config.vocab_size:
         raise ValueError(f"student vocab_size={student_config.vocab_size} != teacher vocab_size="
                          f"{teacher_config.vocab_size}: on-policy distillation scores the student's token ids with the "
                          "teacher, so both models need the same tokenizer; pick a teacher of the student's family")
+
+    def differ(difference: str) -> ValueError:
+        return ValueError(f"student tokenizer {student_tokenizer.path} and teacher tokenizer {teacher_tokenizer.path} "
+                          f"differ: {difference}; the teacher scores the student's token ids, so distill only between "
+                          "models that share a tokenizer (set distill.teacher_tokenizer to the student's if the "
+                          "teacher's is the same one saved elsewhere)")
+
     if student_tokenizer.vocab_size != teacher_tokenizer.vocab_size:
-        raise ValueError(f"student tokenizer has {student_tokenizer.vocab_size} tokens, the teacher's "
-                         f"{teacher_tokenizer.vocab_size}: set distill.teacher.tokenizer to the student's tokenizer")
-    student_ids, teacher_ids = student_tokenizer.encode(probe), teacher_tokenizer.encode(probe)
-    if student_ids != teacher_ids:
-        first = next((i for i, (a, b) in enumerate(zip(student_ids, teacher_ids)) if a != b),
-                     min(len(student_ids), len(teacher_ids)))
-        raise ValueError(f"student and teacher tokenizers encode the probe text {probe!r} differently (first "
-                         f"difference at token {first}: {student_ids[first:first + 4]} vs {teacher_ids[first:first + 4]}"
-                         "): they are different tokenizers; distill only between models that share one")
+        raise differ(f"the student tokenizer has {student_tokenizer.vocab_size} tokens, the teacher's "
+                     f"{teacher_tokenizer.vocab_size}")
+    for role in ("bos", "eos", "pad"):
+        student_token, teacher_token = (_special_token(tokenizer, role)
+                                        for tokenizer in (student_tokenizer, teacher_tokenizer))
+        if student_token != teacher_token:
+            raise differ(f"{role} token (id, spelling) {student_token} vs {teacher_token}")
+    for probe in probes:
+        student_ids, teacher_ids = student_tokenizer.encode(probe), teacher_tokenizer.encode(probe)
+        if student_ids != teacher_ids:
+            first = _first_difference(student_ids, teacher_ids)
+            raise differ(f"they encode the probe text {probe!r} differently, first at token {first}: "
+                         f"{student_ids[first:first + 4]} vs {teacher_ids[first:first + 4]}")
+    student_template, teacher_template = student_tokenizer.chat_template, teacher_tokenizer.chat_template
+    if student_template != teacher_template:
+        if student_template is None or teacher_template is None:
+            raise differ("only the " + ("teacher" if student_template is None else "student") + " has a chat template")
+        first = _first_difference(student_template, teacher_template)
+        raise differ(f"their chat templates differ first at character {first}: "
+                     f"{student_template[first:first + 40]!r} vs {teacher_template[first:first + 40]!r}")
     if student_tokenizer.vocab_size > student_config.vocab_size:
         raise ValueError(f"the tokenizer has {student_tokenizer.vocab_size} tokens but the model only "
                          f"{student_config.vocab_size}; raise model.vocab_size")
+
+
+def _special_token(tokenizer: Any, role: str) -> tuple[int | None, str | None]:
+    token_id = getattr(tokenizer, f"{role}_id")
+    return token_id, None if token_id is None else tokenizer.id_to_token(token_id)
+
+
+def _first_difference(a: Sequence, b: Sequence) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def make_scorer(model: Transformer, chunk_size: int, *, return_hidden: bool = False, top_k: int = 0,
