@@ -15,7 +15,7 @@ RANKS = {
     "jaxopd.training": 4,
     "jaxopd.distill": 5,
     "jaxopd": 6, "jaxopd.train": 6, "jaxopd.penalty_view": 6, "jaxopd.data.__main__": 6, "jaxopd.configs": 6,
-    "jaxopd.assets": 6,
+    "jaxopd.assets": 6, "jaxopd.evaluate": 6,
 }
 
 
