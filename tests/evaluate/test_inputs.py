@@ -32,6 +32,15 @@ def test_a_checkpoint_away_from_its_workdir_asks_for_the_tokenizer_flag(tiny_run
     assert checkpoint_tokenizer(path, "data/tokenizer.model").vocab_size == 4096
 
 
+def test_a_hugging_face_checkpoint_brings_its_tokenizer(hf_checkpoint):
+    tokenizer = checkpoint_tokenizer(hf_checkpoint)
+    assert (tokenizer.vocab_size, tokenizer.eos_id, tokenizer.bos_id) == (512, 1, 0)
+    assert tokenizer.decode(tokenizer.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
+    with pytest.raises(ValueError, match="without tokenizer.json; pass --tokenizer"):
+        checkpoint_tokenizer(shutil.copytree(hf_checkpoint, hf_checkpoint.parent / "no_tokenizer",
+                                             ignore=shutil.ignore_patterns("tokenizer.json")))
+
+
 def test_token_stream_from_the_corpus_and_generated():
     tokenizer = checkpoint_tokenizer("unused", "data/tokenizer.model")
     corpus = token_stream(tokenizer, "data/corpus/python_stdlib.jsonl.gz", 1000)
