@@ -20,8 +20,11 @@ import sys
 from typing import Any, Sequence
 
 from jaxopd.bundled import resolve_path
+from jaxopd.distill.teacher import load_model
 from jaxopd.evaluate import figures, niah, perplexity
 from jaxopd.evaluate.inputs import GENERATED, checkpoint_tokenizer, parse_lengths, run_config, token_stream
+from jaxopd.training import sharding
+from jaxopd.training.config import MeshConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,12 +68,8 @@ def _parse_depths(text: str) -> list[float]:
 
 def _load(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, Any, Any]:
     """(model, params, mesh): params FSDP-sharded over all devices; the tokenizer checked against the model."""
-    from jaxopd.distill.teacher import load_model
-    from jaxopd.training import sharding
-    from jaxopd.training.config import MeshConfig
-
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1))
-    model, params = load_model(resolve_path(args.checkpoint), mesh)
+    model, params = load_model(args.checkpoint, mesh)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but {args.checkpoint} only "
                          f"{model.config.vocab_size}; pass the model's own --tokenizer")
@@ -116,7 +115,7 @@ def run_perplexity_command(args: argparse.Namespace, lengths: list[int]) -> None
     losses = perplexity.token_losses(model, params, mesh, windows, batch_size=args.batch_size,
                                      chunk_size=args.chunk_size)
     buckets = perplexity.bucket_losses(losses, lengths)
-    config = run_config(resolve_path(args.checkpoint))
+    config = run_config(args.checkpoint)
     trained_seq_len = config["seq_len"] if config is not None else None
     result = {"checkpoint": str(args.checkpoint), "max_position_embeddings": model.config.max_position_embeddings,
               "trained_seq_len": trained_seq_len, "text": args.text, "seed": args.seed,
@@ -132,6 +131,7 @@ def run_perplexity_command(args: argparse.Namespace, lengths: list[int]) -> None
 def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.checkpoint = resolve_path(args.checkpoint)  # data/... names a bundled checkpoint from any directory
     figures.pyplot()  # a missing matplotlib stops the command before any model loads
     command = run_niah_command if args.command == "niah" else run_perplexity_command
     try:

@@ -126,7 +126,7 @@ def run_niah(model: Any, params: Any, tokenizer: Any, mesh: jax.sharding.Mesh, c
             # Repeat the last row to a full batch: one compilation per length.
             prompts = np.asarray([case.tokens for case in rows] + [rows[-1].tokens] * (batch_size - len(rows)),
                                  np.int32)
-            with sharding.mesh_context(mesh):
+            with sharding.mesh_context(mesh):  # greedy: the key is never drawn from
                 output = sampler(params, prompts, np.full(len(prompts), prompts.shape[1], np.int32),
                                  jax.random.key(0), greedy=True)
             tokens, completion_lengths = np.asarray(output.tokens), np.asarray(output.lengths)
