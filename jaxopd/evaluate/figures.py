@@ -46,8 +46,11 @@ def perplexity_curve(buckets: Sequence[dict[str, float]], path: str | pathlib.Pa
     sequence length, when known) marked."""
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(6.0, 4.0))
-    axes.plot([bucket["end"] for bucket in buckets], [bucket["perplexity"] for bucket in buckets], marker="o")
+    ends = [bucket["end"] for bucket in buckets]
+    axes.plot(ends, [bucket["perplexity"] for bucket in buckets], marker="o")
     axes.set_xscale("log", base=2)
+    axes.set_xticks(ends, [format_length(end) for end in ends])
+    axes.minorticks_off()
     axes.set_yscale("log")
     axes.axvline(max_position_embeddings, color="grey", linestyle="--",
                  label=f"max_position_embeddings = {max_position_embeddings}")
