@@ -14,8 +14,8 @@ RANKS = {
     "jaxopd.hf": 3, "jaxopd.data": 3, "jaxopd.data.chat": 3,
     "jaxopd.training": 4, "jaxopd.export": 4,  # export: the CLI, and what a finished run calls (training.loop)
     "jaxopd.distill": 5,
-    "jaxopd": 6, "jaxopd.train": 6, "jaxopd.plan": 6, "jaxopd.penalty_view": 6, "jaxopd.data.__main__": 6, "jaxopd.configs": 6,
-    "jaxopd.assets": 6,
+    "jaxopd": 6, "jaxopd.train": 6, "jaxopd.plan": 6, "jaxopd.penalty_view": 6, "jaxopd.data.__main__": 6,
+    "jaxopd.configs": 6, "jaxopd.assets": 6, "jaxopd.evaluate": 6,
 }
 
 
