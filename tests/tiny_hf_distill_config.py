@@ -1,6 +1,7 @@
 """Run config for the distillation runs with Hugging Face models (tests/tiny_hf.py): the student's architecture comes
 from init_from.path (or --config.model.*), the tokenizers from the model directories; OPD (reverse_kl) at a high
-learning rate for a few dozen short steps, so the eval reverse KL drops within seconds. The test sets the paths."""
+learning rate for a few dozen short steps, so the eval reverse KL drops within seconds; no grader (pure OPD). The
+test sets the paths."""
 
 from jaxopd.training.config import base_config, model_config_dict
 
@@ -9,8 +10,8 @@ def get_config():
     config = base_config()
     config.model = model_config_dict({})  # no field set: every one overridable, none contradicting a checkpoint
     config.loss = "reverse_kl"
-    config.distill.update(max_prompt_len=8, max_new_tokens=5, group_size=4, eval_prompts_count=16)
-    config.seq_len = 13
+    config.distill.update(max_prompt_len=10, max_new_tokens=5, group_size=4, eval_prompts_count=16)  # "<bos><|user|>99+99=<|assistant|>": 9
+    config.seq_len = 15
     config.steps = 30
     config.batch_size = 32
     config.microbatch_size = 32

@@ -21,12 +21,14 @@ STUDENT = dict(vocab_size=tiny_hf.VOCAB, d_model=32, num_layers=2, num_heads=4, 
 
 
 def write_prompts(path, count=64, seed=0):
-    """`count` addition prompts in the tiny tokenizer's alphabet, as JSON Lines."""
+    """`count` addition prompts in the tiny tokenizer's alphabet, as JSON Lines: every other one as chat messages
+    (rendered with the tokenizer's chat template), the others as plain prompt strings."""
     rng = random.Random(seed)
     with open(path, "w") as f:
-        for _ in range(count):
+        for index in range(count):
             a, b = rng.randint(0, 99), rng.randint(0, 99)
-            f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+            row = {"messages": [{"role": "user", "content": f"{a}+{b}="}]} if index % 2 else {"prompt": f"{a}+{b}="}
+            f.write(json.dumps({**row, "answer": str(a + b)}) + "\n")
     return path
 
 
