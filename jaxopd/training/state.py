@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from jaxopd.bundled import resolve_path
-from jaxopd.model import Transformer
+from jaxopd.model import Transformer, lora
 from jaxopd.training import checkpoint, sharding
 from jaxopd.training.config import InitFromConfig, RunConfig
 from jaxopd.training.objectives import Objective
@@ -28,7 +28,8 @@ def _init_state(model: nn.Module, optimizer: optax.GradientTransformation, examp
                 ) -> Callable[[jax.Array], dict[str, Any]]:
     def init(rng):
         params = model.init(rng, example_tokens)["params"]
-        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
+        trained, _ = lora.partition(model.config, params)  # with LoRA, the optimizer holds the adapters alone
+        return {"params": params, "opt_state": optimizer.init(trained), "step": jnp.int32(0),
                 "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
     return init
 
@@ -88,8 +89,9 @@ def load_initial_params(source: InitFromConfig, run: Run, param_dtype: str) -> A
         return None
     source_path = resolve_path(source.path)  # the bundled checkpoints are found from any working directory
     abstract = sharding.abstract_arrays(run.state["params"], run.shardings["params"])
-    if source.kind == "checkpoint":
-        return checkpoint.load_params(source_path, abstract)
+    if source.kind == "checkpoint":  # the base model's checkpoint: a LoRA run's adapters keep their initialization
+        adapters, base = lora.split(run.state["params"])[0], lora.split(abstract)[1]
+        return lora.combine(adapters, checkpoint.load_params(source_path, base))
     from jaxopd.hf import load_hf  # the optional Hugging Face import path, only needed here
 
     _, loaded = load_hf(source_path, dtype=param_dtype, mesh=run.mesh, rules=sharding.LOGICAL_AXIS_RULES)
@@ -107,5 +109,6 @@ def load_initial_params(source: InitFromConfig, run: Run, param_dtype: str) -> A
         leaves.append(new.astype(leaf.dtype))
     missing = [jax.tree_util.keystr(path) for path, _ in current if path not in loaded]
     if missing and jax.process_index() == 0:
-        print(f"init_from: {len(missing)} params not in {source.path} keep their initialization: {missing[:5]}")
+        print(f"init_from: {len(missing)} params not in {source.path} keep their initialization: "
+              f"{lora.summarize(missing)}")
     return jax.device_put(jax.tree.unflatten(treedef, leaves), run.shardings["params"])
