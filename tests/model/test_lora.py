@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxopd.kernels.layers import LowRank, low_rank
-from jaxopd.model import ModelConfig, Transformer, lora
+from jaxopd.model import ModelConfig, Transformer, init_cache, lora
 from tests.model.conftest import CONFIGS, GQA, MLA_MOE, init_params, random_tokens
 
 RANK = 3
@@ -180,3 +180,18 @@ def test_lora_targets_from_a_saved_config_stay_hashable():
 def test_summarize_counts_adapters_instead_of_listing_them():
     paths = [f"['layers_{i}']['attention']['q_lora_a']" for i in range(3000)] + ["['mtp_0']['norm']['scale']"]
     assert lora.summarize(paths) == "[\"['mtp_0']['norm']['scale']\"] and 3000 LoRA adapters"
+
+
+@pytest.mark.parametrize("name", ["gqa", "mla_moe"])
+def test_decoding_a_lora_model_token_by_token_gives_its_forward_logits(name):
+    """The sampler's path: MLA decode absorbs kv_b, with its folded update, into the queries."""
+    config, params = _lora_params(CONFIGS[name])
+    tokens = random_tokens(config, (2, 5))
+    model = Transformer(config)
+    want = jax.jit(model.apply)({"params": params}, tokens)
+    step = jax.jit(lambda cache, token, index: model.apply({"params": params}, token, cache=cache, cache_index=index,
+                                                            method="decode"))
+    cache = init_cache(config, 2, 8, jnp.float32)
+    for index in range(tokens.shape[1]):
+        logits, cache = step(cache, tokens[:, index : index + 1], index)
+        np.testing.assert_allclose(logits[:, 0], want[:, index], rtol=1e-4, atol=1e-4)
