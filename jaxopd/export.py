@@ -17,16 +17,10 @@ import shutil
 from typing import Any, Optional, Sequence
 
 from jaxopd.bundled import resolve_path
-from jaxopd.model import ModelConfig, Transformer
+from jaxopd.model import ModelConfig, Transformer, lora
 from jaxopd.training import checkpoint, sharding
 from jaxopd.training.config import MeshConfig, model_config_dict, to_model_config
 from jaxopd.training.state import abstract_params
-
-
-def _merged_params(config: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
-    """The model config and params to export: LoRA adapters merged into their base weights (the one place that
-    merges them). Without adapters, both as given."""
-    return config, params
 
 
 def check_out(out: str | pathlib.Path, overwrite: bool, key: str = "--out",
@@ -49,7 +43,7 @@ def export_params(config: ModelConfig, params: Any, out: str | pathlib.Path, *, 
     tokenizer_path = resolve_path(tokenizer) if tokenizer else ""
     if tokenizer and not pathlib.Path(tokenizer_path).exists():
         raise ValueError(f"the tokenizer {tokenizer} does not exist (from here); pass --tokenizer=<its path>")
-    config, params = _merged_params(config, params)
+    config, params = lora.merged(config, params)  # adapters folded into their weights; as is without LoRA
     if out.is_dir():  # only reached with overwrite, or empty
         shutil.rmtree(out)
     elif out.exists():

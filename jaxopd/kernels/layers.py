@@ -1,9 +1,34 @@
-"""Small dense layers shared by every architecture: RMSNorm and the SwiGLU MLP."""
+"""Small dense layers shared by every architecture: RMSNorm, the SwiGLU MLP and LoRA's low-rank update."""
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional, Sequence
+
 import jax
 import jax.numpy as jnp
+
+
+class LowRank(NamedTuple):
+    """The LoRA update of one weight W (Hu et al. 2021): x -> x W + ((keep * x) a) b, never forming a b.
+
+    a: `[in..., r]`; b: `[r, out...]`, already multiplied by the scale (alpha / r); for a stack of experts
+      `[E, in, r]` and `[E, r, out]` (`jaxopd.kernels.moe`).
+    keep: None, or the inverted-dropout mask of the adapter's input (0 or 1 / (1 - rate)), shaped like that input.
+    """
+
+    a: jax.Array
+    b: jax.Array
+    keep: Optional[jax.Array] = None
+
+
+def low_rank(x: jnp.ndarray, update: Optional[LowRank]) -> jnp.ndarray | float:
+    """x `[..., in...]` -> the update's output `[..., out...]` in x.dtype ((keep * x) a) b; 0.0 when update is None."""
+    if update is None:
+        return 0.0
+    if update.keep is not None:
+        x = x * update.keep.astype(x.dtype)
+    hidden_xR = jnp.tensordot(x, update.a, axes=update.a.ndim - 1)
+    return jnp.tensordot(hidden_xR, update.b, axes=1).astype(x.dtype)
 
 
 def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
@@ -25,13 +50,16 @@ def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarr
     return (x32 * inverse_rms * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def swiglu(x: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.ndarray) -> jnp.ndarray:
+def swiglu(x: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.ndarray,
+           updates: Sequence[Optional[LowRank]] = (None, None, None)) -> jnp.ndarray:
     """SwiGLU MLP (Shazeer 2020): (silu(x W_gate) * x W_up) W_down.
 
     Args:
       x: `[..., d]`.
       w_gate, w_up: `[d, f]`.
       w_down: `[f, d]`.
+      updates: the LoRA updates of (w_gate, w_up, w_down), each a `LowRank` or None; the keep masks of the first
+        two are shaped like x, that of w_down `[..., f]`.
 
     Returns:
       `[..., d]` in x.dtype.
@@ -41,6 +69,8 @@ def swiglu(x: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray, w_down: jnp.n
             f"swiglu expects w_gate, w_up [d, f] and w_down [f, d] with d = x.shape[-1] = {x.shape[-1]}, got "
             f"w_gate {w_gate.shape}, w_up {w_up.shape}, w_down {w_down.shape}"
         )
-    gate_xF = jnp.einsum("...d,df->...f", x, w_gate)
-    up_xF = jnp.einsum("...d,df->...f", x, w_up)
-    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate_xF) * up_xF, w_down).astype(x.dtype)
+    gate_update, up_update, down_update = updates
+    gate_xF = jnp.einsum("...d,df->...f", x, w_gate) + low_rank(x, gate_update)
+    up_xF = jnp.einsum("...d,df->...f", x, w_up) + low_rank(x, up_update)
+    hidden_xF = jax.nn.silu(gate_xF) * up_xF
+    return (jnp.einsum("...f,fd->...d", hidden_xF, w_down) + low_rank(hidden_xF, down_update)).astype(x.dtype)

@@ -6,7 +6,8 @@ Public API (pure functions on arrays and Python numbers; no Flax, no configs):
         topk_groups=1, normalize=True, scale=1.0)
       -> (expert_ids [..., top_k] int32, weights [..., top_k] float32, scores [..., experts] float32)
   moe_experts(x [tokens, d], expert_ids [tokens, k], weights [tokens, k],
-              w_gate [experts, d, f], w_up [experts, d, f], w_down [experts, f, d]) -> [tokens, d]
+              w_gate [experts, d, f], w_up [experts, d, f], w_down [experts, f, d],
+              updates=(LowRank | None,) * 3) -> [tokens, d]   (per-expert LoRA updates, see moe_experts)
   moe_experts_expert_parallel(<moe_experts args>, *, mesh, expert_axis="expert",
                               token_axes=("data", "fsdp", "expert")) -> [tokens, d]   (shard_map over experts)
   expert_load(expert_ids [..., k], num_experts, mask [...] | None = None) -> [experts] float32
@@ -30,6 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+
+from jaxopd.kernels.layers import LowRank
+
+ExpertUpdates = tuple[Optional[LowRank], Optional[LowRank], Optional[LowRank]]
 
 # transformers' DeepseekV3TopkRouter adds this to the top-k sum before normalizing, so an all-zero row stays finite.
 _NORMALIZE_EPS = 1e-20
@@ -113,6 +118,7 @@ def moe_experts(
     w_gate: jax.Array,
     w_up: jax.Array,
     w_down: jax.Array,
+    updates: ExpertUpdates = (None, None, None),
 ) -> jax.Array:
     """Dropless routed-expert SwiGLU: `sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`.
 
@@ -127,6 +133,9 @@ def moe_experts(
       expert_ids: `[tokens, k]` int, values in `[0, experts)`.
       weights: `[tokens, k]` gate weights.
       w_gate, w_up: `[experts, d, f]`; w_down: `[experts, f, d]`.
+      updates: per-expert LoRA updates of (w_gate, w_up, w_down), each None or a `LowRank` with a `[experts, d, r]`,
+        b `[experts, r, f]` (w_down: `[experts, f, r]`, `[experts, r, d]`), run through the same grouped matmuls;
+        keep masks `[tokens, k, d]` (w_down: `[tokens, k, f]`), one per (token, slot) pair.
 
     Returns:
       `[tokens, d]` in x's dtype (matmuls accumulate and combine in float32).
@@ -142,10 +151,23 @@ def moe_experts(
             f"expert weights w_gate {w_gate.shape}, w_up {w_up.shape}, w_down {w_down.shape} must be "
             f"[experts, d={d}, f], [experts, d, f], [experts, f, d]"
         )
-    return _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, first_expert=0)
+    return _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, updates, first_expert=0)
 
 
-def _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, first_expert):
+def _grouped_dot(x_MxI, w_ExIxO, group_sizes, update, order):
+    """ragged_dot of the sorted rows with their experts' weights `[M, out]` float32, plus the LoRA update's
+    ((keep * x) a) b through the same groups (keep `[tokens, k, in]` put in the rows' order)."""
+    out_MxO = jax.lax.ragged_dot(x_MxI, w_ExIxO, group_sizes, preferred_element_type=jnp.float32)
+    if update is None:
+        return out_MxO
+    if update.keep is not None:
+        x_MxI = x_MxI * update.keep.reshape(-1, x_MxI.shape[-1])[order].astype(x_MxI.dtype)
+    hidden_MxR = jax.lax.ragged_dot(x_MxI, update.a, group_sizes, preferred_element_type=jnp.float32)
+    return out_MxO + jax.lax.ragged_dot(hidden_MxR.astype(x_MxI.dtype), update.b, group_sizes,
+                                        preferred_element_type=jnp.float32)
+
+
+def _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, updates, first_expert):
     """Experts `[first_expert, first_expert + w_gate.shape[0])` applied to their (token, slot) pairs; pairs routed
     to other experts contribute zero. `[tokens, d]` float32-combined, in x's dtype."""
     tokens, d = x.shape
@@ -157,10 +179,11 @@ def _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, first_expert):
     group_sizes = jnp.bincount(flat_ids, length=num_local).astype(jnp.int32)
     x_sorted_MxD = x[order // k]
 
-    gate_MxF = jax.lax.ragged_dot(x_sorted_MxD, w_gate, group_sizes, preferred_element_type=jnp.float32)
-    up_MxF = jax.lax.ragged_dot(x_sorted_MxD, w_up, group_sizes, preferred_element_type=jnp.float32)
+    gate_update, up_update, down_update = updates
+    gate_MxF = _grouped_dot(x_sorted_MxD, w_gate, group_sizes, gate_update, order)
+    up_MxF = _grouped_dot(x_sorted_MxD, w_up, group_sizes, up_update, order)
     hidden_MxF = (jax.nn.silu(gate_MxF) * up_MxF).astype(x.dtype)
-    out_sorted_MxD = jax.lax.ragged_dot(hidden_MxF, w_down, group_sizes, preferred_element_type=jnp.float32)
+    out_sorted_MxD = _grouped_dot(hidden_MxF, w_down, group_sizes, down_update, order)
     # ragged_dot leaves rows outside every group unspecified; zero them explicitly.
     in_group_M = jnp.arange(order.shape[0]) < group_sizes.sum()
     out_sorted_MxD = jnp.where(in_group_M[:, None], out_sorted_MxD, 0.0)
@@ -179,6 +202,7 @@ def moe_experts_expert_parallel(
     w_gate: jax.Array,
     w_up: jax.Array,
     w_down: jax.Array,
+    updates: ExpertUpdates = (None, None, None),
     *,
     mesh: jax.sharding.Mesh,
     expert_axis: str = "expert",
@@ -193,7 +217,8 @@ def moe_experts_expert_parallel(
     shapes and no capacity factor; it moves every token to every expert shard (all-gather rather than a ragged
     all-to-all), trading bandwidth for simplicity.
 
-    Args/returns as `moe_experts`; `tokens` must divide by the product of the token axes' sizes, `experts` by the
+    Args/returns as `moe_experts` (the LoRA updates' adapters are split over experts like the weights, their keep
+    masks over tokens like x); `tokens` must divide by the product of the token axes' sizes, `experts` by the
     size of `expert_axis`.
     """
     if expert_axis not in mesh.shape:
@@ -208,18 +233,23 @@ def moe_experts_expert_parallel(
     tokens_over_experts = expert_axis in token_axes
     token_spec = P(token_axes or None)
     expert_spec = P(expert_axis)
+    # Adapters split over experts like the weights; keep masks ([tokens, k, in]) over tokens like x.
+    update_specs = tuple(None if u is None else LowRank(expert_spec, expert_spec, None if u.keep is None else token_spec)
+                         for u in updates)
 
-    def local(x, expert_ids, weights, w_gate, w_up, w_down):
+    def local(x, expert_ids, weights, w_gate, w_up, w_down, updates):
         if tokens_over_experts:
             x, expert_ids, weights = (
                 jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x, expert_ids, weights)
             )
+            updates = tuple(u if u is None or u.keep is None else
+                            u._replace(keep=jax.lax.all_gather(u.keep, expert_axis, tiled=True)) for u in updates)
         else:
             # Mark the replicated tokens as varying over the expert axis so the transpose psums their cotangent
             # over expert shards (jax 0.10.2 returned a wrong x gradient without it, see the tests).
             x, weights = jax.lax.pcast((x, weights), expert_axis, to="varying")
         first_expert = jax.lax.axis_index(expert_axis) * w_gate.shape[0]
-        out = _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, first_expert)
+        out = _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, updates, first_expert)
         if tokens_over_experts:
             return jax.lax.psum_scatter(out, expert_axis, tiled=True)
         return jax.lax.psum(out, expert_axis)
@@ -227,9 +257,9 @@ def moe_experts_expert_parallel(
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(token_spec,) * 3 + (expert_spec,) * 3,
+        in_specs=(token_spec,) * 3 + (expert_spec,) * 3 + (update_specs,),
         out_specs=token_spec,
-    )(x, expert_ids, weights, w_gate, w_up, w_down)
+    )(x, expert_ids, weights, w_gate, w_up, w_down, tuple(updates))
 
 
 def expert_load(expert_ids: jax.Array, num_experts: int, mask: Optional[jax.Array] = None) -> jax.Array:

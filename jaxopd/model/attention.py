@@ -12,7 +12,8 @@ from jaxopd.kernels.attention import attention
 from jaxopd.kernels.rope import apply_rope, rope_frequencies
 from jaxopd.model.cache import attention_context
 from jaxopd.model.config import ModelConfig
-from jaxopd.model.layers import RMSNorm, compute, param
+from jaxopd.model import lora
+from jaxopd.model.layers import RMSNorm, compute, param, projection
 
 
 class GQAAttention(nn.Module):
@@ -39,14 +40,16 @@ class GQAAttention(nn.Module):
         c = self.config
         d, heads = c.d_model, c.num_heads
         kv_heads, head_dim = c.kv_heads, c.gqa_head_dim
-        w_q = param(self, "q", (d, heads, head_dim), ("embed", "q_heads", "head_dim"))
-        w_k = param(self, "k", (d, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
-        w_v = param(self, "v", (d, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
-        w_o = param(self, "o", (heads, head_dim, d), ("q_heads", "head_dim", "embed"))
+        w_q, q_update = projection(self, "q", (d, heads, head_dim), ("embed", "q_heads", "head_dim"), 1, "attention")
+        w_k, k_update = projection(self, "k", (d, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), 1,
+                                   "attention")
+        w_v, v_update = projection(self, "v", (d, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), 1,
+                                   "attention")
+        w_o, o_update = projection(self, "o", (heads, head_dim, d), ("q_heads", "head_dim", "embed"), 2, "attention")
 
-        q_BxTxHxK = jnp.einsum("btd,dhk->bthk", x, compute(self, w_q))
-        k_BxTxGxK = jnp.einsum("btd,dgk->btgk", x, compute(self, w_k))
-        v_BxTxGxK = jnp.einsum("btd,dgk->btgk", x, compute(self, w_v))
+        q_BxTxHxK = jnp.einsum("btd,dhk->bthk", x, compute(self, w_q)) + lora.apply(self, x, q_update)
+        k_BxTxGxK = jnp.einsum("btd,dgk->btgk", x, compute(self, w_k)) + lora.apply(self, x, k_update)
+        v_BxTxGxK = jnp.einsum("btd,dgk->btgk", x, compute(self, w_v)) + lora.apply(self, x, v_update)
         if c.attention_bias:
             zeros = nn.initializers.zeros
             q_BxTxHxK += compute(self, param(self, "q_bias", (heads, head_dim), ("q_heads", "head_dim"), zeros))
@@ -76,4 +79,6 @@ class GQAAttention(nn.Module):
             block_q=c.attention_block_q,
             block_kv=c.attention_block_kv,
         )
-        return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, compute(self, w_o)), new_cache
+        out_BxTxD = (jnp.einsum("bthk,hkd->btd", out_BxTxHxK, compute(self, w_o))
+                     + lora.apply(self, out_BxTxHxK, o_update))
+        return out_BxTxD, new_cache

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, get_args
 from jaxopd.kernels.rope import RopeLayout, RopeScaling, check_rope_scaling
 
 __all__ = ["FORWARD_PASS_FIELDS", "RUN_CHOICE_FIELDS", "AttentionImplementation", "AttentionKind", "DTypeName",
-           "ModelConfig", "RematPolicy", "RopeScaling", "RouterScore", "architecture_fields"]
+           "LoraTarget", "ModelConfig", "RematPolicy", "RopeScaling", "RouterScore", "architecture_fields"]
 
 AttentionKind = Literal["gqa", "mla"]
 RouterScore = Literal["sigmoid", "softmax"]  # "sigmoid" (DeepSeek-V3) or "softmax" (V2, Qwen-MoE, Mixtral)
@@ -21,6 +21,9 @@ AttentionImplementation = Literal["xla", "cudnn", "blockwise", "splash"]
 DTypeName = Literal["float32", "bfloat16", "float16"]
 # What each decoder block keeps for the backward pass; `jaxopd.model.remat` says what each saves and recomputes.
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload"]
+# Module kinds a LoRA adapter can be attached to (`jaxopd.model.lora`): "attention" (GQA q/k/v/o; MLA q or q_a/q_b,
+# kv_a, kv_b, o), "mlp" (the dense SwiGLU layers) and "experts" (routed and shared experts).
+LoraTarget = Literal["attention", "mlp", "experts"]
 
 
 def _either(options: Any) -> str:
@@ -41,6 +44,7 @@ class ModelConfig:
       kv_heads        key/value heads: num_kv_heads, or num_heads when unset (MLA: one per query head).
       gqa_head_dim    GQA width of every q/k/v head: head_dim, or d_model // num_heads when unset.
       qk_head_dim     MLA width of every query/key head: qk_nope_head_dim + qk_rope_head_dim.
+      lora_scale      the LoRA scale lora_alpha / lora_rank (as peft); has_lora(target): rank > 0 and target listed.
       is_moe_layer(layer)  whether decoder layer `layer` (MTP blocks are layers num_layers, num_layers + 1, ...)
                       runs DeepSeekMoE rather than the dense MLP.
     """
@@ -97,6 +101,13 @@ class ModelConfig:
     attention_block_q: int = 512  # tile sizes of "blockwise" and "splash"
     attention_block_kv: int = 512
     expert_parallel: bool = False
+    # LoRA (Hu et al. 2021; `jaxopd.model.lora`): rank 0 is off. Otherwise every weight of the targeted kinds gets
+    # adapters A [in, rank], B [rank, out] (B zero, so the model starts as its base), its output gains
+    # (dropout(x) A) B * lora_alpha / lora_rank, and training updates the adapters only.
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[LoraTarget, ...] = ("attention", "mlp", "experts")
 
     def __post_init__(self) -> None:
         """Raise ValueError, naming the field and the fix, for a config no model can be built from."""
@@ -138,6 +149,25 @@ class ModelConfig:
             raise ValueError(f"first_k_dense={self.first_k_dense} must lie in [0, num_layers={self.num_layers}]")
         if self.mtp_depth < 0:
             raise ValueError(f"mtp_depth={self.mtp_depth} must be >= 0")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        # A saved config (JSON) or the command line gives a list: keep the config hashable.
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.lora_rank < 0:
+            raise ValueError(f"config.lora_rank={self.lora_rank} must be >= 0 (0 turns LoRA off)")
+        unknown = [t for t in self.lora_targets if t not in get_args(LoraTarget)]
+        if unknown:
+            raise ValueError(f"config.lora_targets has {unknown}: each target must be {_either(LoraTarget)}")
+        if self.lora_rank:
+            if not self.lora_targets:
+                raise ValueError(f"config.lora_rank={self.lora_rank} needs at least one config.lora_targets "
+                                 f"({_either(LoraTarget)}), or set lora_rank=0")
+            if self.lora_alpha <= 0:
+                raise ValueError(f"config.lora_alpha={self.lora_alpha} must be > 0 (the adapters' scale is "
+                                 "lora_alpha / lora_rank)")
+            if not 0 <= self.lora_dropout < 1:
+                raise ValueError(f"config.lora_dropout={self.lora_dropout} must lie in [0, 1)")
 
     @property
     def kv_heads(self) -> int:
@@ -150,6 +180,13 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    def has_lora(self, target: str) -> bool:
+        return self.lora_rank > 0 and target in self.lora_targets
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer >= self.first_k_dense

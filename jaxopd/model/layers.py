@@ -11,7 +11,8 @@ from typing import Callable, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxopd.kernels.layers import rms_norm, swiglu
+from jaxopd.kernels.layers import LowRank, rms_norm, swiglu
+from jaxopd.model import lora
 from jaxopd.model.config import ModelConfig
 
 
@@ -30,6 +31,15 @@ def param(
     config: ModelConfig = module.config
     init = init or nn.initializers.normal(config.init_std)
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype or config.param_dtype)
+
+
+def projection(
+    module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[Optional[str]], num_in: int, target: str,
+    num_stacked: int = 0,
+) -> tuple[jnp.ndarray, Optional[LowRank]]:
+    """param `name` (`shape`: `num_stacked` stacked dims, `num_in` input dims, then output dims) and, when
+    config.lora_targets holds `target`, its LoRA update (`jaxopd.model.lora.adapter`), else None."""
+    return param(module, name, shape, axes), lora.adapter(module, name, shape, axes, num_in, target, num_stacked)
 
 
 def compute(module: nn.Module, array: jnp.ndarray) -> jnp.ndarray:
@@ -67,16 +77,20 @@ class Embed(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU MLP: `w_gate`, `w_up [d, width]` ("embed", "mlp"), `w_down [width, d]` ("mlp", "embed")."""
+    """SwiGLU MLP: `w_gate`, `w_up [d, width]` ("embed", "mlp"), `w_down [width, d]` ("mlp", "embed"); LoRA
+    target `target` ("mlp" for the dense layers, "experts" for the MoE's shared experts)."""
 
     config: ModelConfig
     width: int
+    target: str = "mlp"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """x `[..., d]` -> `[..., d]`."""
         d = self.config.d_model
-        w_gate = param(self, "w_gate", (d, self.width), ("embed", "mlp"))
-        w_up = param(self, "w_up", (d, self.width), ("embed", "mlp"))
-        w_down = param(self, "w_down", (self.width, d), ("mlp", "embed"))
-        return swiglu(x, compute(self, w_gate), compute(self, w_up), compute(self, w_down))
+        w_gate, gate_update = projection(self, "w_gate", (d, self.width), ("embed", "mlp"), 1, self.target)
+        w_up, up_update = projection(self, "w_up", (d, self.width), ("embed", "mlp"), 1, self.target)
+        w_down, down_update = projection(self, "w_down", (self.width, d), ("mlp", "embed"), 1, self.target)
+        updates = (lora.with_dropout(self, gate_update, x.shape), lora.with_dropout(self, up_update, x.shape),
+                   lora.with_dropout(self, down_update, (*x.shape[:-1], self.width)))
+        return swiglu(x, compute(self, w_gate), compute(self, w_up), compute(self, w_down), updates)

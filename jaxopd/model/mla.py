@@ -14,7 +14,8 @@ from jaxopd.kernels.attention import mla_absorbed_decode, mla_naive
 from jaxopd.kernels.rope import apply_rope, rope_frequencies, yarn_softmax_scale_factor
 from jaxopd.model.cache import attention_context
 from jaxopd.model.config import ModelConfig
-from jaxopd.model.layers import RMSNorm, compute, param
+from jaxopd.model import lora
+from jaxopd.model.layers import RMSNorm, compute, projection
 
 
 class MLAttention(nn.Module):
@@ -48,19 +49,23 @@ class MLAttention(nn.Module):
         qk_dim = cfg.qk_head_dim
 
         if cfg.q_lora_rank is None:
-            w_q = param(self, "q", (d, heads, qk_dim), ("embed", "q_heads", "head_dim"))
-            q_BxTxHxQ = jnp.einsum("btd,dhq->bthq", x, compute(self, w_q))
+            w_q, q_update = projection(self, "q", (d, heads, qk_dim), ("embed", "q_heads", "head_dim"), 1, "attention")
+            q_BxTxHxQ = jnp.einsum("btd,dhq->bthq", x, compute(self, w_q)) + lora.apply(self, x, q_update)
         else:
-            w_q_a = param(self, "q_a", (d, cfg.q_lora_rank), ("embed", "q_lora"))
-            w_q_b = param(self, "q_b", (cfg.q_lora_rank, heads, qk_dim), ("q_lora", "q_heads", "head_dim"))
-            q_latent_BxTxR = RMSNorm(cfg, name="q_a_norm")(jnp.einsum("btd,dr->btr", x, compute(self, w_q_a)))
-            q_BxTxHxQ = jnp.einsum("btr,rhq->bthq", q_latent_BxTxR, compute(self, w_q_b))
+            w_q_a, q_a_update = projection(self, "q_a", (d, cfg.q_lora_rank), ("embed", "q_lora"), 1, "attention")
+            w_q_b, q_b_update = projection(self, "q_b", (cfg.q_lora_rank, heads, qk_dim),
+                                           ("q_lora", "q_heads", "head_dim"), 1, "attention")
+            q_a_BxTxR = jnp.einsum("btd,dr->btr", x, compute(self, w_q_a)) + lora.apply(self, x, q_a_update)
+            q_latent_BxTxR = RMSNorm(cfg, name="q_a_norm")(q_a_BxTxR)
+            q_BxTxHxQ = (jnp.einsum("btr,rhq->bthq", q_latent_BxTxR, compute(self, w_q_b))
+                         + lora.apply(self, q_latent_BxTxR, q_b_update))
         q_BxTxHxQ = nn.with_logical_constraint(q_BxTxHxQ, ("batch", "seq", "q_heads", None))
-        w_kv_a = param(self, "kv_a", (d, rank + rope), ("embed", "kv_lora"))
-        w_kv_b = param(self, "kv_b", (rank, heads, nope + v_dim), ("kv_lora", "q_heads", "head_dim"))
-        w_o = param(self, "o", (heads, v_dim, d), ("q_heads", "head_dim", "embed"))
+        w_kv_a, kv_a_update = projection(self, "kv_a", (d, rank + rope), ("embed", "kv_lora"), 1, "attention")
+        w_kv_b, kv_b_update = projection(self, "kv_b", (rank, heads, nope + v_dim), ("kv_lora", "q_heads", "head_dim"),
+                                         1, "attention")
+        w_o, o_update = projection(self, "o", (heads, v_dim, d), ("q_heads", "head_dim", "embed"), 2, "attention")
 
-        kv_a_BxTxA = jnp.einsum("btd,da->bta", x, compute(self, w_kv_a))
+        kv_a_BxTxA = jnp.einsum("btd,da->bta", x, compute(self, w_kv_a)) + lora.apply(self, x, kv_a_update)
         latent_BxTxC = RMSNorm(cfg, name="kv_a_norm")(kv_a_BxTxA[..., :rank])
         inv_freq, rope_scale = rope_frequencies(rope, cfg.rope_theta, cfg.rope_scaling)
         # One rope key per token, shared by all heads (DeepSeek-V2 eq. 14): rotate it as a single head.
@@ -68,7 +73,8 @@ class MLAttention(nn.Module):
         q_nope_BxTxHxN = q_BxTxHxQ[..., :nope]
         q_rope_BxTxHxR = apply_rope(q_BxTxHxQ[..., nope:], positions, inv_freq, cfg.rope_layout, rope_scale)
 
-        kv_b = compute(self, w_kv_b)
+        # The kernels take kv_b whole (decode absorbs it into the queries): its LoRA update is folded in.
+        kv_b = compute(self, w_kv_b) + lora.folded(kv_b_update)
         w_uk_CxHxN, w_uv_CxHxV = kv_b[..., :nope], kv_b[..., nope:]
         # YaRN temperature on the logits of all dimensions (DeepSeek-V2 config mscale_all_dim).
         scale = qk_dim**-0.5 * yarn_softmax_scale_factor(cfg.rope_scaling)
@@ -87,4 +93,6 @@ class MLAttention(nn.Module):
             out_BxTxHxV = mla_absorbed_decode(
                 q_nope_BxTxHxN, q_rope_BxTxHxR, latent, k_rope, w_uk_CxHxN, w_uv_CxHxV, **mask, scale=scale
             )
-        return jnp.einsum("bthv,hvd->btd", out_BxTxHxV, compute(self, w_o)), new_cache
+        out_BxTxD = (jnp.einsum("bthv,hvd->btd", out_BxTxHxV, compute(self, w_o))
+                     + lora.apply(self, out_BxTxHxV, o_update))
+        return out_BxTxD, new_cache

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 from jaxopd.kernels.moe import expert_load, moe_experts, moe_experts_expert_parallel, route, sequence_balance_loss
 from jaxopd.model.config import ModelConfig
-from jaxopd.model.layers import MLP, compute, param
+from jaxopd.model import lora
+from jaxopd.model.layers import MLP, compute, param, projection
 
 
 class MoE(nn.Module):
@@ -17,7 +18,9 @@ class MoE(nn.Module):
         experts are chosen, never the gate weights, and takes no gradient (stop_gradient; the trainer updates it with
         `jaxopd.kernels.moe.update_balance_bias` from `moe_load`, see `jaxopd.model.update_expert_biases`);
       `w_gate`, `w_up [E, d, f]` ("experts", "embed", "expert_mlp"), `w_down [E, f, d]`;
-      `shared/{w_gate, w_up, w_down}`: the shared experts as one SwiGLU of width num_shared_experts * f.
+      `shared/{w_gate, w_up, w_down}`: the shared experts as one SwiGLU of width num_shared_experts * f;
+      with "experts" in config.lora_targets, per-expert LoRA adapters of the routed weights and adapters of the
+      shared ones (`jaxopd.model.lora`).
     """
 
     config: ModelConfig
@@ -32,9 +35,10 @@ class MoE(nn.Module):
         experts, f = c.num_experts, c.moe_mlp_dim
         router = param(self, "router", (d, experts), ("embed", None), dtype="float32")
         expert_bias = param(self, "expert_bias", (experts,), (None,), nn.initializers.zeros, dtype="float32")
-        w_gate = param(self, "w_gate", (experts, d, f), ("experts", "embed", "expert_mlp"))
-        w_up = param(self, "w_up", (experts, d, f), ("experts", "embed", "expert_mlp"))
-        w_down = param(self, "w_down", (experts, f, d), ("experts", "expert_mlp", "embed"))
+        up_axes, down_axes = ("experts", "embed", "expert_mlp"), ("experts", "expert_mlp", "embed")
+        w_gate, gate_update = projection(self, "w_gate", (experts, d, f), up_axes, 1, "experts", num_stacked=1)
+        w_up, up_update = projection(self, "w_up", (experts, d, f), up_axes, 1, "experts", num_stacked=1)
+        w_down, down_update = projection(self, "w_down", (experts, f, d), down_axes, 1, "experts", num_stacked=1)
 
         x_NxD = x.reshape(batch * seq, d)
         # Router in float32, as DeepSeek-V3's gate: near-tied sigmoid scores decide discrete choices.
@@ -49,7 +53,11 @@ class MoE(nn.Module):
             normalize=c.norm_topk_prob,
             scale=c.routed_scaling_factor,
         )
-        expert_weights = (compute(self, w_gate), compute(self, w_up), compute(self, w_down))
+        # Dropout masks per (token, slot) pair, so they shard with the tokens under expert parallelism.
+        slots = (batch * seq, c.num_experts_per_token)
+        updates = (lora.with_dropout(self, gate_update, (*slots, d)), lora.with_dropout(self, up_update, (*slots, d)),
+                   lora.with_dropout(self, down_update, (*slots, f)))
+        expert_weights = (compute(self, w_gate), compute(self, w_up), compute(self, w_down), updates)
         mesh = jax.sharding.get_abstract_mesh()
         # Init only needs shapes (and may see one dummy token); without a mesh there is nothing to be parallel over.
         if c.expert_parallel and not mesh.empty and not self.is_initializing():
@@ -63,7 +71,7 @@ class MoE(nn.Module):
             routed_NxD = moe_experts(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights)
         out_BxTxD = routed_NxD.reshape(batch, seq, d)
         if c.num_shared_experts:
-            out_BxTxD = out_BxTxD + MLP(c, c.num_shared_experts * f, name="shared")(x)
+            out_BxTxD = out_BxTxD + MLP(c, c.num_shared_experts * f, "experts", name="shared")(x)
 
         load_E = expert_load(expert_ids_NxK, experts, (segment_ids > 0).reshape(-1))
         balance = sequence_balance_loss(

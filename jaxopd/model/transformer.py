@@ -49,6 +49,8 @@ dn/dr/dv = qk_nope/qk_rope/v head dims). Path -> shape -> logical axes:
   mtp_{j}/projection                   [2d, d]         (None, "embed")   eh_proj; rows [:d] take the embedding
   mtp_{j}/block/...                    a decoder block as layers_{i}, layer index num_layers + j
   mtp_{j}/norm/scale                   [d]             ("norm",)    shared_head.norm
+With config.lora_rank > 0, each weight of the targeted kinds gets `{name}_lora_a`, `{name}_lora_b` beside it
+(`jaxopd.model.lora`).
 HF equivalence: our kernels are HF weights transposed, `[in..., out...]`, with heads split out.
 """
 

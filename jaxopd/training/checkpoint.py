@@ -54,7 +54,8 @@ class IncompatibleCheckpointError(ValueError):
 
 def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (saved value, current value)} of the keys that differ and must match to resume."""
-    saved, current = flat_values(saved), flat_values(current)
+    # The saved side went through JSON: compare the current one as JSON stores it (a tuple, lora_targets, is a list).
+    saved, current = flat_values(saved), flat_values(json.loads(json.dumps(current)))
     return {key: (saved[key], current[key]) for key in sorted(saved.keys() & current.keys())
             if saved[key] != current[key]
             and not any(key == rule or (rule.endswith(".") and key.startswith(rule)) for rule in MAY_CHANGE_ON_RESUME)}

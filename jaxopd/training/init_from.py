@@ -33,6 +33,7 @@ import ml_collections
 
 from jaxopd.bundled import resolve_path
 from jaxopd.data.pipeline import DataConfig
+from jaxopd.model import lora
 from jaxopd.model.config import ModelConfig, architecture_fields
 from jaxopd.training import checkpoint, sharding
 from jaxopd.training.config import (PRETRAINING_LOSSES, ConfigError, InitFromConfig, model_config_dict,
@@ -142,23 +143,27 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def load_initial_params(source: InitFromConfig, run: Run, param_dtype: str) -> Any:
     """The params `config.init_from` names, in the run's shardings and `param_dtype`: a jaxopd run's checkpoint, or a
     Hugging Face checkpoint (read straight into its shards). None when init_from.path is empty. The run's model must
-    be the checkpoint's (`resolve` makes it so); ValueError naming the first param that differs otherwise."""
+    be the checkpoint's (`resolve` makes it so); ValueError naming the first param that differs otherwise. A LoRA
+    run's adapters are not in its base checkpoint: they keep their initialization (B = 0, so the run starts at the
+    base model)."""
     if not source.path:
         return None
     path = resolve_path(source.path)  # the bundled checkpoints are found from any working directory
     abstract = sharding.abstract_arrays(run.state["params"], run.shardings["params"])
+    adapters, base = lora.split(run.state["params"])[0], lora.split(abstract)[1]
     if source_kind(path, source.kind) == "checkpoint":
-        return checkpoint.load_params(path, abstract)
+        return lora.combine(adapters, checkpoint.load_params(path, base))
     from jaxopd.hf import load_hf  # the optional Hugging Face import path, only needed here
 
     _, loaded = load_hf(path, dtype=param_dtype, mesh=run.mesh, rules=sharding.LOGICAL_AXIS_RULES)
     shapes = [{jax.tree_util.keystr(key): leaf.shape for key, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-              for tree in (abstract, loaded)]
+              for tree in (base, loaded)]
     if shapes[0] != shapes[1]:
         first = sorted(key for key in shapes[0].keys() | shapes[1].keys()
                        if shapes[0].get(key) != shapes[1].get(key))[0]
         raise ValueError(f"init_from.path={source.path}: param {first} is {shapes[1].get(first)} in the checkpoint "
                          f"but {shapes[0].get(first)} in config.model; the architecture must be the checkpoint's "
                          "(jaxopd.train reads it from there)")
-    return jax.device_put(jax.tree.map(lambda new, leaf: new.astype(leaf.dtype), loaded, abstract),
-                          run.shardings["params"])
+    base_shardings = lora.split(run.shardings["params"])[1]
+    placed = jax.device_put(jax.tree.map(lambda new, leaf: new.astype(leaf.dtype), loaded, base), base_shardings)
+    return lora.combine(adapters, placed)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxopd.model import Transformer
+from jaxopd.model import Transformer, lora
 from jaxopd.training import sharding
 from jaxopd.training.config import RunConfig, model_config_dict, to_model_config
 from jaxopd.training.objectives import Objective
@@ -27,7 +27,8 @@ def _init_state(model: nn.Module, optimizer: optax.GradientTransformation, examp
                 ) -> Callable[[jax.Array], dict[str, Any]]:
     def init(rng):
         params = model.init(rng, example_tokens)["params"]
-        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
+        trained, _ = lora.partition(model.config, params)  # with LoRA, the optimizer holds the adapters alone
+        return {"params": params, "opt_state": optimizer.init(trained), "step": jnp.int32(0),
                 "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
     return init
 

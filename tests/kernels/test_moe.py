@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxopd.kernels import moe
+from jaxopd.kernels.layers import LowRank
 
 TOKENS, D, F, E, K = 12, 8, 6, 8, 3
 
@@ -321,3 +322,68 @@ def test_bad_arguments_raise_clear_errors():
                                         np.zeros((4, 2)), *w, mesh=mesh, expert_axis="experts")
     with pytest.raises(ValueError, match="expert weights"):
         moe.moe_experts(np.zeros((4, D + 1), np.float32), np.zeros((4, 2), np.int32), np.zeros((4, 2)), *w)
+
+
+def _expert_updates(seed, tokens, rank=2, with_keep=True):
+    """Per-expert LoRA updates of (w_gate, w_up, w_down) with random a, b and inverted-dropout keep masks."""
+    rng = np.random.default_rng(seed)
+    updates = []
+    for d_in, d_out in ((D, F), (D, F), (F, D)):
+        keep = (rng.random((tokens, K, d_in)) > 0.3) / 0.7 if with_keep else None
+        updates.append(LowRank(rng.normal(size=(E, d_in, rank)).astype(np.float32),
+                               rng.normal(size=(E, rank, d_out)).astype(np.float32) / 2,
+                               None if keep is None else keep.astype(np.float32)))
+    return tuple(updates)
+
+
+def _numpy_lora_moe(x, ids, weights, w, updates):
+    x, weights = np.asarray(x, np.float64), np.asarray(weights, np.float64)
+    out = np.zeros_like(x)
+
+    def project(t, slot, e, v, weight, update):
+        keep = 1.0 if update.keep is None else update.keep[t, slot]
+        return v @ weight[e] + ((keep * v) @ update.a[e].astype(np.float64)) @ update.b[e].astype(np.float64)
+
+    for t in range(x.shape[0]):
+        for slot in range(ids.shape[1]):
+            e = ids[t, slot]
+            gate = project(t, slot, e, x[t], w[0].astype(np.float64), updates[0])
+            hidden = gate / (1.0 + np.exp(-gate)) * project(t, slot, e, x[t], w[1].astype(np.float64), updates[1])
+            out[t] += weights[t, slot] * project(t, slot, e, hidden, w[2].astype(np.float64), updates[2])
+    return out
+
+
+def test_moe_experts_lora_updates_equal_float64_loop():
+    rng = np.random.default_rng(20)
+    x = rng.normal(size=(TOKENS, D)).astype(np.float32)
+    ids = _distinct_ids(rng, TOKENS, E, K)
+    weights = rng.uniform(size=(TOKENS, K)).astype(np.float32)
+    w, updates = _expert_weights(21), _expert_updates(22, TOKENS)
+    got = jax.jit(moe.moe_experts)(x, ids, weights, *w, updates)
+    want = _numpy_lora_moe(x, ids, weights, w, updates)
+    assert np.abs(want - _numpy_moe(x, ids, weights, *w)).max() > 0.1  # the updates matter
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_parallel_lora_updates_and_their_gradients_equal_single_device():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets XLA_FLAGS for 8 CPU devices)")
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rng = np.random.default_rng(23)
+    tokens = 16
+    x = rng.normal(size=(tokens, D)).astype(np.float32)
+    ids = _distinct_ids(rng, tokens, E, K)
+    weights = rng.uniform(size=(tokens, K)).astype(np.float32)
+    w, updates = _expert_weights(24), _expert_updates(25, tokens)
+    probe = rng.normal(size=(tokens, D)).astype(np.float32)
+
+    def loss(fn, updates):
+        return jnp.sum(fn(x, ids, weights, *w, updates) * probe)
+
+    parallel = lambda *a: moe.moe_experts_expert_parallel(*a, mesh=mesh, token_axes=("data", "expert"))
+    got = jax.jit(jax.grad(lambda u: loss(parallel, u)))(updates)
+    want = jax.grad(lambda u: loss(moe.moe_experts, u))(updates)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+    out = jax.jit(parallel)(x, ids, weights, *w, updates)
+    np.testing.assert_allclose(np.asarray(out), _numpy_lora_moe(x, ids, weights, w, updates), rtol=1e-5, atol=1e-5)
