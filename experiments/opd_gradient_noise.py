@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxopd.distill import rollouts as rollouts_lib, source as distill_source
 from jaxopd.train import OBJECTIVES
-from jaxopd.training import sharding, state as state_lib
+from jaxopd.training import init_from, sharding, state as state_lib
 from jaxopd.training.config import load_config_file, to_run_config
 
 import opd_vs_baselines  # noqa: E402  (same directory: RESULTS.md section writer)
@@ -48,7 +48,7 @@ def main() -> None:
         "batch_size": args.rollouts, "microbatch_size": args.rollouts, "workdir": "/tmp/jaxopd_gradient_noise"}))
     objective = OBJECTIVES["reverse_kl"].objective
     d = distill_source.build(config, state_lib.build(config, objective))
-    params = state_lib.load_initial_params(config.init_from, d.run, config.model.param_dtype)
+    params = init_from.load_initial_params(config.init_from, d.run, config.model.param_dtype)
     student = d.run.model
     group_size = config.distill.group_size
     prompts = d.sets[0].train[:args.rollouts // group_size]  # the first of the checked prompts, in file order

@@ -17,7 +17,8 @@ from jaxopd.training.config import InitFromConfig
 from jaxopd.training.objectives import CROSS_ENTROPY
 from jaxopd.training.pretraining import StepBatches
 from jaxopd.training.optimizer import make_optimizer
-from jaxopd.training.state import abstract_state, build, load_initial_params
+from jaxopd.training.init_from import load_initial_params
+from jaxopd.training.state import abstract_state, build
 from tests.test_train import _config, _metrics
 
 CONFIG = pathlib.Path(__file__).parents[1] / "tiny_train_config.py"
