@@ -409,10 +409,19 @@ def _prompt_set_problems(run: RunConfig, process_count: int) -> list[str]:
     prompts_per_step = run.batch_size // max(distill.group_size, 1)
     if distill.sets and not problems and prompts_per_step % process_count == 0:
         weights = {name: item.weight for name, item in distill.sets.items()}
-        for name, count in prompt_quotas(weights, prompts_per_step, process_count).items():
+        quotas = prompt_quotas(weights, prompts_per_step, process_count)
+        for name, count in quotas.items():
             if count == 0:
                 problems.append(f"distill.sets.{name}.weight={weights[name]} gives it 0 of the {prompts_per_step} "
                                 "prompts per step: raise its weight or batch_size")
+        rows_per_teacher: dict[str, int] = {}
+        for name, item in distill.prompt_sets().items():  # each teacher scores its sets' rows in one call
+            rows_per_teacher[item.teacher] = rows_per_teacher.get(item.teacher, 0) + quotas[name] * distill.group_size
+        chunk = distill.scoring_microbatch
+        if chunk and any(rows % chunk and rows > chunk for rows in rows_per_teacher.values()):
+            problems.append(f"distill.scoring_microbatch={chunk} must divide the rows each teacher scores per step "
+                            f"({sorted(rows_per_teacher.values())}, from the sets' shares of batch_size); pick a "
+                            "divisor or 0")
     return problems
 
 

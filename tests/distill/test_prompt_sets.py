@@ -52,7 +52,15 @@ def test_each_row_is_scored_by_its_own_sets_teacher(tmp_path):
     d = source.build(run_config, run)
     assert [s.name for s in d.sets] == ["addition", "self"] and [s.quota for s in d.sets] == [6, 2]
     assert len(d.teachers) == 2 and d.sets[1].grader is None
-    batch, values = source.RolloutSource(d).next_batch(0, {"params": params})
+    rollout_source = source.RolloutSource(d)
+    batch, values = rollout_source.next_batch(0, {"params": params})
+    # The prompt streams resume exactly (the loop checkpoints get_state()).
+    state = rollout_source.get_state()
+    assert state == {"sets": {"addition": {"next_index": 6}, "self": {"next_index": 2}}}
+    resumed = source.RolloutSource(d)
+    resumed.set_state(json.loads(json.dumps(state)))
+    assert [[p.text for p in s.next(4)] for s in resumed.streams] == \
+        [[p.text for p in s.next(4)] for s in rollout_source.streams]
     micro = {key: np.asarray(value[0]) for key, value in batch.items()}
     sets = micro["set_index"]
     assert (sets == np.repeat([0, 1], [24, 8])).all()  # 6 and 2 prompts, 4 samples each
@@ -85,6 +93,9 @@ def test_bad_sets_are_config_errors_naming_the_set(tmp_path):
     assert "distill.sets.self.grader is empty but config.loss='grpo'" in str(error.value)
     with pytest.raises(config_lib.ConfigError, match="reads one teacher's hidden states .* name 2 teachers"):
         config_lib.to_run_config(two_sets(tmp_path, loss="full_reverse_kl"))
+    with pytest.raises(config_lib.ConfigError, match=r"distill.scoring_microbatch=16 must divide the rows each teacher "
+                                                     r"scores per step \(\[8, 24\]"):
+        config_lib.to_run_config(two_sets(tmp_path, **{"distill.scoring_microbatch": 16}))
     config = two_sets(tmp_path, batch_size=8, microbatch_size=8)  # 2 prompts a step
     with config.unlocked():
         config.distill.sets.self.weight = 0.01
