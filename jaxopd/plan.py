@@ -321,6 +321,7 @@ def plan(config: RunConfig, topology: str) -> Plan:
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_divisible(config.microbatch_size, mesh)
+    sharding.check_context_divisible(config.seq_len, mesh)
     model, optimizer = Transformer(config.model), make_optimizer(config.optimizer)
     shapes, shardings = state_layout(model, optimizer, mesh, np.zeros((1, config.seq_len), np.int32))
     state = sharding.abstract_arrays(shapes, shardings)

@@ -51,6 +51,15 @@ def _from_blocks(x: jnp.ndarray, length: int) -> jnp.ndarray:
     return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
 
 
+def _filled(shape, fill, *like):
+    """float32 `shape` full of `fill`, varying over every manual mesh axis that one of `like` varies over: inside
+    shard_map (context parallelism) a loop carry must keep one type, and the tiles added into it vary like q, k, v."""
+    out = jnp.full(shape, fill, jnp.float32)
+    for x in like:
+        out = out + lax.full_like(x, 0, jnp.float32, shape)
+    return out
+
+
 def _visible_tiles(q_segment_blocks, kv_segment_blocks, q_position_blocks, kv_position_blocks, sliding_window):
     """`[nq, nk]` bool: does any query of block i see any key of block j, in any batch row.
 
@@ -88,8 +97,9 @@ def _forward(q_blocks, k_blocks, v_blocks, q_segment_blocks, kv_segment_blocks, 
     def attend_query_block(query_inputs):
         q_BxIxKxGxA, q_segment_ids, q_positions, visible_key_blocks = query_inputs
         stats_shape = q_BxIxKxGxA.shape[:-1]
-        init = (jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-                jnp.zeros(stats_shape + (value_dim,), jnp.float32))
+        like = (q_BxIxKxGxA, k_blocks, v_blocks)
+        init = (_filled(stats_shape, _MASKED, *like), _filled(stats_shape, 0.0, *like),
+                _filled(stats_shape + (value_dim,), 0.0, *like))
 
         def key_block_step(carry, key_inputs):
             k_BxJxKxA, v_BxJxKxO, kv_segment_ids, kv_positions, tile_visible = key_inputs
@@ -173,14 +183,15 @@ def _blockwise_backward(scale, sliding_window, residuals, d_out_blocks):
 
             return lax.cond(tile_visible, tile_grads, lambda carry: carry, carry), None
 
-        init = (dq_blocks, jnp.zeros(k_BxJxKxA.shape, jnp.float32), jnp.zeros(v_BxJxKxO.shape, jnp.float32))
+        like = (q_blocks, k_BxJxKxA, v_BxJxKxO, d_out_blocks)
+        init = (dq_blocks, _filled(k_BxJxKxA.shape, 0.0, *like), _filled(v_BxJxKxO.shape, 0.0, *like))
         (dq_blocks, dk_BxJxKxA, dv_BxJxKxO), _ = lax.scan(
             query_block_step, init, (jnp.arange(q_blocks.shape[0]), q_blocks, d_out_blocks, logsumexp_blocks,
                                      delta_blocks, q_segment_blocks, q_position_blocks, visible_query_blocks))
         return dq_blocks, (dk_BxJxKxA, dv_BxJxKxO)
 
     dq_blocks, (dk_blocks, dv_blocks) = lax.scan(
-        key_block_grads, jnp.zeros(q_blocks.shape, jnp.float32),
+        key_block_grads, _filled(q_blocks.shape, 0.0, q_blocks, k_blocks, v_blocks, d_out_blocks),
         (k_blocks, v_blocks, kv_segment_blocks, kv_position_blocks, visible_tiles.T))
     # Segment ids and positions are integers: no cotangent.
     return (dq_blocks.astype(q_blocks.dtype), dk_blocks.astype(k_blocks.dtype), dv_blocks.astype(v_blocks.dtype),

@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxopd.kernels.attention import attention
+from jaxopd.kernels.context_parallel import context_parallel_attention
 from jaxopd.kernels.rope import apply_rope, rope_frequencies
-from jaxopd.model.cache import attention_context
+from jaxopd.model.cache import attention_context, self_attention_shards
 from jaxopd.model.config import ModelConfig
 from jaxopd.model import lora
 from jaxopd.model.layers import RMSNorm, compute, param, projection
@@ -38,6 +40,8 @@ class GQAAttention(nn.Module):
         With a `cache` ({"k", "v": [batch, max_len, kv_heads, head_dim]}) this is one decode step; see `jaxopd.model.cache`.
         """
         c = self.config
+        # First: decode under a context-parallel mesh is refused before any sharding constraint sees its 1 token.
+        context_shards = self_attention_shards(cache, self.is_initializing())
         d, heads = c.d_model, c.num_heads
         kv_heads, head_dim = c.kv_heads, c.gqa_head_dim
         w_q, q_update = projection(self, "q", (d, heads, head_dim), ("embed", "q_heads", "head_dim"), 1, "attention")
@@ -64,21 +68,23 @@ class GQAAttention(nn.Module):
         q_BxTxHxK = apply_rope(q_BxTxHxK, positions, inv_freq, c.rope_layout, rope_scale)
         k_BxTxGxK = apply_rope(k_BxTxGxK, positions, inv_freq, c.rope_layout, rope_scale)
 
-        kv, mask, new_cache = attention_context(
-            {"k": k_BxTxGxK, "v": v_BxTxGxK}, positions, segment_ids, cache, cache_index, cache_segment_ids
-        )
-        out_BxTxHxK = attention(
-            q_BxTxHxK,
-            compute(self, kv["k"]),
-            compute(self, kv["v"]),
-            **mask,
-            scale=head_dim**-0.5,
-            sliding_window=c.sliding_window,
-            # Decode attends t queries to a longer cache: the plain path; the others are for self-attention.
-            implementation=c.attention_implementation if cache is None else "xla",
-            block_q=c.attention_block_q,
-            block_kv=c.attention_block_kv,
-        )
+        kernel_args = dict(scale=head_dim**-0.5, sliding_window=c.sliding_window, block_q=c.attention_block_q,
+                           block_kv=c.attention_block_kv)
+        if context_shards > 1:
+            out_BxTxHxK = context_parallel_attention(
+                q_BxTxHxK, compute(self, k_BxTxGxK), compute(self, v_BxTxGxK), segment_ids=segment_ids,
+                positions=positions, mesh=jax.sharding.get_abstract_mesh(),
+                implementation=c.attention_implementation, **kernel_args)
+            new_cache = None
+        else:
+            kv, mask, new_cache = attention_context(
+                {"k": k_BxTxGxK, "v": v_BxTxGxK}, positions, segment_ids, cache, cache_index, cache_segment_ids
+            )
+            out_BxTxHxK = attention(
+                q_BxTxHxK, compute(self, kv["k"]), compute(self, kv["v"]), **mask, **kernel_args,
+                # Decode attends t queries to a longer cache: the plain path; the others are for self-attention.
+                implementation=c.attention_implementation if cache is None else "xla",
+            )
         out_BxTxD = (jnp.einsum("bthk,hkd->btd", out_BxTxHxK, compute(self, w_o))
                      + lora.apply(self, out_BxTxHxK, o_update))
         return out_BxTxD, new_cache

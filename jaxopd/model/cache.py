@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxopd.kernels.context_parallel import context_shards
 from jaxopd.model.config import ModelConfig
 
 
@@ -78,3 +79,14 @@ def attention_context(
     q_slots, kv_slots = slot_positions(batch, q_len, cache_segment_ids.shape[1], cache_index)
     mask = dict(q_segment_ids=segment_ids, kv_segment_ids=cache_segment_ids, q_positions=q_slots, kv_positions=kv_slots)
     return updated, mask, updated
+
+
+def self_attention_shards(cache: dict | None, initializing: bool) -> int:
+    """How many blocks the sequence of this forward pass is split into over the "context" axis of the mesh set with
+    `jax.set_mesh` (context parallelism, `jaxopd.kernels.context_parallel`): 1 with no mesh, no such axis, or at init
+    (which only needs shapes). Decode is refused there: one new token per row does not split over devices."""
+    shards = context_shards(jax.sharding.get_abstract_mesh())
+    if shards > 1 and cache is not None:
+        raise ValueError(f"decoding against a KV cache (sampling, generation) does not run context-parallel, but the "
+                         f"mesh's context axis is {shards}: decode on a mesh with context=1 (config.mesh.context=1)")
+    return 1 if initializing else shards

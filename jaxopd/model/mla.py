@@ -8,11 +8,13 @@ from __future__ import annotations
 from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxopd.kernels.attention import mla_absorbed_decode, mla_naive
+from jaxopd.kernels.context_parallel import context_parallel_mla
 from jaxopd.kernels.rope import apply_rope, rope_frequencies, yarn_softmax_scale_factor
-from jaxopd.model.cache import attention_context
+from jaxopd.model.cache import attention_context, self_attention_shards
 from jaxopd.model.config import ModelConfig
 from jaxopd.model import lora
 from jaxopd.model.layers import RMSNorm, compute, projection
@@ -44,6 +46,8 @@ class MLAttention(nn.Module):
         With a `cache` ({"latent": [batch, max_len, c], "k_rope": [batch, max_len, dr]}) this is one decode step.
         """
         cfg = self.config
+        # First: decode under a context-parallel mesh is refused before any sharding constraint sees its 1 token.
+        context_shards = self_attention_shards(cache, self.is_initializing())
         d, heads, rank = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank
         nope, rope, v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         qk_dim = cfg.qk_head_dim
@@ -78,21 +82,29 @@ class MLAttention(nn.Module):
         w_uk_CxHxN, w_uv_CxHxV = kv_b[..., :nope], kv_b[..., nope:]
         # YaRN temperature on the logits of all dimensions (DeepSeek-V2 config mscale_all_dim).
         scale = qk_dim**-0.5 * yarn_softmax_scale_factor(cfg.rope_scaling)
-        kv, mask, new_cache = attention_context(
-            {"latent": latent_BxTxC, "k_rope": k_rope_BxTxR}, positions, segment_ids, cache, cache_index,
-            cache_segment_ids,
-        )
-        latent, k_rope = compute(self, kv["latent"]), compute(self, kv["k_rope"])
-        if cache is None:
-            out_BxTxHxV = mla_naive(
-                q_nope_BxTxHxN, q_rope_BxTxHxR, latent, k_rope, w_uk_CxHxN, w_uv_CxHxV, **mask, scale=scale,
-                implementation=cfg.attention_implementation, block_q=cfg.attention_block_q,
-                block_kv=cfg.attention_block_kv,
-            )
+        kernel_args = dict(scale=scale, implementation=cfg.attention_implementation, block_q=cfg.attention_block_q,
+                           block_kv=cfg.attention_block_kv)
+        if context_shards > 1:
+            # The latent and the rope key travel between devices, not the up-projected keys/values (71x fewer
+            # numbers for DeepSeek-V3; see context_parallel_mla).
+            out_BxTxHxV = context_parallel_mla(
+                q_nope_BxTxHxN, q_rope_BxTxHxR, compute(self, latent_BxTxC), compute(self, k_rope_BxTxR),
+                w_uk_CxHxN, w_uv_CxHxV, segment_ids=segment_ids, positions=positions,
+                mesh=jax.sharding.get_abstract_mesh(), **kernel_args)
+            new_cache = None
         else:
-            out_BxTxHxV = mla_absorbed_decode(
-                q_nope_BxTxHxN, q_rope_BxTxHxR, latent, k_rope, w_uk_CxHxN, w_uv_CxHxV, **mask, scale=scale
+            kv, mask, new_cache = attention_context(
+                {"latent": latent_BxTxC, "k_rope": k_rope_BxTxR}, positions, segment_ids, cache, cache_index,
+                cache_segment_ids,
             )
+            latent, k_rope = compute(self, kv["latent"]), compute(self, kv["k_rope"])
+            if cache is None:
+                out_BxTxHxV = mla_naive(q_nope_BxTxHxN, q_rope_BxTxHxR, latent, k_rope, w_uk_CxHxN, w_uv_CxHxV,
+                                        **mask, **kernel_args)
+            else:
+                out_BxTxHxV = mla_absorbed_decode(
+                    q_nope_BxTxHxN, q_rope_BxTxHxR, latent, k_rope, w_uk_CxHxN, w_uv_CxHxV, **mask, scale=scale
+                )
         out_BxTxD = (jnp.einsum("bthv,hvd->btd", out_BxTxHxV, compute(self, w_o))
                      + lora.apply(self, out_BxTxHxV, o_update))
         return out_BxTxD, new_cache

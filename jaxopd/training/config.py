@@ -27,6 +27,7 @@ import ml_collections
 from jaxopd.bundled import run_config_path, split_variant
 from jaxopd.configdict import check_choices, config_dict_of, from_config_dict
 from jaxopd.data.pipeline import DataConfig
+from jaxopd.kernels.context_parallel import CONTEXT_PARALLEL_IMPLEMENTATIONS
 from jaxopd.model import load_preset
 from jaxopd.model.config import ModelConfig
 
@@ -119,6 +120,7 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     expert: int = 1
+    context: int = 1  # >1: each row's sequence split over that many devices (context parallelism)
     tensor: int = 1
 
 
@@ -346,8 +348,27 @@ def _rule_problems(run: RunConfig, process_count: int) -> list[str]:
                         "check)")
     if run.objective.loss_chunk_size < 1:
         problems.append(f"loss_chunk_size={run.objective.loss_chunk_size} must be at least 1")
+    problems += _context_problems(run)
     if run.objective.is_distillation:
         problems += _distill_problems(run, process_count)
+    return problems
+
+
+def _context_problems(run: RunConfig) -> list[str]:
+    """Context parallelism (mesh.context > 1) splits every row's sequence; -1 is checked once the mesh is built."""
+    context, problems = run.mesh.context, []
+    if context <= 1:  # -1 (the rest of the devices) is checked in build, other sizes by the mesh
+        return problems
+    if run.seq_len % context:
+        problems.append(f"seq_len={run.seq_len} is not divisible by mesh.context={context}: each device holds "
+                        f"seq_len / context tokens of a row; use a seq_len that is a multiple of {context} or change "
+                        "mesh.context")
+    if run.model.attention_implementation not in CONTEXT_PARALLEL_IMPLEMENTATIONS:
+        problems.append(f"model.attention_implementation={run.model.attention_implementation!r} does not run "
+                        f"context-parallel (mesh.context={context}): use one of {CONTEXT_PARALLEL_IMPLEMENTATIONS}")
+    if run.objective.is_distillation:
+        problems.append(f"mesh.context={context}: distillation samples with a KV cache, which does not run "
+                        "context-parallel; use mesh.context=1")
     return problems
 
 

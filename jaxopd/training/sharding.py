@@ -1,8 +1,10 @@
 """Device mesh, logical-axis rules and multi-host start-up.
 
-The mesh has four axes, outermost first: "data" (pure data parallel; across slices/hosts), "fsdp" (data parallel
+The mesh has five axes, outermost first: "data" (pure data parallel; across slices/hosts), "fsdp" (data parallel
 with params and optimizer state sharded, ZeRO-3 style), "expert" (MoE experts split; tokens are sharded over it
-too, so it also acts as data parallelism for the dense layers) and "tensor" (Megatron-style heads/MLP split,
+too, so it also acts as data parallelism for the dense layers), "context" (the sequence of each row split: every
+token-wise op runs on its block, attention all-gathers keys/values, `jaxopd.kernels.context_parallel`; it
+communicates every attention layer, so it sits inside the data axes) and "tensor" (Megatron-style heads/MLP split,
 innermost because it communicates every layer).
 
 Params and activations carry logical axis names (CONTRACTS.md); `LOGICAL_AXIS_RULES` maps them to mesh axes in
@@ -22,9 +24,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxopd.kernels.context_parallel import check_context_split
 from jaxopd.training.config import DistributedConfig, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
@@ -39,7 +42,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # already use "expert" for their expert dimension and fall back to fsdp alone.
     ("embed", ("fsdp", "expert")),
     ("embed", "fsdp"),
-    ("seq", None),
+    # Activations' sequence axis: split over "context" (context parallelism; size 1 leaves it whole).
+    ("seq", "context"),
     ("head_dim", None),
     ("q_lora", None),
     ("kv_lora", None),
@@ -85,6 +89,11 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "microbatch_s
         raise ValueError(
             f"{what}={batch_size} is not divisible by the {parts} batch shards of the mesh ({axes}); "
             f"use a {what} that is a multiple of {parts} or change config.mesh")
+
+
+def check_context_divisible(seq_len: int, mesh: Mesh, what: str = "seq_len") -> None:
+    """Raises ValueError unless rows of `seq_len` tokens split evenly over the mesh's context axis."""
+    check_context_split(seq_len, mesh.shape["context"], what)
 
 
 def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:

@@ -95,6 +95,7 @@ def build(config: RunConfig, objective: Objective, devices: Optional[list[jax.De
     """Mesh over `devices` (default all), model, optimizer, state created in its shards, jitted train/eval steps."""
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_divisible(config.microbatch_size, mesh)
+    sharding.check_context_divisible(config.seq_len, mesh)
     model = Transformer(config.model)
     optimizer = make_optimizer(config.optimizer)
     example = np.zeros((1, config.seq_len), np.int32)

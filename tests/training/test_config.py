@@ -99,7 +99,7 @@ def test_deepseek_v3_config_follows_the_paper():
     assert float(lr(schedule.decay_end)) == pytest.approx(2.2e-5)
     assert ramp.tokens_before(schedule.final_step) >= 14.3e12 + 333e9 > ramp.tokens_before(schedule.final_step - 1)
     assert float(lr(config.steps - 1)) == pytest.approx(7.3e-6)
-    assert sharding.mesh_shape(config.mesh, 1024) == (1, 16, 64, 1)
+    assert sharding.mesh_shape(config.mesh, 1024) == (1, 16, 64, 1, 1)
     assert config.microbatch_size % (16 * 64) == 0
 
 

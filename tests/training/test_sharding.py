@@ -10,14 +10,15 @@ from jaxopd.training.config import MeshConfig
 
 
 def _mesh_config(**sizes):
-    return MeshConfig(**{"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **sizes})
+    return MeshConfig(**{"data": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1, **sizes})
 
 
 def test_minus_one_takes_the_remaining_devices():
-    assert sharding.mesh_shape(_mesh_config(data=-1, tensor=2), 8) == (4, 1, 1, 2)
-    assert sharding.mesh_shape(_mesh_config(fsdp=-1, expert=2), 8) == (1, 4, 2, 1)
+    assert sharding.mesh_shape(_mesh_config(data=-1, tensor=2), 8) == (4, 1, 1, 1, 2)
+    assert sharding.mesh_shape(_mesh_config(fsdp=-1, expert=2), 8) == (1, 4, 2, 1, 1)
+    assert sharding.mesh_shape(_mesh_config(fsdp=2, context=-1), 8) == (1, 2, 1, 4, 1)
     mesh = sharding.make_mesh(_mesh_config(data=2, fsdp=-1))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "context": 1, "tensor": 1}
 
 
 @pytest.mark.parametrize("sizes, message", [
@@ -44,8 +45,9 @@ def test_batch_not_divisible_by_batch_shards():
     (("experts", "embed", "expert_mlp"), P("expert", "fsdp", "tensor")),
     (("embed", "q_lora"), P(("fsdp", "expert"), None)),
     (("norm",), P(None)),
-    (("batch", "seq", "embed"), P(("data", "fsdp", "expert"), None, None)),
-    (("batch", "seq", "q_heads", "head_dim"), P(("data", "fsdp", "expert"), None, "tensor", None)),
+    (("batch", "seq", "embed"), P(("data", "fsdp", "expert"), "context", None)),
+    (("batch", "seq", "vocab"), P(("data", "fsdp", "expert"), "context", "tensor")),
+    (("batch", "seq", "q_heads", "head_dim"), P(("data", "fsdp", "expert"), "context", "tensor", None)),
 ])
 def test_logical_rules(names, expected):
     assert nn.logical_to_mesh_axes(names, sharding.LOGICAL_AXIS_RULES) == expected
@@ -83,3 +85,10 @@ def test_state_bytes_per_device_and_too_large_model_error():
     sharding.check_fits(2**29, Device())
     with pytest.raises(ValueError, match="need 2.0 GiB per device but a small accelerator has 1.0 GiB: raise config"):
         sharding.check_fits(2**31, Device())
+
+
+def test_rows_not_divisible_by_the_context_axis():
+    mesh = sharding.make_mesh(_mesh_config(fsdp=2, context=4))
+    sharding.check_context_divisible(1024, mesh)
+    with pytest.raises(ValueError, match=r"seq_len=1022 is not divisible .*config.mesh.context=4"):
+        sharding.check_context_divisible(1022, mesh)
