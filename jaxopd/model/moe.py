@@ -66,7 +66,10 @@ class MoE(nn.Module):
                     "config.expert_parallel=True needs a mesh with an 'expert' axis set with jax.set_mesh(mesh); "
                     f"the current mesh axes are {tuple(mesh.shape)}"
                 )
-            routed_NxD = moe_experts_expert_parallel(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights, mesh=mesh)
+            # Tokens split over the sequence (context parallelism) stay split: rows are batch-major, so the flat
+            # token axis is sharded over the batch axes, then "context".
+            routed_NxD = moe_experts_expert_parallel(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights, mesh=mesh,
+                                                     token_axes=("data", "fsdp", "expert", "context"))
         else:
             routed_NxD = moe_experts(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights)
         out_BxTxD = routed_NxD.reshape(batch, seq, d)
