@@ -18,8 +18,8 @@ def get_config():
     config.workdir = "workdirs/tiny_long_256"
     config.model = load_model_preset("tiny", max_position_embeddings=SEQ_LEN)
     config.steps = 300
-    config.batch_size = 16
-    config.microbatch_size = 16
+    config.batch_size = 8  # 2048 tokens a step, as tiny_pretrain
+    config.microbatch_size = 8
     config.seq_len = SEQ_LEN
     config.loss_chunk_size = SEQ_LEN
     config.log_every = 10

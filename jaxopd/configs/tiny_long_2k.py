@@ -28,7 +28,7 @@ def get_config(variant: Optional[str] = None):
         **config.model.to_dict(), "rope_scaling": None if variant else YARN, "max_position_embeddings": SEQ_LEN,
         "attention_implementation": "blockwise", "attention_block_q": 256, "attention_block_kv": 256})
     config.seq_len = SEQ_LEN
-    config.batch_size = config.microbatch_size = 2  # the 4096 tokens a step of the 256-token stage
+    config.batch_size = config.microbatch_size = 1  # the 2048 tokens a step of the 256-token stage
     config.loss_chunk_size = 512
     config.steps = 200
     config.optimizer.schedule.update(kind="constant", peak_lr=config.optimizer.schedule.end_lr)
