@@ -11,8 +11,9 @@ from typing import Any, Literal, Optional, get_args
 
 from jaxopd.kernels.rope import RopeLayout, RopeScaling, check_rope_scaling
 
-__all__ = ["FORWARD_PASS_FIELDS", "RUN_CHOICE_FIELDS", "AttentionImplementation", "AttentionKind", "DTypeName",
-           "LoraTarget", "ModelConfig", "RematPolicy", "RopeScaling", "RouterScore", "architecture_fields"]
+__all__ = ["CONTEXT_EXTENSION_FIELDS", "FORWARD_PASS_FIELDS", "RUN_CHOICE_FIELDS", "AttentionImplementation",
+           "AttentionKind", "DTypeName", "LoraTarget", "ModelConfig", "RematPolicy", "RopeScaling", "RouterScore",
+           "architecture_fields"]
 
 AttentionKind = Literal["gqa", "mla"]
 RouterScore = Literal["sigmoid", "softmax"]  # "sigmoid" (DeepSeek-V3) or "softmax" (V2, Qwen-MoE, Mixtral)
@@ -202,6 +203,11 @@ FORWARD_PASS_FIELDS = ("remat", "attention_implementation", "attention_block_q",
 # forward pass, the dtypes, the initialization of fresh params, and LoRA adapters (trained on top of the weights).
 RUN_CHOICE_FIELDS = FORWARD_PASS_FIELDS + ("dtype", "param_dtype", "init_std", "lora_rank", "lora_alpha",
                                            "lora_dropout", "lora_targets")
+
+# Architecture fields that a run may change from the checkpoint it starts from (`init_from`): the positions the model
+# is trained for and how RoPE stretches to them (a context-extension stage, DeepSeek-V3 §4.3). The weights do not
+# depend on them, so the config's value, when it sets one, is used instead of the checkpoint's.
+CONTEXT_EXTENSION_FIELDS = ("rope_scaling", "max_position_embeddings")
 
 
 def architecture_fields() -> tuple[str, ...]:

@@ -266,3 +266,25 @@ def load_params(path: str | pathlib.Path, abstract_params: Any, step: Optional[i
     params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
     manager.close()
     return params["params"]
+
+
+def has_train_state(path: str | pathlib.Path) -> bool:
+    """Whether the newest checkpoint at `path` (a run workdir or its checkpoints/) holds an optimizer state (one
+    written by `save_model` holds params only)."""
+    directory = step_directory(path)
+    steps = [int(child.name) for child in directory.iterdir() if child.name.isdigit()] if directory.is_dir() else []
+    return bool(steps) and (directory / str(max(steps)) / "train").is_dir()
+
+
+def load_opt_state(path: str | pathlib.Path, abstract_train: dict[str, Any]) -> Any:
+    """The optimizer state of the newest checkpoint at `path` (a run workdir or its checkpoints/), read into the
+    shardings of `abstract_train` (the shape structs of {"opt_state", "step", "rng"}, as `save` writes them): what a
+    new stage carries over from the previous one (`init_from.optimizer="carry"`)."""
+    manager = read_only_manager(path, {"train": ocp.StandardCheckpointHandler()})
+    step = manager.latest_step()
+    if step is None:
+        manager.close()
+        raise ValueError(f"no jaxopd checkpoint in {path}: expected step directories written by jaxopd.train")
+    train = manager.restore(step, args=ocp.args.Composite(train=ocp.args.StandardRestore(abstract_train)))["train"]
+    manager.close()
+    return train["opt_state"]
