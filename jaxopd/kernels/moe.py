@@ -154,45 +154,91 @@ def moe_experts(
     return _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, updates, first_expert=0)
 
 
-def _grouped_dot(x_MxI, w_ExIxO, group_sizes, update, order):
+def _grouped_dot(x_MxI, w_ExIxO, group_sizes, update):
     """ragged_dot of the sorted rows with their experts' weights `[M, out]` float32, plus the LoRA update's
-    ((keep * x) a) b through the same groups (keep `[tokens, k, in]` put in the rows' order)."""
+    ((keep * x) a) b through the same groups (keep `[M, in]` in the rows' order)."""
     out_MxO = jax.lax.ragged_dot(x_MxI, w_ExIxO, group_sizes, preferred_element_type=jnp.float32)
     if update is None:
         return out_MxO
     if update.keep is not None:
-        x_MxI = x_MxI * update.keep.reshape(-1, x_MxI.shape[-1])[order].astype(x_MxI.dtype)
+        x_MxI = x_MxI * update.keep.astype(x_MxI.dtype)
     hidden_MxR = jax.lax.ragged_dot(x_MxI, update.a, group_sizes, preferred_element_type=jnp.float32)
     return out_MxO + jax.lax.ragged_dot(hidden_MxR.astype(x_MxI.dtype), update.b, group_sizes,
                                         preferred_element_type=jnp.float32)
 
 
+def _sort_by_expert(local_ids_M, num_local):
+    """(order `[M]`: sorted row -> row, group_sizes `[num_local]` int32) for rows routed to local experts
+    `[0, num_local)`; rows with any other id sort last, past sum(group_sizes)."""
+    local_ids_M = jnp.where((local_ids_M >= 0) & (local_ids_M < num_local), local_ids_M, num_local)
+    order_M = jnp.argsort(local_ids_M, stable=True)
+    return order_M, jnp.bincount(local_ids_M, length=num_local).astype(jnp.int32)
+
+
+def _map_keeps(fn, updates):
+    """The updates with `fn` applied to each keep mask."""
+    return tuple(u if u is None or u.keep is None else u._replace(keep=fn(u.keep)) for u in updates)
+
+
+def _pair_keeps(updates):
+    """The updates with each keep mask `[tokens, k, in]` flattened to one row per (token, slot) pair `[M, in]`."""
+    return _map_keeps(lambda keep: keep.reshape(-1, keep.shape[-1]), updates)
+
+
+def _local_experts(x_MxD, local_ids_M, w_gate, w_up, w_down, updates):
+    """The local experts' SwiGLU of rows in any order: row m through expert `local_ids_M[m]` of the
+    `w_gate.shape[0]` local ones, zero for rows with an id outside them. updates' keep masks are `[M, in]`, one per
+    row. Returns `[M, d]` float32 in the rows' order."""
+    order_M, group_sizes = _sort_by_expert(local_ids_M, w_gate.shape[0])
+    sorted_updates = _map_keeps(lambda keep: keep[order_M], updates)
+    x_sorted_MxD = x_MxD[order_M]
+    gate_update, up_update, down_update = sorted_updates
+    gate_MxF = _grouped_dot(x_sorted_MxD, w_gate, group_sizes, gate_update)
+    up_MxF = _grouped_dot(x_sorted_MxD, w_up, group_sizes, up_update)
+    hidden_MxF = (jax.nn.silu(gate_MxF) * up_MxF).astype(x_MxD.dtype)
+    out_sorted_MxD = _grouped_dot(hidden_MxF, w_down, group_sizes, down_update)
+    # ragged_dot leaves rows outside every group unspecified; zero them explicitly.
+    in_group_M = jnp.arange(order_M.shape[0]) < group_sizes.sum()
+    out_sorted_MxD = jnp.where(in_group_M[:, None], out_sorted_MxD, 0.0)
+    # Unsort with the inverse permutation (a gather, whose gradient is a scatter).
+    return out_sorted_MxD[jnp.argsort(order_M)]
+
+
+def _combine(out_MxD, weights_TxU):
+    """`[tokens * k, d]` per-pair outputs (token-major) weighted over the k slots: `[tokens, d]` float32."""
+    tokens, k = weights_TxU.shape
+    out_TxUxD = out_MxD.reshape(tokens, k, -1).astype(jnp.float32)
+    return jnp.einsum("tud,tu->td", out_TxUxD, weights_TxU.astype(jnp.float32))
+
+
 def _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, updates, first_expert):
     """Experts `[first_expert, first_expert + w_gate.shape[0])` applied to their (token, slot) pairs; pairs routed
     to other experts contribute zero. `[tokens, d]` float32-combined, in x's dtype."""
-    tokens, d = x.shape
-    num_local, k = w_gate.shape[0], expert_ids.shape[1]
-    flat_ids = expert_ids.reshape(-1) - first_expert
-    # Other experts' pairs go to a trailing bucket: after the stable sort they sit past sum(group_sizes).
-    flat_ids = jnp.where((flat_ids >= 0) & (flat_ids < num_local), flat_ids, num_local)
-    order = jnp.argsort(flat_ids, stable=True)  # sorted row -> flat (token, slot) index
-    group_sizes = jnp.bincount(flat_ids, length=num_local).astype(jnp.int32)
-    x_sorted_MxD = x[order // k]
+    k = expert_ids.shape[1]
+    pair_token_M = jnp.arange(expert_ids.size) // k
+    out_MxD = _local_experts(x[pair_token_M], expert_ids.reshape(-1) - first_expert, w_gate, w_up, w_down,
+                             _pair_keeps(updates))
+    return _combine(out_MxD, weights).astype(x.dtype)
 
-    gate_update, up_update, down_update = updates
-    gate_MxF = _grouped_dot(x_sorted_MxD, w_gate, group_sizes, gate_update, order)
-    up_MxF = _grouped_dot(x_sorted_MxD, w_up, group_sizes, up_update, order)
-    hidden_MxF = (jax.nn.silu(gate_MxF) * up_MxF).astype(x.dtype)
-    out_sorted_MxD = _grouped_dot(hidden_MxF, w_down, group_sizes, down_update, order)
-    # ragged_dot leaves rows outside every group unspecified; zero them explicitly.
-    in_group_M = jnp.arange(order.shape[0]) < group_sizes.sum()
-    out_sorted_MxD = jnp.where(in_group_M[:, None], out_sorted_MxD, 0.0)
 
-    # Unsort with the inverse permutation (a gather, whose gradient is a scatter) and weight the k slots.
-    inverse_order = jnp.argsort(order)
-    out_TxUxD = out_sorted_MxD[inverse_order].reshape(tokens, k, d)
-    out_TxD = jnp.einsum("tud,tu->td", out_TxUxD, weights.astype(jnp.float32))
-    return out_TxD.astype(x.dtype)
+def _check_expert_parallel(x, w_gate, mesh, expert_axis, token_axes):
+    """The token axes the mesh has, after checking that experts and tokens divide over the mesh."""
+    if expert_axis not in mesh.shape:
+        raise ValueError(f"expert_axis={expert_axis!r} is not a mesh axis; the mesh has {tuple(mesh.shape)}")
+    num_experts, num_shards = w_gate.shape[0], mesh.shape[expert_axis]
+    if num_experts % num_shards:
+        raise ValueError(f"num_experts={num_experts} must divide by the {expert_axis!r} mesh axis size {num_shards}")
+    token_axes = tuple(a for a in token_axes if a in mesh.shape)
+    token_shards = int(np.prod([mesh.shape[a] for a in token_axes]))
+    if x.shape[0] % token_shards:
+        raise ValueError(f"tokens={x.shape[0]} must divide by the token axes {token_axes} total size {token_shards}")
+    return token_axes
+
+
+def _update_specs(updates, expert_spec, token_spec):
+    # Adapters split over experts like the weights; keep masks ([tokens, k, in]) over tokens like x.
+    return tuple(None if u is None else LowRank(expert_spec, expert_spec, None if u.keep is None else token_spec)
+                 for u in updates)
 
 
 def moe_experts_expert_parallel(
@@ -221,29 +267,18 @@ def moe_experts_expert_parallel(
     masks over tokens like x); `tokens` must divide by the product of the token axes' sizes, `experts` by the
     size of `expert_axis`.
     """
-    if expert_axis not in mesh.shape:
-        raise ValueError(f"expert_axis={expert_axis!r} is not a mesh axis; the mesh has {tuple(mesh.shape)}")
-    num_experts, num_shards = w_gate.shape[0], mesh.shape[expert_axis]
-    if num_experts % num_shards:
-        raise ValueError(f"num_experts={num_experts} must divide by the {expert_axis!r} mesh axis size {num_shards}")
-    token_axes = tuple(a for a in token_axes if a in mesh.shape)
-    token_shards = int(np.prod([mesh.shape[a] for a in token_axes]))
-    if x.shape[0] % token_shards:
-        raise ValueError(f"tokens={x.shape[0]} must divide by the token axes {token_axes} total size {token_shards}")
+    token_axes = _check_expert_parallel(x, w_gate, mesh, expert_axis, token_axes)
     tokens_over_experts = expert_axis in token_axes
     token_spec = P(token_axes or None)
     expert_spec = P(expert_axis)
-    # Adapters split over experts like the weights; keep masks ([tokens, k, in]) over tokens like x.
-    update_specs = tuple(None if u is None else LowRank(expert_spec, expert_spec, None if u.keep is None else token_spec)
-                         for u in updates)
+    update_specs = _update_specs(updates, expert_spec, token_spec)
 
     def local(x, expert_ids, weights, w_gate, w_up, w_down, updates):
         if tokens_over_experts:
             x, expert_ids, weights = (
                 jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x, expert_ids, weights)
             )
-            updates = tuple(u if u is None or u.keep is None else
-                            u._replace(keep=jax.lax.all_gather(u.keep, expert_axis, tiled=True)) for u in updates)
+            updates = _map_keeps(lambda keep: jax.lax.all_gather(keep, expert_axis, tiled=True), updates)
         else:
             # Mark the replicated tokens as varying over the expert axis so the transpose psums their cotangent
             # over expert shards (jax 0.10.2 returned a wrong x gradient without it, see the tests).
