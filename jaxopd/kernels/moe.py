@@ -9,7 +9,11 @@ Public API (pure functions on arrays and Python numbers; no Flax, no configs):
               w_gate [experts, d, f], w_up [experts, d, f], w_down [experts, f, d],
               updates=(LowRank | None,) * 3) -> [tokens, d]   (per-expert LoRA updates, see moe_experts)
   moe_experts_expert_parallel(<moe_experts args>, *, mesh, expert_axis="expert",
-                              token_axes=("data", "fsdp", "expert")) -> [tokens, d]   (shard_map over experts)
+                              token_axes=("data", "fsdp", "expert")) -> [tokens, d]   (shard_map over experts;
+      all-gather dispatch: every token to every expert shard)
+  moe_experts_all_to_all(<moe_experts args>, *, mesh, expert_axis="expert", token_axes=..., capacity_factor=None,
+                         exchange="all_to_all"|"ragged_all_to_all") -> ([tokens, d], dropped int32 scalar)
+      (all-to-all dispatch: each (token, slot) pair only to its expert's device; dropless unless capacity_factor)
   expert_load(expert_ids [..., k], num_experts, mask [...] | None = None) -> [experts] float32
   update_balance_bias(bias [experts], load [experts], rate) -> [experts]
   sequence_balance_loss(scores [batch, seq, experts], expert_ids [batch, seq, k], segment_ids [batch, seq] | None)
@@ -25,7 +29,8 @@ Shapes: see jaxopd/kernels/__init__.py.
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Literal, Optional, get_args
 
 import jax
 import jax.numpy as jnp
@@ -260,8 +265,8 @@ def moe_experts_expert_parallel(
     `[i * E/n, (i+1) * E/n)` for its index i along `expert_axis`. When tokens are sharded over `expert_axis` too,
     each device all-gathers the tokens of its expert group, runs its own experts on the pairs routed to them, and a
     reduce-scatter sums the partial outputs back to the token owners; otherwise a psum does. Dropless, with static
-    shapes and no capacity factor; it moves every token to every expert shard (all-gather rather than a ragged
-    all-to-all), trading bandwidth for simplicity.
+    shapes and no capacity factor; it moves every token to every expert shard (all-gather rather than all-to-all,
+    see `moe_experts_all_to_all`), trading bandwidth for simplicity.
 
     Args/returns as `moe_experts` (the LoRA updates' adapters are split over experts like the weights, their keep
     masks over tokens like x); `tokens` must divide by the product of the token axes' sizes, `experts` by the
@@ -294,6 +299,123 @@ def moe_experts_expert_parallel(
         mesh=mesh,
         in_specs=(token_spec,) * 3 + (expert_spec,) * 3 + (update_specs,),
         out_specs=token_spec,
+    )(x, expert_ids, weights, w_gate, w_up, w_down, tuple(updates))
+
+
+Exchange = Literal["all_to_all", "ragged_all_to_all"]
+
+
+def _exchange(a_NxCx, send_sizes_N, recv_sizes_N, axis_name, exchange, fill):
+    """Swap per-peer blocks over `axis_name`: block j of `a_NxCx` (`[peers, C, ...]`, its first `send_sizes_N[j]`
+    rows filled) goes to peer j, which receives it as its block i (i = this device's index). "all_to_all" moves
+    the whole static blocks; "ragged_all_to_all" moves only the filled rows and leaves the rest of each received
+    block at `fill` (XLA:CPU does not implement it; GPU and TPU do)."""
+    if exchange == "all_to_all":
+        return jax.lax.all_to_all(a_NxCx, axis_name, 0, 0, tiled=True)
+    num_peers, capacity = a_NxCx.shape[:2]
+    flat = a_NxCx.reshape(num_peers * capacity, *a_NxCx.shape[2:])
+    block_starts_N = jnp.arange(num_peers, dtype=jnp.int32) * capacity
+    # Every peer keeps the block of sender i at rows [i * C, (i + 1) * C) of its buffer.
+    landing_N = jnp.full((num_peers,), jax.lax.axis_index(axis_name) * capacity, jnp.int32)
+    out = jax.lax.ragged_all_to_all(flat, jnp.full_like(flat, fill), block_starts_N, send_sizes_N, landing_N,
+                                    recv_sizes_N, axis_name=axis_name)
+    return out.reshape(a_NxCx.shape)
+
+
+def moe_experts_all_to_all(
+    x: jax.Array,
+    expert_ids: jax.Array,
+    weights: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    updates: ExpertUpdates = (None, None, None),
+    *,
+    mesh: jax.sharding.Mesh,
+    expert_axis: str = "expert",
+    token_axes: tuple[str, ...] = ("data", "fsdp", "expert"),
+    capacity_factor: Optional[float] = None,
+    exchange: Exchange = "all_to_all",
+) -> tuple[jax.Array, jax.Array]:
+    """`moe_experts` with experts sharded over `expert_axis` and all-to-all dispatch: each (token, slot) pair goes
+    only to the device holding its expert (DeepSeek-V3, MaxText), not every token to every expert shard.
+
+    Tokens are sharded over those of `token_axes` that the mesh has, which must include `expert_axis`; device i
+    along `expert_axis` holds experts `[i * E/n, (i+1) * E/n)`. Per device, with T local tokens and n = the
+    expert axis size: the T * k pairs are sorted by expert (so by destination), packed into n per-peer blocks of
+    C rows (x, the local expert id, the LoRA keep masks), exchanged, run through the local experts grouped by
+    expert (ragged_dot), exchanged back to their senders and combined with the routing weights there.
+
+    The blocks have a static size C. `capacity_factor=None` is dropless: C = T * k (every pair of a device may go
+    to one peer), so each exchange moves and holds `n * T * k` rows per device with "all_to_all" (k times the
+    all-gather dispatch's `n * T` rows of x). A capacity factor c sets C = ceil(c * T * k / n) (c = 1 fits a
+    perfectly balanced routing): pairs past a block's C rows are dropped (they contribute zero) and counted.
+    `exchange="ragged_all_to_all"` moves only the filled rows (at most T * k per device whatever the routing),
+    with the same buffers; XLA:CPU does not implement it.
+
+    Args: as `moe_experts`, plus mesh, expert_axis, token_axes, capacity_factor (None or > 0), exchange.
+    Returns: (`[tokens, d]` in x's dtype, dropped: int32 scalar, the pairs dropped over all devices; 0 when
+    dropless). `tokens` must divide by the product of the token axes' sizes, `experts` by the expert axis size.
+    """
+    token_axes = _check_expert_parallel(x, w_gate, mesh, expert_axis, token_axes)
+    if expert_axis not in token_axes:
+        raise ValueError(f"all-to-all dispatch needs the tokens sharded over expert_axis={expert_axis!r}; "
+                         f"token_axes={token_axes} lack it (use moe_experts_expert_parallel for replicated tokens)")
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"capacity_factor={capacity_factor} must be > 0, or None for dropless dispatch")
+    if exchange not in get_args(Exchange):
+        raise ValueError(f"exchange={exchange!r} must be one of {get_args(Exchange)}")
+    num_peers = mesh.shape[expert_axis]
+    num_local = w_gate.shape[0] // num_peers
+    token_shards = int(np.prod([mesh.shape[a] for a in token_axes]))
+    k = expert_ids.shape[1]
+    pairs = x.shape[0] // token_shards * k  # per device
+    capacity = pairs if capacity_factor is None else min(pairs, math.ceil(capacity_factor * pairs / num_peers))
+    token_spec = P(token_axes)
+    expert_spec = P(expert_axis)
+
+    def local(x, expert_ids, weights, w_gate, w_up, w_down, updates):
+        ids_M = expert_ids.reshape(-1)
+        order_M = jnp.argsort(ids_M, stable=True)  # sorted pair -> pair; by expert, hence by destination
+        peer_of_pair_M = ids_M // num_local
+        sizes_N = jnp.bincount(peer_of_pair_M, length=num_peers).astype(jnp.int32)
+        starts_N = jnp.cumsum(sizes_N) - sizes_N
+        # Block row c of peer j holds sorted pair starts[j] + c, when c < sizes[j] (and c < C).
+        row_C = jnp.arange(capacity, dtype=jnp.int32)
+        filled_NxC = row_C[None, :] < sizes_N[:, None]
+        pair_NxC = order_M[jnp.minimum(starts_N[:, None] + row_C[None, :], pairs - 1)]
+        send_sizes_N = jnp.minimum(sizes_N, capacity)
+        recv_sizes_N = jax.lax.all_to_all(send_sizes_N, expert_axis, 0, 0, tiled=True)
+
+        def send(a_NxCx, fill):
+            a_NxCx = jnp.where(filled_NxC.reshape(filled_NxC.shape + (1,) * (a_NxCx.ndim - 2)), a_NxCx, fill)
+            return _exchange(a_NxCx, send_sizes_N, recv_sizes_N, expert_axis, exchange, fill)
+
+        local_id_NxC = ids_M[pair_NxC] - jnp.arange(num_peers, dtype=jnp.int32)[:, None] * num_local
+        # Unfilled rows carry the id num_local: no local expert, so they compute nothing and return zero.
+        got_ids_M = send(local_id_NxC, num_local).reshape(-1)
+        got_x_MxD = send(x[pair_NxC // k], 0).reshape(-1, x.shape[-1])
+        got_updates = _map_keeps(lambda keep: send(keep[pair_NxC], 0).reshape(-1, keep.shape[-1]),
+                                 _pair_keeps(updates))
+        out_MxD = _local_experts(got_x_MxD, got_ids_M, w_gate, w_up, w_down, got_updates).astype(x.dtype)
+        # The reverse exchange: results go back to their senders' blocks (unfilled rows are zero already).
+        back_NxCxD = _exchange(out_MxD.reshape(num_peers, capacity, -1), recv_sizes_N, send_sizes_N, expert_axis,
+                               exchange, 0)
+
+        # Pair p sat at row rank[p] of its peer's block; past the capacity it was dropped (no row, zero output).
+        sorted_rank_M = jnp.arange(pairs, dtype=jnp.int32) - starts_N[peer_of_pair_M[order_M]]
+        rank_M = jnp.zeros_like(ids_M).at[order_M].set(sorted_rank_M)
+        slot_M = jnp.where(rank_M < capacity, peer_of_pair_M * capacity + rank_M, num_peers * capacity)
+        out_pairs_MxD = jnp.take(back_NxCxD.reshape(num_peers * capacity, -1), slot_M, axis=0, mode="fill",
+                                 fill_value=0)
+        dropped = jax.lax.psum((sizes_N - send_sizes_N).sum(), token_axes)
+        return _combine(out_pairs_MxD, weights).astype(x.dtype), dropped
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(token_spec,) * 3 + (expert_spec,) * 3 + (_update_specs(updates, expert_spec, token_spec),),
+        out_specs=(token_spec, P()),
     )(x, expert_ids, weights, w_gate, w_up, w_down, tuple(updates))
 
 
