@@ -9,6 +9,7 @@ import pytest
 from conftest import MLA_MOE, init_params, random_tokens
 
 from jaxopd.model import Transformer
+from jaxopd.model.config import RUN_CHOICE_FIELDS, architecture_fields
 from jaxopd.training.sharding import LOGICAL_AXIS_RULES
 
 AXES = ("data", "fsdp", "tensor", "expert")
@@ -62,3 +63,10 @@ def test_all_to_all_dispatch_loss_and_grads_equal_all_gather(lora_rank):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=atol, err_msg=name)
         np.testing.assert_allclose(np.asarray(g), np.asarray(single), rtol=1e-4, atol=atol, err_msg=name)
     assert expert_leaves > 0  # routed experts' weights (or their adapters) take gradient
+
+
+def test_expert_dispatch_is_a_checked_run_choice():
+    with pytest.raises(ValueError, match="config.expert_dispatch='ragged' must be"):
+        MLA_MOE.replace(expert_dispatch="ragged")
+    # init_from compares only the architecture: a run may change its dispatch against any checkpoint.
+    assert "expert_dispatch" in RUN_CHOICE_FIELDS and "expert_dispatch" not in architecture_fields()
