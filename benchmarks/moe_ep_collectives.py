@@ -98,10 +98,11 @@ def main():
     print("| dispatch | all-gather | reduce-scatter | all-reduce | all-to-all | ragged-a2a buffer | "
           "sent/chip (est.) | temp/chip | compile s |\n|---|---|---|---|---|---|---|---|---|")
     for name, fn in dispatches.items():
-        step = jax.jit(jax.grad(lambda x, ids, w, *ws, fn=fn: jnp.sum(fn(x, ids, w, *ws).astype(jnp.float32)),
-                                argnums=(0, 2, 3, 4, 5)))
+        # A probe-weighted loss: the output's cotangent must be data (a sum's would be constant ones, folded away).
+        loss = lambda probe, x, ids, w, *ws, fn=fn: jnp.sum(fn(x, ids, w, *ws).astype(jnp.float32) * probe)
+        step = jax.jit(jax.grad(loss, argnums=(1, 3, 4, 5, 6)))
         start = time.perf_counter()
-        compiled = step.lower(*args).compile()
+        compiled = step.lower(args[0], *args).compile()
         seconds = time.perf_counter() - start
         totals = collective_bytes(compiled.as_text())
         # Backward runs the exchanges again (their transposes), so the ragged bound doubles.
