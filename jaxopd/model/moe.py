@@ -6,7 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxopd.kernels.moe import expert_load, moe_experts, moe_experts_expert_parallel, route, sequence_balance_loss
+from jaxopd.kernels.moe import (expert_load, moe_experts, moe_experts_all_to_all, moe_experts_expert_parallel, route,
+                                sequence_balance_loss)
 from jaxopd.model.config import ModelConfig
 from jaxopd.model import lora
 from jaxopd.model.layers import MLP, compute, param, projection
@@ -66,7 +67,12 @@ class MoE(nn.Module):
                     "config.expert_parallel=True needs a mesh with an 'expert' axis set with jax.set_mesh(mesh); "
                     f"the current mesh axes are {tuple(mesh.shape)}"
                 )
-            routed_NxD = moe_experts_expert_parallel(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights, mesh=mesh)
+            if c.expert_dispatch == "all_gather":
+                routed_NxD = moe_experts_expert_parallel(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights,
+                                                         mesh=mesh)
+            else:  # dropless (no capacity factor): the dropped count is always 0
+                routed_NxD, _ = moe_experts_all_to_all(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights, mesh=mesh,
+                                                       exchange=c.expert_dispatch)
         else:
             routed_NxD = moe_experts(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights)
         out_BxTxD = routed_NxD.reshape(batch, seq, d)
