@@ -155,7 +155,8 @@ def load_initial_params(source: InitFromConfig, run: Run, param_dtype: str) -> A
         return lora.combine(adapters, checkpoint.load_params(path, base))
     from jaxopd.hf import load_hf  # the optional Hugging Face import path, only needed here
 
-    _, loaded = load_hf(path, dtype=param_dtype, mesh=run.mesh, rules=sharding.LOGICAL_AXIS_RULES)
+    _, loaded = load_hf(path, dtype=param_dtype, mesh=run.mesh, rules=sharding.LOGICAL_AXIS_RULES,
+                        scan_layers=run.model.config.scan_layers)
     shapes = [{jax.tree_util.keystr(key): leaf.shape for key, leaf in jax.tree_util.tree_leaves_with_path(tree)}
               for tree in (base, loaded)]
     if shapes[0] != shapes[1]:
