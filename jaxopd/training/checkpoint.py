@@ -106,9 +106,11 @@ _ARRAYS = dict(
 def _layouts(model_fields: dict[str, Any], saved_params: Any, abstract_params: Any) -> Optional[tuple]:
     """(model config, whether the checkpoint is scanned, whether the run is) when the two layouts differ, else None;
     `saved_params` is the checkpoint's params metadata tree."""
+    unrolled = lambda tree: any(key.startswith("layers_") for key in tree)  # the unrolled layout's layer keys
+    if unrolled(saved_params) == unrolled(abstract_params):
+        return None
     config = to_model_config(model_config_dict(model_fields))
-    saved, wanted = is_scanned(config, saved_params), is_scanned(config, abstract_params)
-    return None if saved == wanted else (config, saved, wanted)
+    return config, is_scanned(config, saved_params), is_scanned(config, abstract_params)
 
 
 def _copy(tree: Any) -> Any:
