@@ -100,13 +100,16 @@ class ModelConfig:
     # what it recomputes (`jaxopd.model.remat`; saved configs' remat false/true load as "none"/"full"), the
     # `jaxopd.kernels.attention` implementation for training and prefill, and whether routed experts run
     # expert-parallel (shard_map over the "expert" axis of the mesh set with `jax.set_mesh`; at init or with no mesh
-    # set they run unsharded) with which dispatch (ExpertDispatch above).
+    # set they run unsharded) with which dispatch (ExpertDispatch above), and whether the decoder blocks run under
+    # one `nn.scan` per stack of like layers (params stacked `[layers, ...]`, `jaxopd.model.stacking`; compile time
+    # nearly flat in depth) or unrolled, one module per layer (checkpoints convert between the two on load).
     remat: RematPolicy = "none"
     attention_implementation: AttentionImplementation = "xla"
     attention_block_q: int = 512  # tile sizes of "blockwise" and "splash"
     attention_block_kv: int = 512
     expert_parallel: bool = False
     expert_dispatch: ExpertDispatch = "all_gather"
+    scan_layers: bool = False
     # LoRA (Hu et al. 2021; `jaxopd.model.lora`): rank 0 is off. Otherwise every weight of the targeted kinds gets
     # adapters A [in, rank], B [rank, out] (B zero, so the model starts as its base), its output gains
     # (dropout(x) A) B * lora_alpha / lora_rank, and training updates the adapters only.
@@ -204,7 +207,7 @@ class ModelConfig:
 
 # How the forward pass runs, not what it computes: these may change when a run resumes.
 FORWARD_PASS_FIELDS = ("remat", "attention_implementation", "attention_block_q", "attention_block_kv",
-                       "expert_parallel", "expert_dispatch")
+                       "expert_parallel", "expert_dispatch", "scan_layers")
 # Fields a run chooses for itself, never read from or compared with a checkpoint the model is loaded from: the
 # forward pass, the dtypes, the initialization of fresh params, and LoRA adapters (trained on top of the weights).
 RUN_CHOICE_FIELDS = FORWARD_PASS_FIELDS + ("dtype", "param_dtype", "init_std", "lora_rank", "lora_alpha",

@@ -191,7 +191,9 @@ def initial_state(source: InitFromConfig, run: Run, param_dtype: str) -> dict[st
         train = [key for key in run.state if key != "params"]
         abstract = sharding.abstract_arrays({key: run.state[key] for key in train},
                                             {key: run.shardings[key] for key in train})
-        state["opt_state"] = _restart_schedule(checkpoint.load_opt_state(resolve_path(source.path), abstract))
+        abstract_params = sharding.abstract_arrays(run.state["params"], run.shardings["params"])
+        state["opt_state"] = _restart_schedule(
+            checkpoint.load_opt_state(resolve_path(source.path), abstract, abstract_params))
     return state
 
 
@@ -219,7 +221,8 @@ def load_initial_params(source: InitFromConfig, run: Run, param_dtype: str) -> A
         return lora.combine(adapters, checkpoint.load_params(path, base))
     from jaxopd.hf import load_hf  # the optional Hugging Face import path, only needed here
 
-    _, loaded = load_hf(path, dtype=param_dtype, mesh=run.mesh, rules=sharding.LOGICAL_AXIS_RULES)
+    _, loaded = load_hf(path, dtype=param_dtype, mesh=run.mesh, rules=sharding.LOGICAL_AXIS_RULES,
+                        scan_layers=run.model.config.scan_layers)
     shapes = [{jax.tree_util.keystr(key): leaf.shape for key, leaf in jax.tree_util.tree_leaves_with_path(tree)}
               for tree in (base, loaded)]
     if shapes[0] != shapes[1]:
