@@ -10,6 +10,9 @@ report, arXiv:2412.19437, §4.2):
   `--config.mtp_weight=0.1` once step `mtp_switch_step` is reached and `--config.moe_bias_rate=0` at
   `bias_freeze_step` (printed by `python configs/deepseek_v3_671b_pretrain.py`).
 
+- Plain RoPE over the 4K window; the long-context extension with YaRN follows in two stages of 1000 steps each
+  (§4.3): configs/deepseek_v3_671b_32k.py, then configs/deepseek_v3_671b_128k.py.
+
 Mesh (v5p-2048: 1024 chips): expert=64 (4 of the 256 routed experts per chip), fsdp=16 (ZeRO-3 over 16 x 64 for
 dense weights), tensor=1. fp32 params + Adam moments take ~16 B/param = 10.7 TB, ~10.5 GB per chip of 95 GB.
 Replace data.paths/data.tokenizer with the real corpus and the DeepSeek-V3 tokenizer.
@@ -34,7 +37,10 @@ def get_config():
     # ~11 GB over the layers, beside the ~10.5 GB of params and moments). Keeping the matmul outputs as well
     # ("dots_with_no_batch_dims_saveable": MLA's q and k/v up-projections alone are 128 heads x 448 per token,
     # ~8x the block input) would take ~100 GB, more than a v5p chip's 95 GB.
-    config.model = load_model_preset("deepseek_v3", dtype="bfloat16", remat="full")
+    # Pretraining is at 4K with plain RoPE; YaRN (the preset's, as the released config.json has it) comes with the
+    # context-extension stages, deepseek_v3_671b_32k and deepseek_v3_671b_128k (§4.3).
+    config.model = load_model_preset("deepseek_v3", dtype="bfloat16", remat="full", rope_scaling=None,
+                                     max_position_embeddings=SEQ_LEN)
     config.seq_len = SEQ_LEN
     config.batch_size = BATCH_SIZE
     config.microbatch_size = MICROBATCH_SIZE

@@ -33,7 +33,8 @@ def get_config():
         max_prompt_len=8,  # BOS + prompt tokens (left-padded to this): "<bos>99+99=" is 7
         max_new_tokens=5,  # "198<eos>" is 4
     )
-    config.steps = 150
+    # 300 steps: eval reverse KL 3.82 -> 2.34 (-39%) and accuracy 0.41 -> 0.66; at 150 only -22% and 0.50.
+    config.steps = 300
     config.batch_size = 512  # rollouts per step: 128 prompts x group_size 4
     config.microbatch_size = 512
     config.seq_len = config.distill.max_prompt_len + config.distill.max_new_tokens
@@ -49,6 +50,6 @@ def get_config():
     # Continuing a trained student with fresh Adam moments: at 1e-3, or with 64 rollouts a step, every method (SFT
     # included) first loses a third or more of the student's accuracy to gradient noise before it climbs.
     config.optimizer.schedule.update(kind="warmup_cosine", peak_lr=5e-4, warmup_steps=10, decay_start=10,
-                                     decay_end=150, end_lr=5e-5)
+                                     decay_end=300, end_lr=5e-5)
     config.mesh.update(data=-1)
     return config

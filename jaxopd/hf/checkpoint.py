@@ -3,7 +3,8 @@
 Loading reads `config.json`, translates it (`jaxopd.hf.config`), then fills the model's parameters one at a time:
 each of our parameters is built in one preallocated host buffer from its Hugging Face tensors (per-expert tensors are
 written straight into their slice of the stacked `[experts, ...]` buffer), placed on its sharding, and dropped from the
-host before the next one is read — so the host never holds the model twice. DeepSeek's block-wise fp8 weights are
+host before the next one is read — so the host never holds the model twice (scanned layers, `ModelConfig.scan_layers`:
+one parameter's stack of layers at a time). DeepSeek's block-wise fp8 weights are
 dequantized on the way (`jaxopd.hf.fp8`). Which tensor goes where is `jaxopd.hf.mapping`.
 
 Saving writes `config.json` and safetensors shards (with `model.safetensors.index.json` when there is more than one)
@@ -135,8 +136,10 @@ def checkpoint_dtype(hf_config: dict, checkpoint: SafetensorsReader, where: Path
     return _STORED_DTYPES[tag]
 
 
-def _read(path: Path, dtype: Optional[str]) -> tuple[dict, SafetensorsReader, ModelConfig]:
-    """(config.json, its tensors, the ModelConfig load_hf builds from them in `dtype`, None = the checkpoint's)."""
+def _read(path: Path, dtype: Optional[str], scan_layers: Optional[bool] = None
+          ) -> tuple[dict, SafetensorsReader, ModelConfig]:
+    """(config.json, its tensors, the ModelConfig load_hf builds from them in `dtype`, None = the checkpoint's, with
+    `scan_layers`, None = ModelConfig's default)."""
     if not (path / "config.json").exists():
         raise ValueError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
     hf_config = read_json(path / "config.json")
@@ -144,6 +147,8 @@ def _read(path: Path, dtype: Optional[str]) -> tuple[dict, SafetensorsReader, Mo
     checkpoint = SafetensorsReader(path)
     dtype = jnp.dtype(dtype or checkpoint_dtype(hf_config, checkpoint, path)).name
     config = config.replace(dtype=dtype, param_dtype=dtype)
+    if scan_layers is not None:
+        config = config.replace(scan_layers=scan_layers)
     mtp_prefix = f"model.layers.{config.num_layers}."
     if config.mtp_depth and not any(name.startswith(mtp_prefix) for name in checkpoint.file_of):
         warnings.warn(f"config.json asks for {config.mtp_depth} multi-token-prediction module(s) but no "
@@ -159,7 +164,8 @@ def hf_model_config(path: str | os.PathLike, dtype: Optional[str] = None) -> Mod
 
 
 def load_hf(path: str | os.PathLike, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mesh] = None,
-            rules: Optional[Sequence[tuple[str, Any]]] = None) -> tuple["Transformer", dict]:
+            rules: Optional[Sequence[tuple[str, Any]]] = None, scan_layers: Optional[bool] = None
+            ) -> tuple["Transformer", dict]:
     """Load a Hugging Face checkpoint directory (DeepSeek-V3/V2, Qwen3/Qwen2, Llama) as `(model, params)`.
 
     Args:
@@ -168,6 +174,8 @@ def load_hf(path: str | os.PathLike, dtype: Optional[str] = None, mesh: Optional
         (`checkpoint_dtype`). Parameters the model keeps in float32 (router, expert bias) stay float32.
       mesh, rules: when a mesh is given, every parameter is created directly on the NamedSharding its logical axis
         names map to under `rules` (flax logical axis rules: `(("embed", "fsdp"), ("mlp", "tensor"), ...)`).
+      scan_layers: the model's `ModelConfig.scan_layers` (None: its default); scanned, each stacked parameter is
+        filled layer by layer from the per-layer tensors.
     Returns: `(model, params)` with `model.apply({"params": params}, tokens [batch, seq])` -> logits.
     """
     from jaxopd.model import Transformer
@@ -176,7 +184,7 @@ def load_hf(path: str | os.PathLike, dtype: Optional[str] = None, mesh: Optional
     if mesh is not None and rules is None:
         raise ValueError("load_hf: mesh given without rules; pass the logical axis rules that map parameter axes "
                          "(embed, mlp, experts, ...) to mesh axes")
-    hf_config, checkpoint, config = _read(path, dtype)
+    hf_config, checkpoint, config = _read(path, dtype, scan_layers)
     block = (hf_config.get("quantization_config") or {}).get("weight_block_size", FP8_BLOCK)
 
     model = Transformer(config)

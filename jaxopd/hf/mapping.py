@@ -2,8 +2,9 @@
 
 One `Entry` per parameter of ours. Hugging Face stores `nn.Linear` weights as `[out, in]`; we store kernels as
 `[in..., out...]` with heads split out (`[d_model, heads, head_dim]`), and stack routed experts into `[experts, ...]`.
-An entry's `names` array has the shape of our stacked leading axes (`[experts]` for expert weights, `[]` otherwise);
-each name fills one slice.
+An entry's `names` array has the shape of our stacked leading axes (`[experts]` for expert weights, `[]` otherwise,
+and a `[layers]` axis first for the scanned layers of `ModelConfig.scan_layers`); each name fills one slice, so
+loading and saving go tensor by tensor in either layout.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from jaxopd.model.config import ModelConfig
+from jaxopd.model.stacking import layer_key, layer_stacks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +25,8 @@ class Entry:
     """One parameter of ours.
 
     path: its key path in the params tree.
-    names: Hugging Face tensor names, array of the shape of our stacked leading axes ([] or [experts]).
+    names: Hugging Face tensor names, array of the shape of our stacked leading axes ([] or [experts], after
+      [layers] when scanned).
     layout: "linear" (HF [out, in] -> ours [in..., out...]; `in_ndim` leading axes of ours form `in`),
       "vector" (any shape <-> 1-D), or "table" (same 2-D layout, e.g. embeddings).
     fill: value to use when the tensor is absent (parameters the source architecture does not have).
@@ -120,8 +123,15 @@ def _block_entries(config: ModelConfig, layer: int, ours: tuple[str, ...], hf: s
 def param_entries(config: ModelConfig) -> list[Entry]:
     """Every parameter of `Transformer(config)` with its Hugging Face source, in checkpoint order."""
     entries = [_one(("embed", "embedding"), "model.embed_tokens.weight", "table")]
-    for layer in range(config.num_layers):
-        entries += _block_entries(config, layer, (f"layers_{layer}",), f"model.layers.{layer}")
+    if config.scan_layers:
+        for group in layer_stacks(config):
+            per_layer = [_block_entries(config, layer, (group.name,), f"model.layers.{layer}") for layer in group.layers]
+            # the same parameter of every layer of the stack: one entry whose names gain the [layers] axis
+            entries += [dataclasses.replace(same[0], names=np.stack([entry.names for entry in same]))
+                        for same in zip(*per_layer)]
+    else:
+        for layer in range(config.num_layers):
+            entries += _block_entries(config, layer, (layer_key(layer),), f"model.layers.{layer}")
     entries.append(_one(("final_norm", "scale"), "model.norm.weight", "vector"))
     if not config.tie_embeddings:
         entries.append(_one(("unembed",), "lm_head.weight", "linear"))

@@ -9,7 +9,11 @@ Public API (pure functions on arrays and Python numbers; no Flax, no configs):
               w_gate [experts, d, f], w_up [experts, d, f], w_down [experts, f, d],
               updates=(LowRank | None,) * 3) -> [tokens, d]   (per-expert LoRA updates, see moe_experts)
   moe_experts_expert_parallel(<moe_experts args>, *, mesh, expert_axis="expert",
-                              token_axes=("data", "fsdp", "expert")) -> [tokens, d]   (shard_map over experts)
+                              token_axes=("data", "fsdp", "expert")) -> [tokens, d]   (shard_map over experts;
+      all-gather dispatch: every token to every expert shard)
+  moe_experts_all_to_all(<moe_experts args>, *, mesh, expert_axis="expert", token_axes=..., capacity_factor=None,
+                         exchange="all_to_all"|"ragged_all_to_all") -> ([tokens, d], dropped int32 scalar)
+      (all-to-all dispatch: each (token, slot) pair only to its expert's device; dropless unless capacity_factor)
   expert_load(expert_ids [..., k], num_experts, mask [...] | None = None) -> [experts] float32
   update_balance_bias(bias [experts], load [experts], rate) -> [experts]
   sequence_balance_loss(scores [batch, seq, experts], expert_ids [batch, seq, k], segment_ids [batch, seq] | None)
@@ -25,7 +29,8 @@ Shapes: see jaxopd/kernels/__init__.py.
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Literal, Optional, get_args
 
 import jax
 import jax.numpy as jnp
@@ -154,45 +159,91 @@ def moe_experts(
     return _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, updates, first_expert=0)
 
 
-def _grouped_dot(x_MxI, w_ExIxO, group_sizes, update, order):
+def _grouped_dot(x_MxI, w_ExIxO, group_sizes, update):
     """ragged_dot of the sorted rows with their experts' weights `[M, out]` float32, plus the LoRA update's
-    ((keep * x) a) b through the same groups (keep `[tokens, k, in]` put in the rows' order)."""
+    ((keep * x) a) b through the same groups (keep `[M, in]` in the rows' order)."""
     out_MxO = jax.lax.ragged_dot(x_MxI, w_ExIxO, group_sizes, preferred_element_type=jnp.float32)
     if update is None:
         return out_MxO
     if update.keep is not None:
-        x_MxI = x_MxI * update.keep.reshape(-1, x_MxI.shape[-1])[order].astype(x_MxI.dtype)
+        x_MxI = x_MxI * update.keep.astype(x_MxI.dtype)
     hidden_MxR = jax.lax.ragged_dot(x_MxI, update.a, group_sizes, preferred_element_type=jnp.float32)
     return out_MxO + jax.lax.ragged_dot(hidden_MxR.astype(x_MxI.dtype), update.b, group_sizes,
                                         preferred_element_type=jnp.float32)
 
 
+def _sort_by_expert(local_ids_M, num_local):
+    """(order `[M]`: sorted row -> row, group_sizes `[num_local]` int32) for rows routed to local experts
+    `[0, num_local)`; rows with any other id sort last, past sum(group_sizes)."""
+    local_ids_M = jnp.where((local_ids_M >= 0) & (local_ids_M < num_local), local_ids_M, num_local)
+    order_M = jnp.argsort(local_ids_M, stable=True)
+    return order_M, jnp.bincount(local_ids_M, length=num_local).astype(jnp.int32)
+
+
+def _map_keeps(fn, updates):
+    """The updates with `fn` applied to each keep mask."""
+    return tuple(u if u is None or u.keep is None else u._replace(keep=fn(u.keep)) for u in updates)
+
+
+def _pair_keeps(updates):
+    """The updates with each keep mask `[tokens, k, in]` flattened to one row per (token, slot) pair `[M, in]`."""
+    return _map_keeps(lambda keep: keep.reshape(-1, keep.shape[-1]), updates)
+
+
+def _local_experts(x_MxD, local_ids_M, w_gate, w_up, w_down, updates):
+    """The local experts' SwiGLU of rows in any order: row m through expert `local_ids_M[m]` of the
+    `w_gate.shape[0]` local ones, zero for rows with an id outside them. updates' keep masks are `[M, in]`, one per
+    row. Returns `[M, d]` float32 in the rows' order."""
+    order_M, group_sizes = _sort_by_expert(local_ids_M, w_gate.shape[0])
+    sorted_updates = _map_keeps(lambda keep: keep[order_M], updates)
+    x_sorted_MxD = x_MxD[order_M]
+    gate_update, up_update, down_update = sorted_updates
+    gate_MxF = _grouped_dot(x_sorted_MxD, w_gate, group_sizes, gate_update)
+    up_MxF = _grouped_dot(x_sorted_MxD, w_up, group_sizes, up_update)
+    hidden_MxF = (jax.nn.silu(gate_MxF) * up_MxF).astype(x_MxD.dtype)
+    out_sorted_MxD = _grouped_dot(hidden_MxF, w_down, group_sizes, down_update)
+    # ragged_dot leaves rows outside every group unspecified; zero them explicitly.
+    in_group_M = jnp.arange(order_M.shape[0]) < group_sizes.sum()
+    out_sorted_MxD = jnp.where(in_group_M[:, None], out_sorted_MxD, 0.0)
+    # Unsort with the inverse permutation (a gather, whose gradient is a scatter).
+    return out_sorted_MxD[jnp.argsort(order_M)]
+
+
+def _combine(out_MxD, weights_TxU):
+    """`[tokens * k, d]` per-pair outputs (token-major) weighted over the k slots: `[tokens, d]` float32."""
+    tokens, k = weights_TxU.shape
+    out_TxUxD = out_MxD.reshape(tokens, k, -1).astype(jnp.float32)
+    return jnp.einsum("tud,tu->td", out_TxUxD, weights_TxU.astype(jnp.float32))
+
+
 def _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, updates, first_expert):
     """Experts `[first_expert, first_expert + w_gate.shape[0])` applied to their (token, slot) pairs; pairs routed
     to other experts contribute zero. `[tokens, d]` float32-combined, in x's dtype."""
-    tokens, d = x.shape
-    num_local, k = w_gate.shape[0], expert_ids.shape[1]
-    flat_ids = expert_ids.reshape(-1) - first_expert
-    # Other experts' pairs go to a trailing bucket: after the stable sort they sit past sum(group_sizes).
-    flat_ids = jnp.where((flat_ids >= 0) & (flat_ids < num_local), flat_ids, num_local)
-    order = jnp.argsort(flat_ids, stable=True)  # sorted row -> flat (token, slot) index
-    group_sizes = jnp.bincount(flat_ids, length=num_local).astype(jnp.int32)
-    x_sorted_MxD = x[order // k]
+    k = expert_ids.shape[1]
+    pair_token_M = jnp.arange(expert_ids.size) // k
+    out_MxD = _local_experts(x[pair_token_M], expert_ids.reshape(-1) - first_expert, w_gate, w_up, w_down,
+                             _pair_keeps(updates))
+    return _combine(out_MxD, weights).astype(x.dtype)
 
-    gate_update, up_update, down_update = updates
-    gate_MxF = _grouped_dot(x_sorted_MxD, w_gate, group_sizes, gate_update, order)
-    up_MxF = _grouped_dot(x_sorted_MxD, w_up, group_sizes, up_update, order)
-    hidden_MxF = (jax.nn.silu(gate_MxF) * up_MxF).astype(x.dtype)
-    out_sorted_MxD = _grouped_dot(hidden_MxF, w_down, group_sizes, down_update, order)
-    # ragged_dot leaves rows outside every group unspecified; zero them explicitly.
-    in_group_M = jnp.arange(order.shape[0]) < group_sizes.sum()
-    out_sorted_MxD = jnp.where(in_group_M[:, None], out_sorted_MxD, 0.0)
 
-    # Unsort with the inverse permutation (a gather, whose gradient is a scatter) and weight the k slots.
-    inverse_order = jnp.argsort(order)
-    out_TxUxD = out_sorted_MxD[inverse_order].reshape(tokens, k, d)
-    out_TxD = jnp.einsum("tud,tu->td", out_TxUxD, weights.astype(jnp.float32))
-    return out_TxD.astype(x.dtype)
+def _check_expert_parallel(x, w_gate, mesh, expert_axis, token_axes):
+    """The token axes the mesh has, after checking that experts and tokens divide over the mesh."""
+    if expert_axis not in mesh.shape:
+        raise ValueError(f"expert_axis={expert_axis!r} is not a mesh axis; the mesh has {tuple(mesh.shape)}")
+    num_experts, num_shards = w_gate.shape[0], mesh.shape[expert_axis]
+    if num_experts % num_shards:
+        raise ValueError(f"num_experts={num_experts} must divide by the {expert_axis!r} mesh axis size {num_shards}")
+    token_axes = tuple(a for a in token_axes if a in mesh.shape)
+    token_shards = int(np.prod([mesh.shape[a] for a in token_axes]))
+    if x.shape[0] % token_shards:
+        raise ValueError(f"tokens={x.shape[0]} must divide by the token axes {token_axes} total size {token_shards}")
+    return token_axes
+
+
+def _update_specs(updates, expert_spec, token_spec):
+    # Adapters split over experts like the weights; keep masks ([tokens, k, in]) over tokens like x.
+    return tuple(None if u is None else LowRank(expert_spec, expert_spec, None if u.keep is None else token_spec)
+                 for u in updates)
 
 
 def moe_experts_expert_parallel(
@@ -214,36 +265,25 @@ def moe_experts_expert_parallel(
     `[i * E/n, (i+1) * E/n)` for its index i along `expert_axis`. When tokens are sharded over `expert_axis` too,
     each device all-gathers the tokens of its expert group, runs its own experts on the pairs routed to them, and a
     reduce-scatter sums the partial outputs back to the token owners; otherwise a psum does. Dropless, with static
-    shapes and no capacity factor; it moves every token to every expert shard (all-gather rather than a ragged
-    all-to-all), trading bandwidth for simplicity.
+    shapes and no capacity factor; it moves every token to every expert shard (all-gather rather than all-to-all,
+    see `moe_experts_all_to_all`), trading bandwidth for simplicity.
 
     Args/returns as `moe_experts` (the LoRA updates' adapters are split over experts like the weights, their keep
     masks over tokens like x); `tokens` must divide by the product of the token axes' sizes, `experts` by the
     size of `expert_axis`.
     """
-    if expert_axis not in mesh.shape:
-        raise ValueError(f"expert_axis={expert_axis!r} is not a mesh axis; the mesh has {tuple(mesh.shape)}")
-    num_experts, num_shards = w_gate.shape[0], mesh.shape[expert_axis]
-    if num_experts % num_shards:
-        raise ValueError(f"num_experts={num_experts} must divide by the {expert_axis!r} mesh axis size {num_shards}")
-    token_axes = tuple(a for a in token_axes if a in mesh.shape)
-    token_shards = int(np.prod([mesh.shape[a] for a in token_axes]))
-    if x.shape[0] % token_shards:
-        raise ValueError(f"tokens={x.shape[0]} must divide by the token axes {token_axes} total size {token_shards}")
+    token_axes = _check_expert_parallel(x, w_gate, mesh, expert_axis, token_axes)
     tokens_over_experts = expert_axis in token_axes
     token_spec = P(token_axes or None)
     expert_spec = P(expert_axis)
-    # Adapters split over experts like the weights; keep masks ([tokens, k, in]) over tokens like x.
-    update_specs = tuple(None if u is None else LowRank(expert_spec, expert_spec, None if u.keep is None else token_spec)
-                         for u in updates)
+    update_specs = _update_specs(updates, expert_spec, token_spec)
 
     def local(x, expert_ids, weights, w_gate, w_up, w_down, updates):
         if tokens_over_experts:
             x, expert_ids, weights = (
                 jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x, expert_ids, weights)
             )
-            updates = tuple(u if u is None or u.keep is None else
-                            u._replace(keep=jax.lax.all_gather(u.keep, expert_axis, tiled=True)) for u in updates)
+            updates = _map_keeps(lambda keep: jax.lax.all_gather(keep, expert_axis, tiled=True), updates)
         else:
             # Mark the replicated tokens as varying over the expert axis so the transpose psums their cotangent
             # over expert shards (jax 0.10.2 returned a wrong x gradient without it, see the tests).
@@ -259,6 +299,123 @@ def moe_experts_expert_parallel(
         mesh=mesh,
         in_specs=(token_spec,) * 3 + (expert_spec,) * 3 + (update_specs,),
         out_specs=token_spec,
+    )(x, expert_ids, weights, w_gate, w_up, w_down, tuple(updates))
+
+
+Exchange = Literal["all_to_all", "ragged_all_to_all"]
+
+
+def _exchange(a_NxCx, send_sizes_N, recv_sizes_N, axis_name, exchange, fill):
+    """Swap per-peer blocks over `axis_name`: block j of `a_NxCx` (`[peers, C, ...]`, its first `send_sizes_N[j]`
+    rows filled) goes to peer j, which receives it as its block i (i = this device's index). "all_to_all" moves
+    the whole static blocks; "ragged_all_to_all" moves only the filled rows and leaves the rest of each received
+    block at `fill` (XLA:CPU does not implement it; GPU and TPU do)."""
+    if exchange == "all_to_all":
+        return jax.lax.all_to_all(a_NxCx, axis_name, 0, 0, tiled=True)
+    num_peers, capacity = a_NxCx.shape[:2]
+    flat = a_NxCx.reshape(num_peers * capacity, *a_NxCx.shape[2:])
+    block_starts_N = jnp.arange(num_peers, dtype=jnp.int32) * capacity
+    # Every peer keeps the block of sender i at rows [i * C, (i + 1) * C) of its buffer.
+    landing_N = jnp.full((num_peers,), jax.lax.axis_index(axis_name) * capacity, jnp.int32)
+    out = jax.lax.ragged_all_to_all(flat, jnp.full_like(flat, fill), block_starts_N, send_sizes_N, landing_N,
+                                    recv_sizes_N, axis_name=axis_name)
+    return out.reshape(a_NxCx.shape)
+
+
+def moe_experts_all_to_all(
+    x: jax.Array,
+    expert_ids: jax.Array,
+    weights: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    updates: ExpertUpdates = (None, None, None),
+    *,
+    mesh: jax.sharding.Mesh,
+    expert_axis: str = "expert",
+    token_axes: tuple[str, ...] = ("data", "fsdp", "expert"),
+    capacity_factor: Optional[float] = None,
+    exchange: Exchange = "all_to_all",
+) -> tuple[jax.Array, jax.Array]:
+    """`moe_experts` with experts sharded over `expert_axis` and all-to-all dispatch: each (token, slot) pair goes
+    only to the device holding its expert (DeepSeek-V3, MaxText), not every token to every expert shard.
+
+    Tokens are sharded over those of `token_axes` that the mesh has, which must include `expert_axis`; device i
+    along `expert_axis` holds experts `[i * E/n, (i+1) * E/n)`. Per device, with T local tokens and n = the
+    expert axis size: the T * k pairs are sorted by expert (so by destination), packed into n per-peer blocks of
+    C rows (x, the local expert id, the LoRA keep masks), exchanged, run through the local experts grouped by
+    expert (ragged_dot), exchanged back to their senders and combined with the routing weights there.
+
+    The blocks have a static size C. `capacity_factor=None` is dropless: C = T * k (every pair of a device may go
+    to one peer), so each exchange moves and holds `n * T * k` rows per device with "all_to_all" (k times the
+    all-gather dispatch's `n * T` rows of x). A capacity factor c sets C = ceil(c * T * k / n) (c = 1 fits a
+    perfectly balanced routing): pairs past a block's C rows are dropped (they contribute zero) and counted.
+    `exchange="ragged_all_to_all"` moves only the filled rows (at most T * k per device whatever the routing),
+    with the same buffers; XLA:CPU does not implement it.
+
+    Args: as `moe_experts`, plus mesh, expert_axis, token_axes, capacity_factor (None or > 0), exchange.
+    Returns: (`[tokens, d]` in x's dtype, dropped: int32 scalar, the pairs dropped over all devices; 0 when
+    dropless). `tokens` must divide by the product of the token axes' sizes, `experts` by the expert axis size.
+    """
+    token_axes = _check_expert_parallel(x, w_gate, mesh, expert_axis, token_axes)
+    if expert_axis not in token_axes:
+        raise ValueError(f"all-to-all dispatch needs the tokens sharded over expert_axis={expert_axis!r}; "
+                         f"token_axes={token_axes} lack it (use moe_experts_expert_parallel for replicated tokens)")
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"capacity_factor={capacity_factor} must be > 0, or None for dropless dispatch")
+    if exchange not in get_args(Exchange):
+        raise ValueError(f"exchange={exchange!r} must be one of {get_args(Exchange)}")
+    num_peers = mesh.shape[expert_axis]
+    num_local = w_gate.shape[0] // num_peers
+    token_shards = int(np.prod([mesh.shape[a] for a in token_axes]))
+    k = expert_ids.shape[1]
+    pairs = x.shape[0] // token_shards * k  # per device
+    capacity = pairs if capacity_factor is None else min(pairs, math.ceil(capacity_factor * pairs / num_peers))
+    token_spec = P(token_axes)
+    expert_spec = P(expert_axis)
+
+    def local(x, expert_ids, weights, w_gate, w_up, w_down, updates):
+        ids_M = expert_ids.reshape(-1)
+        order_M = jnp.argsort(ids_M, stable=True)  # sorted pair -> pair; by expert, hence by destination
+        peer_of_pair_M = ids_M // num_local
+        sizes_N = jnp.bincount(peer_of_pair_M, length=num_peers).astype(jnp.int32)
+        starts_N = jnp.cumsum(sizes_N) - sizes_N
+        # Block row c of peer j holds sorted pair starts[j] + c, when c < sizes[j] (and c < C).
+        row_C = jnp.arange(capacity, dtype=jnp.int32)
+        filled_NxC = row_C[None, :] < sizes_N[:, None]
+        pair_NxC = order_M[jnp.minimum(starts_N[:, None] + row_C[None, :], pairs - 1)]
+        send_sizes_N = jnp.minimum(sizes_N, capacity)
+        recv_sizes_N = jax.lax.all_to_all(send_sizes_N, expert_axis, 0, 0, tiled=True)
+
+        def send(a_NxCx, fill):
+            a_NxCx = jnp.where(filled_NxC.reshape(filled_NxC.shape + (1,) * (a_NxCx.ndim - 2)), a_NxCx, fill)
+            return _exchange(a_NxCx, send_sizes_N, recv_sizes_N, expert_axis, exchange, fill)
+
+        local_id_NxC = ids_M[pair_NxC] - jnp.arange(num_peers, dtype=jnp.int32)[:, None] * num_local
+        # Unfilled rows carry the id num_local: no local expert, so they compute nothing and return zero.
+        got_ids_M = send(local_id_NxC, num_local).reshape(-1)
+        got_x_MxD = send(x[pair_NxC // k], 0).reshape(-1, x.shape[-1])
+        got_updates = _map_keeps(lambda keep: send(keep[pair_NxC], 0).reshape(-1, keep.shape[-1]),
+                                 _pair_keeps(updates))
+        out_MxD = _local_experts(got_x_MxD, got_ids_M, w_gate, w_up, w_down, got_updates).astype(x.dtype)
+        # The reverse exchange: results go back to their senders' blocks (unfilled rows are zero already).
+        back_NxCxD = _exchange(out_MxD.reshape(num_peers, capacity, -1), recv_sizes_N, send_sizes_N, expert_axis,
+                               exchange, 0)
+
+        # Pair p sat at row rank[p] of its peer's block; past the capacity it was dropped (no row, zero output).
+        sorted_rank_M = jnp.arange(pairs, dtype=jnp.int32) - starts_N[peer_of_pair_M[order_M]]
+        rank_M = jnp.zeros_like(ids_M).at[order_M].set(sorted_rank_M)
+        slot_M = jnp.where(rank_M < capacity, peer_of_pair_M * capacity + rank_M, num_peers * capacity)
+        out_pairs_MxD = jnp.take(back_NxCxD.reshape(num_peers * capacity, -1), slot_M, axis=0, mode="fill",
+                                 fill_value=0)
+        dropped = jax.lax.psum((sizes_N - send_sizes_N).sum(), token_axes)
+        return _combine(out_pairs_MxD, weights).astype(x.dtype), dropped
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(token_spec,) * 3 + (expert_spec,) * 3 + (_update_specs(updates, expert_spec, token_spec),),
+        out_specs=(token_spec, P()),
     )(x, expert_ids, weights, w_gate, w_up, w_down, tuple(updates))
 
 

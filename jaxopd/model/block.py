@@ -19,10 +19,14 @@ MoEStats = Optional[tuple[jnp.ndarray, jnp.ndarray]]
 
 class Block(nn.Module):
     """x + attention(attention_norm(x)), then + mlp(mlp_norm(x)). Parameters: `attention_norm/scale`, `attention/*`
-    (GQAAttention or MLAttention), `mlp_norm/scale`, `mlp/*` (MLP of width mlp_dim, or MoE)."""
+    (GQAAttention or MLAttention), `mlp_norm/scale`, `mlp/*` (MLP of width mlp_dim, or MoE).
+
+    scan_body: as the body of `nn.scan` (`jaxopd.model.stacking`), return the block's output as the scan's carry and
+    the rest as its per-layer outputs, `(x, (stats, cache))`."""
 
     config: ModelConfig
     layer: int
+    scan_body: bool = False
 
     @nn.compact
     def __call__(
@@ -33,7 +37,7 @@ class Block(nn.Module):
         cache: Optional[dict] = None,
         cache_index: Optional[jnp.ndarray] = None,
         cache_segment_ids: Optional[jnp.ndarray] = None,
-    ) -> tuple[jnp.ndarray, MoEStats, Optional[dict]]:
+    ) -> tuple[jnp.ndarray, MoEStats, Optional[dict]] | tuple[jnp.ndarray, tuple[MoEStats, Optional[dict]]]:
         """x `[batch, t, d]` -> (`[batch, t, d]`, MoE stats or None, updated layer cache or None)."""
         c = self.config
         attention_cls = MLAttention if c.attention == "mla" else GQAAttention
@@ -46,7 +50,8 @@ class Block(nn.Module):
             mlp_out, stats = MoE(c, name="mlp")(normed, segment_ids)
         else:
             mlp_out, stats = MLP(c, c.mlp_dim, name="mlp")(normed), None
-        return nn.with_logical_constraint(x + mlp_out, ("batch", "seq", "embed")), stats, new_cache
+        x = nn.with_logical_constraint(x + mlp_out, ("batch", "seq", "embed"))
+        return (x, (stats, new_cache)) if self.scan_body else (x, stats, new_cache)
 
 
 class MTPModule(nn.Module):

@@ -2,7 +2,8 @@
 
 Layout (`max_len` slots per row; slot i of every layer holds the token written at cache index i):
   {"segment_ids": [batch, max_len] int32,      # 0 = empty slot (or padding), never attended to
-   "layers": (per decoder layer, in order)
+   "layers": (per decoder layer, in order; with config.scan_layers per stack of layers
+              (`jaxopd.model.stacking.layer_stacks`), each array with a leading [layers of the stack] axis)
        GQA: {"k": [batch, max_len, kv_heads, head_dim], "v": [batch, max_len, kv_heads, head_dim]}
        MLA: {"latent": [batch, max_len, kv_lora_rank],   # c_kv after kv_a_norm (DeepSeek-V2 eq. 9)
              "k_rope": [batch, max_len, qk_rope_head_dim]}}   # the shared key, rotary embedding applied
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxopd.kernels.context_parallel import context_shards
 from jaxopd.model.config import ModelConfig
+from jaxopd.model.stacking import layer_stacks
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "bfloat16") -> dict:
@@ -37,10 +39,12 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "bflo
     else:
         shape = (batch, max_len, config.kv_heads, config.gqa_head_dim)
         layer = {name: jnp.zeros(shape, dtype) for name in ("k", "v")}
-    return {
-        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-        "layers": tuple(dict(layer) for _ in range(config.num_layers)),
-    }
+    if config.scan_layers:
+        layers = tuple({name: jnp.zeros((group.count, *array.shape), dtype) for name, array in layer.items()}
+                       for group in layer_stacks(config))
+    else:
+        layers = tuple(dict(layer) for _ in range(config.num_layers))
+    return {"segment_ids": jnp.zeros((batch, max_len), jnp.int32), "layers": layers}
 
 
 def write(cache_array: jnp.ndarray, new: jnp.ndarray, cache_index: jnp.ndarray) -> jnp.ndarray:

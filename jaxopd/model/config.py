@@ -11,8 +11,9 @@ from typing import Any, Literal, Optional, get_args
 
 from jaxopd.kernels.rope import RopeLayout, RopeScaling, check_rope_scaling
 
-__all__ = ["FORWARD_PASS_FIELDS", "RUN_CHOICE_FIELDS", "AttentionImplementation", "AttentionKind", "DTypeName",
-           "LoraTarget", "ModelConfig", "RematPolicy", "RopeScaling", "RouterScore", "architecture_fields"]
+__all__ = ["CONTEXT_EXTENSION_FIELDS", "FORWARD_PASS_FIELDS", "RUN_CHOICE_FIELDS", "AttentionImplementation",
+           "AttentionKind", "DTypeName", "ExpertDispatch", "LoraTarget", "ModelConfig", "RematPolicy", "RopeScaling",
+           "RouterScore", "architecture_fields"]
 
 AttentionKind = Literal["gqa", "mla"]
 RouterScore = Literal["sigmoid", "softmax"]  # "sigmoid" (DeepSeek-V3) or "softmax" (V2, Qwen-MoE, Mixtral)
@@ -21,6 +22,10 @@ AttentionImplementation = Literal["xla", "cudnn", "blockwise", "splash"]
 DTypeName = Literal["float32", "bfloat16", "float16"]
 # What each decoder block keeps for the backward pass; `jaxopd.model.remat` says what each saves and recomputes.
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload"]
+# How expert-parallel MoE layers move tokens to the expert shards (`jaxopd.kernels.moe`): every token to every shard
+# (moe_experts_expert_parallel), or each (token, expert) pair to its expert's shard only (moe_experts_all_to_all,
+# dropless; "ragged_all_to_all" moves only the filled rows but runs on GPU/TPU only, XLA:CPU lacks the op).
+ExpertDispatch = Literal["all_gather", "all_to_all", "ragged_all_to_all"]
 # Module kinds a LoRA adapter can be attached to (`jaxopd.model.lora`): "attention" (GQA q/k/v/o; MLA q or q_a/q_b,
 # kv_a, kv_b, o), "mlp" (the dense SwiGLU layers) and "experts" (routed and shared experts).
 LoraTarget = Literal["attention", "mlp", "experts"]
@@ -95,12 +100,16 @@ class ModelConfig:
     # what it recomputes (`jaxopd.model.remat`; saved configs' remat false/true load as "none"/"full"), the
     # `jaxopd.kernels.attention` implementation for training and prefill, and whether routed experts run
     # expert-parallel (shard_map over the "expert" axis of the mesh set with `jax.set_mesh`; at init or with no mesh
-    # set they run unsharded).
+    # set they run unsharded) with which dispatch (ExpertDispatch above), and whether the decoder blocks run under
+    # one `nn.scan` per stack of like layers (params stacked `[layers, ...]`, `jaxopd.model.stacking`; compile time
+    # nearly flat in depth) or unrolled, one module per layer (checkpoints convert between the two on load).
     remat: RematPolicy = "none"
     attention_implementation: AttentionImplementation = "xla"
     attention_block_q: int = 512  # tile sizes of "blockwise" and "splash"
     attention_block_kv: int = 512
     expert_parallel: bool = False
+    expert_dispatch: ExpertDispatch = "all_gather"
+    scan_layers: bool = False
     # LoRA (Hu et al. 2021; `jaxopd.model.lora`): rank 0 is off. Otherwise every weight of the targeted kinds gets
     # adapters A [in, rank], B [rank, out] (B zero, so the model starts as its base), its output gains
     # (dropout(x) A) B * lora_alpha / lora_rank, and training updates the adapters only.
@@ -119,7 +128,8 @@ class ModelConfig:
             if getattr(self, name) not in get_args(DTypeName):
                 raise ValueError(f"config.{name}={getattr(self, name)!r} is not a dtype name ({_either(DTypeName)})")
         for name, options in (("rope_layout", RopeLayout), ("router_score", RouterScore),
-                              ("remat", RematPolicy), ("attention_implementation", AttentionImplementation)):
+                              ("remat", RematPolicy), ("attention_implementation", AttentionImplementation),
+                              ("expert_dispatch", ExpertDispatch)):
             if getattr(self, name) not in get_args(options):
                 raise ValueError(f"config.{name}={getattr(self, name)!r} must be {_either(options)}")
         if self.rope_scaling is not None:
@@ -197,11 +207,16 @@ class ModelConfig:
 
 # How the forward pass runs, not what it computes: these may change when a run resumes.
 FORWARD_PASS_FIELDS = ("remat", "attention_implementation", "attention_block_q", "attention_block_kv",
-                       "expert_parallel")
+                       "expert_parallel", "expert_dispatch", "scan_layers")
 # Fields a run chooses for itself, never read from or compared with a checkpoint the model is loaded from: the
 # forward pass, the dtypes, the initialization of fresh params, and LoRA adapters (trained on top of the weights).
 RUN_CHOICE_FIELDS = FORWARD_PASS_FIELDS + ("dtype", "param_dtype", "init_std", "lora_rank", "lora_alpha",
                                            "lora_dropout", "lora_targets")
+
+# Architecture fields that a run may change from the checkpoint it starts from (`init_from`): the positions the model
+# is trained for and how RoPE stretches to them (a context-extension stage, DeepSeek-V3 §4.3). The weights do not
+# depend on them, so the config's value, when it sets one, is used instead of the checkpoint's.
+CONTEXT_EXTENSION_FIELDS = ("rope_scaling", "max_position_embeddings")
 
 
 def architecture_fields() -> tuple[str, ...]:

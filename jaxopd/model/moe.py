@@ -6,7 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxopd.kernels.moe import expert_load, moe_experts, moe_experts_expert_parallel, route, sequence_balance_loss
+from jaxopd.kernels.moe import (expert_load, moe_experts, moe_experts_all_to_all, moe_experts_expert_parallel, route,
+                                sequence_balance_loss)
 from jaxopd.model.config import ModelConfig
 from jaxopd.model import lora
 from jaxopd.model.layers import MLP, compute, param, projection
@@ -68,8 +69,13 @@ class MoE(nn.Module):
                 )
             # Tokens split over the sequence (context parallelism) stay split: rows are batch-major, so the flat
             # token axis is sharded over the batch axes, then "context".
-            routed_NxD = moe_experts_expert_parallel(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights, mesh=mesh,
-                                                     token_axes=("data", "fsdp", "expert", "context"))
+            token_axes = ("data", "fsdp", "expert", "context")
+            if c.expert_dispatch == "all_gather":
+                routed_NxD = moe_experts_expert_parallel(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights,
+                                                         mesh=mesh, token_axes=token_axes)
+            else:  # dropless (no capacity factor): the dropped count is always 0
+                routed_NxD, _ = moe_experts_all_to_all(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights, mesh=mesh,
+                                                       token_axes=token_axes, exchange=c.expert_dispatch)
         else:
             routed_NxD = moe_experts(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights)
         out_BxTxD = routed_NxD.reshape(batch, seq, d)

@@ -44,8 +44,10 @@ _POLICIES: dict[str, Optional[Callable]] = {
 }
 
 
-def remat_block(block_cls: type[nn.Module], policy: RematPolicy) -> type[nn.Module]:
-    """`block_cls` rematerialized in the backward pass under the named policy (the class itself for "none")."""
+def remat_block(block_cls: type[nn.Module], policy: RematPolicy, in_scan: bool = False) -> type[nn.Module]:
+    """`block_cls` rematerialized in the backward pass under the named policy (the class itself for "none").
+    in_scan: the block is the body of a scan, whose loop already keeps XLA from merging the recomputation into the
+    forward pass, so jax.checkpoint's guard against that (prevent_cse) is dropped, as jax advises for scans."""
     if policy == "none":
         return block_cls
-    return nn.remat(block_cls, policy=_POLICIES[policy])
+    return nn.remat(block_cls, policy=_POLICIES[policy], prevent_cse=not in_scan)

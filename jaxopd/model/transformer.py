@@ -52,6 +52,11 @@ dn/dr/dv = qk_nope/qk_rope/v head dims). Path -> shape -> logical axes:
 With config.lora_rank > 0, each weight of the targeted kinds gets `{name}_lora_a`, `{name}_lora_b` beside it
 (`jaxopd.model.lora`).
 HF equivalence: our kernels are HF weights transposed, `[in..., out...]`, with heads split out.
+With config.scan_layers (`jaxopd.model.stacking`), the layers_{i} subtrees are stacked instead: every leaf gains a
+leading `[layers]` axis (logical "layers", replicated) under one key per stack of like layers: `layers/...` when all
+layers are alike, `dense_layers/...` (layers < first_k_dense) and `moe_layers/...` (the rest) for DeepSeekMoE with
+dense first layers; moe_layers/mlp/expert_bias is `[layers, E]`, one balance bias per layer as before. mtp_{j} is the
+same in both layouts.
 """
 
 from __future__ import annotations
@@ -69,7 +74,16 @@ from jaxopd.model.cache import write
 from jaxopd.model.config import ModelConfig
 from jaxopd.model.layers import Embed, RMSNorm, compute, param
 from jaxopd.model.remat import remat_block
+from jaxopd.model.stacking import layer_key, layer_stacks
 from jaxopd.model.validation import check_inputs
+
+
+# MoE statistics of a stack of n layers: (load [n, E], balance loss [n]), or None for dense layers.
+StackedStats = Optional[tuple[jnp.ndarray, jnp.ndarray]]
+
+
+def _one_layer(stats: MoEStats) -> StackedStats:
+    return None if stats is None else (stats[0][None], stats[1][None])
 
 
 @flax.struct.dataclass
@@ -94,7 +108,17 @@ class Transformer(nn.Module):
         c = self.config
         block_cls = remat_block(Block, c.remat)
         self.embed = Embed(c)
-        self.layers = [block_cls(c, i) for i in range(c.num_layers)]
+        if c.scan_layers:
+            for group in layer_stacks(c):
+                scanned = nn.scan(remat_block(Block, c.remat, in_scan=True), variable_axes={"params": 0},
+                                  split_rngs={"params": True, "dropout": True}, length=group.count,
+                                  # carry x; positions, segment_ids, cache_index, cache_segment_ids are the same for
+                                  # every layer; each layer's cache is its slice of the stacked one.
+                                  in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                                  metadata_params={nn.PARTITION_NAME: "layers"})
+                setattr(self, group.name, scanned(c, group.first, scan_body=True))
+        else:
+            self.layers = [block_cls(c, i) for i in range(c.num_layers)]
         self.final_norm = RMSNorm(c)
         if not c.tie_embeddings:
             self.unembed = param(self, "unembed", (c.d_model, c.vocab_size), ("embed", "vocab"))
@@ -118,12 +142,27 @@ class Transformer(nn.Module):
             logits = jnp.einsum("btd,dv->btv", hidden, compute(self, self.unembed), preferred_element_type=jnp.float32)
         return nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
 
-    def _trunk(self, tokens, positions, segment_ids) -> tuple[jnp.ndarray, list[MoEStats]]:
+    def _blocks(self, x, positions, segment_ids, caches=None, cache_index=None, cache_segment_ids=None
+                ) -> tuple[jnp.ndarray, list[StackedStats], tuple]:
+        """The decoder layers: x `[b, t, d]` -> (x, MoE stats of each stack or layer in order, the updated caches:
+        one per stack (`[layers, ...]` arrays) when scanned, else one per layer; None entries without a cache)."""
+        c = self.config
+        modules = [getattr(self, group.name) for group in layer_stacks(c)] if c.scan_layers else self.layers
+        caches = (None,) * len(modules) if caches is None else caches
+        stats, new_caches = [], []
+        for module, cache in zip(modules, caches):
+            if c.scan_layers:
+                x, (module_stats, cache) = module(x, positions, segment_ids, cache, cache_index, cache_segment_ids)
+            else:
+                x, module_stats, cache = module(x, positions, segment_ids, cache, cache_index, cache_segment_ids)
+                module_stats = _one_layer(module_stats)
+            stats.append(module_stats)
+            new_caches.append(cache)
+        return x, stats, tuple(new_caches)
+
+    def _trunk(self, tokens, positions, segment_ids) -> tuple[jnp.ndarray, list[StackedStats]]:
         x = nn.with_logical_constraint(self.embed(tokens), ("batch", "seq", "embed"))
-        stats = []
-        for layer in self.layers:
-            x, layer_stats, _ = layer(x, positions, segment_ids)
-            stats.append(layer_stats)
+        x, stats, _ = self._blocks(x, positions, segment_ids)
         return self.final_norm(x), stats
 
     def features(
@@ -140,11 +179,11 @@ class Transformer(nn.Module):
             previous, output, depth_stats = module(previous, self._shifted_embeddings(tokens, segment_ids, depth),
                                                    positions, segment_ids)
             mtp_hidden.append(output)
-            stats.append(depth_stats)
+            stats.append(_one_layer(depth_stats))
         stats = [s for s in stats if s is not None]
         if stats:
-            moe_load = jnp.stack([load for load, _ in stats])
-            balance = jnp.mean(jnp.stack([loss for _, loss in stats]))
+            moe_load = jnp.concatenate([load for load, _ in stats])
+            balance = jnp.mean(jnp.concatenate([loss for _, loss in stats]))
         else:
             moe_load, balance = jnp.zeros((0, c.num_experts), jnp.float32), jnp.zeros((), jnp.float32)
         return Features(hidden, tuple(mtp_hidden), moe_load, balance)
@@ -182,15 +221,12 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(cache_index + jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)
         segment_ids, positions = check_inputs(c, tokens, segment_ids, positions, cache=cache, cache_index=cache_index)
         cache_segment_ids = write(cache["segment_ids"], segment_ids, cache_index)
-        x = self.embed(tokens)
-        layer_caches = []
-        for layer, layer_cache in zip(self.layers, cache["layers"]):
-            x, _, layer_cache = layer(x, positions, segment_ids, layer_cache, cache_index, cache_segment_ids)
-            layer_caches.append(layer_cache)
+        x, _, layer_caches = self._blocks(self.embed(tokens), positions, segment_ids, cache["layers"], cache_index,
+                                          cache_segment_ids)
         if last_only:
             x = x[:, -1:]
         logits = self.logits(self.final_norm(x))
-        return logits, {"segment_ids": cache_segment_ids, "layers": tuple(layer_caches)}
+        return logits, {"segment_ids": cache_segment_ids, "layers": layer_caches}
 
 
 def unembedding(params: dict, config: ModelConfig) -> jnp.ndarray:
@@ -201,29 +237,35 @@ def unembedding(params: dict, config: ModelConfig) -> jnp.ndarray:
     return params["unembed"]
 
 
-def moe_layer_paths(config: ModelConfig) -> list[tuple[str, ...]]:
-    """Param-tree paths of the MoE layers, in the order of `Features.moe_load` rows."""
-    main = [(f"layers_{i}", "mlp") for i in range(config.num_layers) if config.is_moe_layer(i)]
-    mtp = [(f"mtp_{j}", "block", "mlp") for j in range(config.mtp_depth) if config.is_moe_layer(config.num_layers + j)]
+def moe_layer_paths(config: ModelConfig) -> list[tuple[tuple[str, ...], Optional[int]]]:
+    """(param-tree path, row) of every MoE layer, in the order of `Features.moe_load` rows: the layer's `expert_bias`
+    is `params[path...]["expert_bias"]`, `[E]` (row None), or row `row` of that `[layers, E]` stack when scanned."""
+    if config.scan_layers:
+        main = [((group.name, "mlp"), row) for group in layer_stacks(config) for row, layer in enumerate(group.layers)
+                if config.is_moe_layer(layer)]
+    else:
+        main = [((layer_key(i), "mlp"), None) for i in range(config.num_layers) if config.is_moe_layer(i)]
+    mtp = [((f"mtp_{j}", "block", "mlp"), None) for j in range(config.mtp_depth)
+           if config.is_moe_layer(config.num_layers + j)]
     return main + mtp
 
 
 def update_expert_biases(params: dict, config: ModelConfig, moe_load: jnp.ndarray, rate: float) -> dict:
     """params with every MoE layer's `expert_bias` moved by `update_balance_bias(bias, load, rate)` (DeepSeek-V3
     sec. 2.1.2), `moe_load [num_moe_layers, E]` from `Features`. Boxed (nn.Partitioned) leaves stay boxed."""
-    paths = moe_layer_paths(config)
-    if moe_load.shape != (len(paths), config.num_experts):
+    layers = moe_layer_paths(config)
+    if moe_load.shape != (len(layers), config.num_experts):
         raise ValueError(f"moe_load.shape={moe_load.shape} must be [num_moe_layers, experts] = "
-                         f"{(len(paths), config.num_experts)} for this config")
+                         f"{(len(layers), config.num_experts)} for this config")
     # Rebuild the containers (not the arrays) so that assigning below leaves the caller's tree untouched.
     params = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-    for row, path in enumerate(paths):
+    for load, (path, row) in zip(moe_load, layers):
         holder = params
         for key in path:
             holder = holder[key]
         bias = holder["expert_bias"]
-        if isinstance(bias, nn.meta.AxisMetadata):
-            holder["expert_bias"] = bias.replace_boxed(update_balance_bias(bias.unbox(), moe_load[row], rate))
-        else:
-            holder["expert_bias"] = update_balance_bias(bias, moe_load[row], rate)
+        value = bias.unbox() if isinstance(bias, nn.meta.AxisMetadata) else bias
+        value = (update_balance_bias(value, load, rate) if row is None
+                 else jnp.asarray(value).at[row].set(update_balance_bias(value[row], load, rate)))
+        holder["expert_bias"] = bias.replace_boxed(value) if isinstance(bias, nn.meta.AxisMetadata) else value
     return params

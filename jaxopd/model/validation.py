@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopd.model.cache import init_cache
 from jaxopd.model.config import ModelConfig
 
 
@@ -42,10 +43,13 @@ def check_inputs(
             raise ValueError(f"{name}.shape={array.shape} must equal tokens.shape={tokens.shape} ([batch, seq])")
     if cache is not None:
         batch, max_len = cache["segment_ids"].shape
-        if len(cache["layers"]) != config.num_layers or batch != tokens.shape[0]:
+        expected = jax.eval_shape(lambda: init_cache(config, tokens.shape[0], max_len, "float32"))["layers"]
+        shapes = lambda tree: jax.tree.map(lambda array: tuple(array.shape), tree)
+        if shapes(cache["layers"]) != shapes(expected):
             raise ValueError(
-                f"cache holds {len(cache['layers'])} layers of batch {batch}; this model needs {config.num_layers} "
-                f"layers of batch {tokens.shape[0]}: make it with init_cache(config, batch, max_len, dtype)"
+                f"cache holds layers {shapes(cache['layers'])} of batch {batch}; this model (num_layers="
+                f"{config.num_layers}, scan_layers={config.scan_layers}) needs {shapes(expected)} of batch "
+                f"{tokens.shape[0]}: make it with init_cache(config, batch, max_len, dtype)"
             )
         if isinstance(cache_index, (int, np.integer)) and not 0 <= cache_index <= max_len - tokens.shape[1]:
             raise ValueError(

@@ -16,6 +16,12 @@ Restoring tells two failures apart, newest step first:
   `<step>.damaged-<UTC time>` (a name orbax does not take for a step, so that step can be saved again), reported in
   one line, and the previous step is tried; with no step left the run starts afresh.
 Nothing is deleted but by the rotation (`keep`) of the run's own checkpoints.
+
+Layer layouts: params (and the param-shaped optimizer moments) are saved as the run holds them, unrolled
+(`layers_{i}`) or scanned (stacked, `ModelConfig.scan_layers`). Restoring reads a checkpoint in the layout it was
+saved in (told by its arrays, so checkpoints from before scan_layers existed read as unrolled) and converts to the
+run's, one parameter at a time (`jaxopd.model.stacking`): a run may resume, fine-tune from or export any jaxopd
+checkpoint with either `model.scan_layers`.
 """
 
 from __future__ import annotations
@@ -28,10 +34,13 @@ import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxopd.model.config import FORWARD_PASS_FIELDS
-from jaxopd.training.config import flat_values
+from jaxopd.model.config import FORWARD_PASS_FIELDS, ModelConfig
+from jaxopd.model.stacking import is_scanned, to_layout
+from jaxopd.training.config import flat_values, model_config_dict, to_model_config
 
 # Run-config keys (dotted, as in the ConfigDict; a trailing "." covers a whole section) that may differ between a
 # checkpoint and the run resuming it: how long, how often, where and on what devices the run computes, not what it
@@ -59,6 +68,62 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[s
     return {key: (saved[key], current[key]) for key in sorted(saved.keys() & current.keys())
             if saved[key] != current[key]
             and not any(key == rule or (rule.endswith(".") and key.startswith(rule)) for rule in MAY_CHANGE_ON_RESUME)}
+
+
+def _spec(leaf: Any) -> Optional[tuple]:
+    """The partition spec of `leaf`'s NamedSharding padded to its rank, or None for any other sharding."""
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return None
+    return tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+
+
+def _resharded(leaf: Any, spec: tuple) -> Any:
+    """`leaf`'s sharding with partition spec `spec` (its own sharding when it is not a NamedSharding)."""
+    return leaf.sharding if _spec(leaf) is None else NamedSharding(leaf.sharding.mesh, PartitionSpec(*spec))
+
+
+def _stacked_sharding(leaf: Any) -> Any:
+    return leaf.sharding if _spec(leaf) is None else _resharded(leaf, (None, *_spec(leaf)))  # "layers" -> None
+
+
+def _sliced_sharding(leaf: Any) -> Any:
+    return leaf.sharding if _spec(leaf) is None else _resharded(leaf, _spec(leaf)[1:])
+
+
+# How `to_layout` stacks and slices shape structs (the layout a checkpoint is read in) and arrays (read).
+_ABSTRACT = dict(
+    stack=lambda leaves: jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), leaves[0].dtype,
+                                              sharding=_stacked_sharding(leaves[0])),
+    take=lambda leaf, i: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=_sliced_sharding(leaf)))
+_ARRAYS = dict(
+    stack=lambda leaves: jax.jit(lambda *layers: jnp.stack(layers), out_shardings=_stacked_sharding(leaves[0]))(
+        *leaves),
+    take=lambda leaf, i: jax.jit(lambda stacked, index: jax.lax.dynamic_index_in_dim(stacked, index, keepdims=False),
+                                 out_shardings=_sliced_sharding(leaf))(leaf, i))
+
+
+def _layouts(model_fields: dict[str, Any], saved_params: Any, abstract_params: Any) -> Optional[tuple]:
+    """(model config, whether the checkpoint is scanned, whether the run is) when the two layouts differ, else None;
+    `saved_params` is the checkpoint's params metadata tree."""
+    unrolled = lambda tree: any(key.startswith("layers_") for key in tree)  # the unrolled layout's layer keys
+    if unrolled(saved_params) == unrolled(abstract_params):
+        return None
+    config = to_model_config(model_config_dict(model_fields))
+    return config, is_scanned(config, saved_params), is_scanned(config, abstract_params)
+
+
+def _copy(tree: Any) -> Any:
+    return jax.tree.map(lambda leaf: leaf, tree)
+
+
+def _read_in_saved_layout(layouts: Optional[tuple], abstract: Any, read: Any) -> Any:
+    """`read(abstract in the checkpoint's layout)`, converted to the run's layout (`layouts` from `_layouts`)."""
+    if layouts is None:
+        return read(abstract)
+    config, saved, wanted = layouts
+    restored = read(to_layout(config, _copy(abstract), saved, **_ABSTRACT))
+    return to_layout(config, restored, wanted, **_ARRAYS)
 
 
 class Checkpointer:
@@ -118,17 +183,26 @@ class Checkpointer:
             except Exception as error:  # an unreadable config or array metadata: damaged
                 damaged.append((step, _reason(error)))
                 continue
-            self._check_compatible(step, saved, config, saved_arrays,
-                                   {"params": abstract_state["params"], "train": abstract_train})
+            abstract = {"params": abstract_state["params"], "train": abstract_train}
+            layouts = _layouts(saved["model"], metadata["params"].tree, abstract["params"])
+            if layouts is not None:  # compare with, and read into, the checkpoint's own layout
+                abstract_saved = to_layout(layouts[0], _copy(abstract), layouts[1], **_ABSTRACT)
+            self._check_compatible(step, saved, config, saved_arrays, abstract if layouts is None else abstract_saved)
             data_file = self._data_file_to_read(step)
-            items = dict(params=ocp.args.StandardRestore(abstract_state["params"]),
-                         train=ocp.args.StandardRestore(abstract_train))
-            try:
+
+            def read(abstract: dict[str, Any]) -> dict[str, Any]:
+                items = dict(params=ocp.args.StandardRestore(abstract["params"]),
+                             train=ocp.args.StandardRestore(abstract["train"]))
                 if data_file == self._data_file:
-                    restored = self.manager.restore(step, args=ocp.args.Composite(**items, data=ocp.args.JsonRestore()))
-                else:  # written by another process count: the state every process saved alike
-                    restored = dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
-                    restored["data"] = json.loads((self._step_path(step) / "data" / data_file).read_text())
+                    return dict(self.manager.restore(step, args=ocp.args.Composite(
+                        **items, data=ocp.args.JsonRestore())))
+                # written by another process count: the state every process saved alike
+                restored = dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
+                restored["data"] = json.loads((self._step_path(step) / "data" / data_file).read_text())
+                return restored
+
+            try:
+                restored = _read_in_saved_layout(layouts, abstract, read)
             except Exception as error:  # any read error of a compatible checkpoint: damaged
                 damaged.append((step, _reason(error)))
                 continue
@@ -257,12 +331,42 @@ def read_model_fields(path: str | pathlib.Path, step: Optional[int] = None) -> t
 
 def load_params(path: str | pathlib.Path, abstract_params: Any, step: Optional[int] = None) -> Any:
     """Params only from a jaxopd checkpoint directory (a run workdir or its checkpoints/; the newest step unless
-    `step` is given), read into the shardings of `abstract_params` (for fine-tuning from, or as a distillation
-    teacher)."""
-    manager = read_only_manager(path, {"params": ocp.StandardCheckpointHandler()})
+    `step` is given), read into the shardings and layer layout of `abstract_params` (for fine-tuning from, or as a
+    distillation teacher; a checkpoint in the other layout is converted, see the module docstring)."""
+    manager = read_only_manager(path, {"params": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
     step = manager.latest_step() if step is None else step
     if step is None:
         raise ValueError(f"no jaxopd checkpoint in {path}: expected step directories written by jaxopd.train")
-    params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    model_fields = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]["model"]
+    layouts = _layouts(model_fields, manager.item_metadata(step)["params"].tree, abstract_params)
+    params = _read_in_saved_layout(layouts, abstract_params, lambda abstract: manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"])
     manager.close()
-    return params["params"]
+    return params
+
+
+def has_train_state(path: str | pathlib.Path) -> bool:
+    """Whether the newest checkpoint at `path` (a run workdir or its checkpoints/) holds an optimizer state (one
+    written by `save_model` holds params only)."""
+    directory = step_directory(path)
+    steps = [int(child.name) for child in directory.iterdir() if child.name.isdigit()] if directory.is_dir() else []
+    return bool(steps) and (directory / str(max(steps)) / "train").is_dir()
+
+
+def load_opt_state(path: str | pathlib.Path, abstract_train: dict[str, Any], abstract_params: Any) -> Any:
+    """The optimizer state of the newest checkpoint at `path` (a run workdir or its checkpoints/), read into the
+    shardings and layer layout of `abstract_train` (the shape structs of {"opt_state", "step", "rng"}, as `save`
+    writes them; `abstract_params` the run's params, which tell its layout): what a new stage carries over from the
+    previous one (`init_from.optimizer="carry"`), converted like `load_params` when the layouts differ."""
+    manager = read_only_manager(path, {"train": ocp.StandardCheckpointHandler(),
+                                       "params": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
+    step = manager.latest_step()
+    if step is None:
+        manager.close()
+        raise ValueError(f"no jaxopd checkpoint in {path}: expected step directories written by jaxopd.train")
+    model_fields = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]["model"]
+    layouts = _layouts(model_fields, manager.item_metadata(step)["params"].tree, abstract_params)
+    train = _read_in_saved_layout(layouts, abstract_train, lambda abstract: manager.restore(
+        step, args=ocp.args.Composite(train=ocp.args.StandardRestore(abstract)))["train"])
+    manager.close()
+    return train["opt_state"]

@@ -138,6 +138,9 @@ class InitFromConfig:
 
     kind: Literal["auto", "checkpoint", "hf"] = "auto"  # auto: "hf" for a directory whose config.json has a model_type
     path: str = ""  # a jaxopd run workdir, its checkpoints/, or a Hugging Face directory; "" = fresh initialization
+    # "restart": fresh AdamW moments; "carry": the moments (and Adam's step count) of the jaxopd checkpoint at `path`,
+    # to continue its training in a new stage (the learning-rate schedule still starts at this run's step 0).
+    optimizer: Literal["restart", "carry"] = "restart"
 
     def __post_init__(self):
         check_choices(self, "init_from")

@@ -7,11 +7,15 @@ it into the run config, raising ConfigError for every contradiction at once.
   - model: with init_from.path set, every architecture field (jaxopd.model.config.architecture_fields) comes from the
     checkpoint: a Hugging Face config.json (jaxopd.hf.hf_model_config) or the `model` section of a jaxopd
     checkpoint's saved run config. A field the config sets to another value is an error naming `model.<field>`, the
-    config's value and the checkpoint's. The run choices (RUN_CHOICE_FIELDS: dtypes, remat, attention
+    config's value and the checkpoint's, but for the context-extension fields (CONTEXT_EXTENSION_FIELDS:
+    rope_scaling, max_position_embeddings), which a later stage sets to extend the window (DeepSeek-V3 §4.3: YaRN
+    from 4K to 32K and 128K): the config's value, when set, is used. The run choices (RUN_CHOICE_FIELDS: dtypes, remat, attention
     implementation, LoRA, ...) are the config's and are never read from or compared with a checkpoint.
   - data.tokenizer, when the config leaves it at its default and the student is a Hugging Face directory: that
     directory (its tokenizer.json and tokenizer_config.json).
   - distill.teacher_tokenizer, when "" and the teacher is a Hugging Face directory: the teacher's directory.
+  - init_from.optimizer="carry" needs a jaxopd checkpoint holding an optimizer state of the same params (not a
+    Hugging Face one, nor a LoRA run on either side); `initial_state` then takes its AdamW moments too.
 
 "Set" means: different from the default. For model fields the default is ModelConfig's (a field without one, like
 vocab_size, is set whenever it has a value), for the rest base_config()'s — the rule by which a run prints the keys
@@ -29,12 +33,14 @@ import pathlib
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import optax
 
 from jaxopd.bundled import resolve_path
 from jaxopd.data.pipeline import DataConfig
 from jaxopd.model import lora
-from jaxopd.model.config import ModelConfig, architecture_fields
+from jaxopd.model.config import CONTEXT_EXTENSION_FIELDS, ModelConfig, architecture_fields
 from jaxopd.training import checkpoint, sharding
 from jaxopd.training.config import (PRETRAINING_LOSSES, ConfigError, InitFromConfig, model_config_dict,
                                     to_model_config)
@@ -87,12 +93,15 @@ def _resolve_model(config: ml_collections.ConfigDict, path: str, problems: list[
     ours = config.model.to_dict()
     defaults = _model_values({})
     theirs = _model_values({name: getattr(given, name) for name in architecture_fields()})
+    chosen = {name: value for name, value in ours.items() if name not in architecture_fields()}  # the run choices
     for name in architecture_fields():
-        if name in ours and ours[name] != defaults[name] and ours[name] != theirs[name]:
+        is_set = name in ours and ours[name] != defaults[name]
+        if is_set and name in CONTEXT_EXTENSION_FIELDS:
+            chosen[name] = ours[name]  # a context-extension stage: the new window replaces the checkpoint's
+        elif is_set and ours[name] != theirs[name]:
             problems.append(f"model.{name}={ours[name]!r} contradicts the checkpoint {path}, which has "
                             f"{name}={theirs[name]!r}: the architecture comes from init_from.path; drop the setting")
-    run_choices = {name: value for name, value in ours.items() if name not in architecture_fields()}
-    config.model = model_config_dict({**run_choices, **{name: theirs[name] for name in architecture_fields()}})
+    config.model = model_config_dict({**{name: theirs[name] for name in architecture_fields()}, **chosen})
     if kind == "hf" and config.data.tokenizer == DataConfig.tokenizer:
         config.data.tokenizer = _tokenizer_directory(path, "init_from.path", "data.tokenizer", problems)
 
@@ -121,6 +130,33 @@ def _resolve_teacher(section: ml_collections.ConfigDict, key: str, problems: lis
         section.teacher_tokenizer = _tokenizer_directory(path, f"{key}.teacher", f"{key}.teacher_tokenizer", problems)
 
 
+def _check_carry(config: ml_collections.ConfigDict, problems: list[str]) -> None:
+    """init_from.optimizer="carry": init_from.path must be a jaxopd checkpoint whose optimizer state covers the same
+    params as this run's (neither side LoRA, whose optimizer holds only its adapters)."""
+    fix = "or set init_from.optimizer='restart' for fresh AdamW moments"
+    if not config.init_from.path:
+        problems.append(f"init_from.optimizer='carry' needs init_from.path (a jaxopd run to carry the optimizer "
+                        f"state from); set it, {fix}")
+        return
+    path = resolve_path(config.init_from.path)
+    try:
+        if source_kind(path, config.init_from.kind) == "hf":
+            problems.append(f"init_from.optimizer='carry': init_from.path={config.init_from.path} is a Hugging Face "
+                            f"checkpoint, which holds no optimizer state; {fix}")
+            return
+        saved = checkpoint.read_model_fields(path)[1]
+    except ValueError:
+        return  # _resolve_model names the unreadable path
+    if not checkpoint.has_train_state(path):
+        problems.append(f"init_from.optimizer='carry': {config.init_from.path} holds params only (written by "
+                        f"save_model), no optimizer state; give the workdir of the run that trained it, {fix}")
+    for where, rank in (("this run", config.model.get("lora_rank") or 0),
+                        (f"the checkpoint {config.init_from.path}", saved.get("lora_rank") or 0)):
+        if rank:
+            problems.append(f"init_from.optimizer='carry': {where} trains LoRA adapters (lora_rank={rank}), so the "
+                            f"two optimizer states hold different params; {fix}")
+
+
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of the run config with what its checkpoints hold filled in (module docstring); ConfigError listing
     every contradiction and every unreadable or unsupported checkpoint, before anything is built."""
@@ -129,6 +165,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     with config.unlocked():
         if config.init_from.path:
             _resolve_model(config, resolve_path(config.init_from.path), problems)
+        if config.init_from.optimizer == "carry":
+            _check_carry(config, problems)
         if config.loss not in PRETRAINING_LOSSES:
             if config.distill.teacher:
                 _resolve_teacher(config.distill, "distill", problems)
@@ -138,6 +176,34 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def initial_state(source: InitFromConfig, run: Run, param_dtype: str) -> dict[str, Any]:
+    """The state a run starts from when it has no checkpoint of its own: `run.state` (fresh) with the params
+    `init_from` names (load_initial_params) and, with init_from.optimizer="carry", the optimizer state of that
+    checkpoint's newest step (AdamW's moments and step count; the learning-rate schedule's own count is set to 0,
+    so the schedule follows this run's step as its logged learning_rate does). `resolve` checked the pairing."""
+    params = load_initial_params(source, run, param_dtype)
+    if params is None:
+        return run.state
+    state = {**run.state, "params": params}
+    if source.optimizer == "carry":
+        train = [key for key in run.state if key != "params"]
+        abstract = sharding.abstract_arrays({key: run.state[key] for key in train},
+                                            {key: run.shardings[key] for key in train})
+        abstract_params = sharding.abstract_arrays(run.state["params"], run.shardings["params"])
+        state["opt_state"] = _restart_schedule(
+            checkpoint.load_opt_state(resolve_path(source.path), abstract, abstract_params))
+    return state
+
+
+def _restart_schedule(opt_state: Any) -> Any:
+    """`opt_state` with the step count of every learning-rate schedule (optax.ScaleByScheduleState) at 0."""
+    def restart(leaf: Any) -> Any:
+        if not isinstance(leaf, optax.ScaleByScheduleState):
+            return leaf
+        return leaf._replace(count=jax.device_put(jnp.zeros_like(leaf.count), leaf.count.sharding))
+    return jax.tree.map(restart, opt_state, is_leaf=lambda leaf: isinstance(leaf, optax.ScaleByScheduleState))
 
 
 def load_initial_params(source: InitFromConfig, run: Run, param_dtype: str) -> Any:
@@ -155,7 +221,8 @@ def load_initial_params(source: InitFromConfig, run: Run, param_dtype: str) -> A
         return lora.combine(adapters, checkpoint.load_params(path, base))
     from jaxopd.hf import load_hf  # the optional Hugging Face import path, only needed here
 
-    _, loaded = load_hf(path, dtype=param_dtype, mesh=run.mesh, rules=sharding.LOGICAL_AXIS_RULES)
+    _, loaded = load_hf(path, dtype=param_dtype, mesh=run.mesh, rules=sharding.LOGICAL_AXIS_RULES,
+                        scan_layers=run.model.config.scan_layers)
     shapes = [{jax.tree_util.keystr(key): leaf.shape for key, leaf in jax.tree_util.tree_leaves_with_path(tree)}
               for tree in (base, loaded)]
     if shapes[0] != shapes[1]:

@@ -33,7 +33,7 @@ from jaxopd.training.config import ConfigError, RunConfig, differences_from_defa
 from jaxopd.training.flops import count_params
 from jaxopd.training.guard import Guard, last_good_checkpoint
 from jaxopd.training.objectives import Objective
-from jaxopd.training.init_from import load_initial_params
+from jaxopd.training.init_from import initial_state
 from jaxopd.training.state import Run
 
 
@@ -133,10 +133,7 @@ def _run_loop(config: RunConfig, run: Run, objective: Objective, source: BatchSo
         source.set_state(loop_state["source"])
         flops_total = loop_state["flops_total"]
     else:
-        state, flops_total = run.state, 0.0
-        params = load_initial_params(config.init_from, run, config.model.param_dtype)
-        if params is not None:
-            state = {**state, "params": params}
+        state, flops_total = initial_state(config.init_from, run, config.model.param_dtype), 0.0
     start = int(state["step"])
     if start >= config.steps:
         checkpointer.close()

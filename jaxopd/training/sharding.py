@@ -48,6 +48,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("q_lora", None),
     ("kv_lora", None),
     ("norm", None),
+    # the stacked axis of scanned decoder layers (jaxopd.model.stacking): every device holds its shard of each layer
+    ("layers", None),
 )
 
 

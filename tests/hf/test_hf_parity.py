@@ -333,3 +333,38 @@ def test_bfloat16_load_and_save(tmp_path):
     _, reloaded = jaxopd.load_hf(tmp_path / "ours", dtype="bfloat16")
     for leaf, reloaded_leaf in zip(jax.tree.leaves(params), jax.tree.leaves(reloaded)):
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(reloaded_leaf))
+
+
+@pytest.mark.parametrize("name", [pytest.param("deepseek_v3_mtp", marks=pytest.mark.slow), "qwen3"])
+def test_scanned_model_matches_transformers_and_saves_the_same_tensors(name, tmp_path):
+    """scan_layers: the stacked params (DeepSeek: a dense stack of 1 and an MoE stack of 2, the MTP module apart)
+    are filled from and written back to the per-layer tensors, and compute what transformers does."""
+    if name == "qwen3":
+        config = qwen3(tied=False)
+    else:
+        config = deepseek_v3(q_lora_rank=24)
+        config.num_hidden_layers = 3
+    reference = randomized(config)
+    reference.save_pretrained(tmp_path / "hf")
+    written = (_with_mtp_layer(tmp_path / "hf", config.num_hidden_layers) if name == "deepseek_v3_mtp"
+               else _single_file(tmp_path / "hf"))
+    model, params = jaxopd.load_hf(tmp_path / "hf", dtype="float32", scan_layers=True)
+    stacks = {"deepseek_v3_mtp": {"dense_layers": 1, "moe_layers": 2}, "qwen3": {"layers": 2}}[name]
+    assert {key: params[key]["mlp_norm"]["scale"].shape[0] for key in stacks} == stacks
+    assert not any(key.startswith("layers_") for key in params)
+    tokens, mask = padded_batch()
+    error = max_error_on_real_tokens(jaxopd_logits(model, params, tokens, mask), hf_logits(reference, tokens, mask),
+                                     mask)
+    print(f"{name} scanned: max |logit error| jaxopd vs transformers = {error:.2e}")
+    assert error <= TOLERANCE
+    if name == "deepseek_v3_mtp":
+        assert model.config.mtp_depth == 1
+        mtp_tokens = np.random.default_rng(2).integers(0, VOCAB, (2, SEQ))
+        features = model.apply({"params": params}, jnp.asarray(mtp_tokens, jnp.int32), method="features")
+        expected = _transformers_mtp_hidden(reference, written, mtp_tokens)
+        assert float(np.abs(np.asarray(features.mtp_hidden[0])[:, : SEQ - 1] - expected).max()) <= TOLERANCE
+    jaxopd.save_hf(model, params, tmp_path / "ours")
+    saved = _single_file(tmp_path / "ours")
+    assert sorted(saved) == sorted(written)
+    for tensor_name, tensor in written.items():
+        np.testing.assert_array_equal(saved[tensor_name], tensor, err_msg=tensor_name)

@@ -128,7 +128,7 @@ def test_moe_load_counts_real_tokens_and_bias_takes_no_gradient():
         return jnp.mean(f.hidden.astype(jnp.float32) ** 2) + jnp.mean(f.mtp_hidden[0] ** 2) + f.moe_balance_loss
 
     grads = nn.unbox(jax.grad(loss)(params))
-    for path in moe_layer_paths(config):
+    for path, _ in moe_layer_paths(config):
         layer = grads
         for key in path:
             layer = layer[key]
@@ -139,8 +139,9 @@ def test_moe_load_counts_real_tokens_and_bias_takes_no_gradient():
 def test_update_expert_biases_follows_load_sign_and_keeps_boxes():
     config = MLA_MOE
     params = init_params(config)
-    paths = moe_layer_paths(config)
-    assert paths == [("layers_1", "mlp"), ("mtp_0", "block", "mlp"), ("mtp_1", "block", "mlp")]
+    paths = [path for path, _ in moe_layer_paths(config)]
+    assert moe_layer_paths(config) == [(("layers_1", "mlp"), None), (("mtp_0", "block", "mlp"), None),
+                                       (("mtp_1", "block", "mlp"), None)]
     load = jnp.tile(jnp.array([0.3, 0.125, 0.125, 0.1, 0.1, 0.1, 0.1, 0.05]), (len(paths), 1)).at[1, 0].set(0.0)
     updated = update_expert_biases(params, config, load, rate=0.01)
     for row, path in enumerate(paths):

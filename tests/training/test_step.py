@@ -38,14 +38,16 @@ def test_step_moves_each_expert_bias_against_its_load_and_nothing_else_with_zero
     batch = sharding.global_batch(StepBatches(config).next(2), run.mesh, leading_axes=1)
     state, metrics = run.step_fn(run.state, batch)
     load = np.asarray(metrics["moe_load"])  # [moe layers (main then MTP), experts], mean over microbatches
-    paths = moe_layer_paths(config.model)
-    assert load.shape == (len(paths), 8) and np.allclose(load.sum(-1), 1.0)
-    for row, path in enumerate(paths):
+    layers = moe_layer_paths(config.model)  # (path, row in a scanned stack or None) per MoE layer
+    assert load.shape == (len(layers), 8) and np.allclose(load.sum(-1), 1.0)
+    for row, (path, stacked_row) in enumerate(layers):
         old, new = before, state["params"]
         for key in path:
             old, new = old[key], new[key]
-        np.testing.assert_allclose(new["expert_bias"], old["expert_bias"] + 0.01 * np.sign(load[row].mean() - load[row]),
-                                   atol=1e-7)
+        old, new = (old["expert_bias"], new["expert_bias"]) if stacked_row is None else (
+            old["expert_bias"][stacked_row], new["expert_bias"][stacked_row])
+        np.testing.assert_allclose(new, old + 0.01 * np.sign(load[row].mean() - load[row]), atol=1e-7)
+    paths = {path for path, _ in layers}
     # With learning rate 0 every other param is unchanged.
     changed = jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda a, b: bool((np.asarray(a) != b).any()),
                                                                 state["params"], before))[0]

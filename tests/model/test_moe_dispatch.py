@@ -1,0 +1,72 @@
+"""A MoE model's loss and gradients on an expert-parallel 8-device CPU mesh are the same with
+model.expert_dispatch="all_to_all" as with "all_gather", and as on one device."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import MLA_MOE, init_params, random_tokens
+
+from jaxopd.model import Transformer
+from jaxopd.model.config import RUN_CHOICE_FIELDS, architecture_fields
+from jaxopd.training.sharding import LOGICAL_AXIS_RULES
+
+AXES = ("data", "fsdp", "tensor", "expert")
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets XLA_FLAGS)")
+
+
+@pytest.mark.slow  # three compiles of a model forward+backward: ~35-45 s on 2 loaded cores
+@pytest.mark.parametrize("lora_rank", [0, 2], ids=["base", "lora-experts"])
+def test_all_to_all_dispatch_loss_and_grads_equal_all_gather(lora_rank):
+    # No MTP blocks: their MoE layers would only add compile time.
+    base = MLA_MOE.replace(vocab_size=96, mtp_depth=0, expert_parallel=True, lora_rank=lora_rank, lora_targets=("experts",))
+    params = nn.unbox(init_params(base))
+    tokens = random_tokens(base, (8, 8))  # one row per device: the trainer's rules shard the batch 8 ways
+    segment_ids = jnp.array([[1] * 8, [1] * 3 + [2] * 5, [0] * 2 + [1] * 6, [1] * 6 + [0] * 2] * 2)
+    probe = jax.random.normal(jax.random.key(3), (8, 8, base.d_model))
+
+    def loss_and_grads(config, params, tokens, segment_ids):
+        def loss(p):
+            features = Transformer(config).apply({"params": p}, tokens, segment_ids, method="features")
+            return jnp.sum(features.hidden * probe) + features.moe_balance_loss
+        return jax.value_and_grad(loss)(params)
+
+    auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+    mesh = jax.make_mesh((1, 2, 1, 4), AXES, axis_types=auto, devices=jax.devices()[:8])
+    results = {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(init_params(base)), mesh, LOGICAL_AXIS_RULES)
+        data_sharding = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec("batch", "seq"), mesh,
+                                                    LOGICAL_AXIS_RULES)
+        inputs = (jax.device_put(params, shardings), *jax.device_put((tokens, segment_ids), data_sharding))
+        for dispatch in ("all_gather", "all_to_all"):
+            config = base.replace(expert_dispatch=dispatch)
+            fn = jax.jit(lambda *a, config=config: loss_and_grads(config, *a))
+            jaxpr = str(jax.make_jaxpr(fn)(*inputs))
+            assert ("all_to_all" in jaxpr) == (dispatch == "all_to_all")  # the choice reaches the kernel
+            results[dispatch] = fn(*inputs)
+    one_device = jax.jit(lambda *a: loss_and_grads(base.replace(expert_parallel=False), *a))(
+        params, tokens, segment_ids)
+
+    (loss, grads), (want_loss, want_grads) = results["all_to_all"], results["all_gather"]
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(one_device[0]), rtol=1e-5)
+    expert_leaves = 0
+    for (path, g), r, single in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads),
+                                    jax.tree.leaves(one_device[1])):
+        name = jax.tree_util.keystr(path)
+        expert_leaves += "w_gate" in name and "shared" not in name and np.abs(np.asarray(g)).max() > 0
+        # float32 sums in other orders: the dispatches and one device differ by ~1e-6 of each leaf's scale.
+        atol = 1e-5 * np.abs(np.asarray(single)).max()
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=atol, err_msg=name)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(single), rtol=1e-4, atol=atol, err_msg=name)
+    assert expert_leaves > 0  # routed experts' weights (or their adapters) take gradient
+
+
+def test_expert_dispatch_is_a_checked_run_choice():
+    with pytest.raises(ValueError, match="config.expert_dispatch='ragged' must be"):
+        MLA_MOE.replace(expert_dispatch="ragged")
+    # init_from compares only the architecture: a run may change its dispatch against any checkpoint.
+    assert "expert_dispatch" in RUN_CHOICE_FIELDS and "expert_dispatch" not in architecture_fields()
