@@ -1,6 +1,7 @@
 """Kernels: pure functions on arrays and plain Python numbers (no Flax, no configs, no meshes).
 
-masks (the attention mask rule), attention (GQA, MLA), blockwise_attention, rope, moe (routing, dispatch, balance),
+masks (the attention mask rule), attention (GQA, MLA), blockwise_attention, context_parallel (attention with the
+sequence split over a mesh axis), rope, moe (routing, dispatch, balance),
 layers (RMSNorm, SwiGLU), losses (chunked cross-entropy, token log-probs, KL and JSD, top-k KL).
 
 Shape legend. Inside kernels, array names end in their shape, one letter per axis (`q_BxTxKxGxA` is
