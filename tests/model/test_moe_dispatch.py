@@ -10,9 +10,10 @@ from conftest import MLA_MOE, init_params, random_tokens
 
 from jaxopd.model import Transformer
 from jaxopd.model.config import RUN_CHOICE_FIELDS, architecture_fields
+from jaxopd.training import sharding
+from jaxopd.training.config import MeshConfig
 from jaxopd.training.sharding import LOGICAL_AXIS_RULES
 
-AXES = ("data", "fsdp", "tensor", "expert")
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets XLA_FLAGS)")
 
@@ -33,8 +34,7 @@ def test_all_to_all_dispatch_loss_and_grads_equal_all_gather(lora_rank):
             return jnp.sum(features.hidden * probe) + features.moe_balance_loss
         return jax.value_and_grad(loss)(params)
 
-    auto = (jax.sharding.AxisType.Auto,) * len(AXES)
-    mesh = jax.make_mesh((1, 2, 1, 4), AXES, axis_types=auto, devices=jax.devices()[:8])
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, expert=4), jax.devices()[:8])
     results = {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(init_params(base)), mesh, LOGICAL_AXIS_RULES)
