@@ -9,6 +9,8 @@ reward and the eval reports reverse KL only. Built-ins (`distill.grader`):
   last number — equals row[answer_field] as a number (1,234 = 1234; 0.5 = 1/2), or as stripped text otherwise.
 - "regex": `re.search(distill.grader_pattern, completion)` finds a match.
 - "arithmetic": the bundled addition task's checker (the answer computed from row["prompt"]).
+- "column_addition": the bundled column-by-column sums task's checker: the answer after the completion's last ";"
+  equals the sum that row["prompt"] asks for (jaxopd/tasks/column_addition.py).
 - "package.module:function": a function of the user's, called as function(row, completion) -> float.
 
 A grader that raises on a row does not stop the run: `grade` scores that row 0, counts it and keeps the first error.
@@ -25,7 +27,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 Grader = Callable[[dict, str], float]
-BUILT_IN = ("exact_match", "math", "regex", "arithmetic")
+# The bundled tasks' checkers, each a grader by import path (imported only when named).
+TASKS = {"arithmetic": "jaxopd.tasks.arithmetic:grade", "column_addition": "jaxopd.tasks.column_addition:grade"}
+BUILT_IN = ("exact_match", "math", "regex", *TASKS)
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
@@ -106,14 +110,10 @@ def build(spec: str, *, answer_field: str = "answer", pattern: str = "", key: st
         if not pattern:
             raise ValueError(f"{key}='regex' needs distill.grader_pattern (a Python regular expression)")
         return lambda row, completion: float(compiled.search(completion) is not None)
-    if spec == "arithmetic":
-        from jaxopd.tasks import arithmetic
-
-        return lambda row, completion: float(arithmetic.check(row["prompt"], completion))
-    if ":" not in spec:
+    if ":" not in spec and spec not in TASKS:
         raise ValueError(f"{key}={spec!r} is not a grader: use one of {', '.join(BUILT_IN)}, '' for none, or "
                          "'package.module:function' for your own")
-    module_name, _, function_name = spec.partition(":")
+    module_name, _, function_name = TASKS.get(spec, spec).partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

@@ -64,14 +64,20 @@ def make_problems(num_problems: int, *, max_digits: int, ops: str = "+", seed: i
     return problems
 
 
-def write_tokenizer(directory: str | os.PathLike) -> pathlib.Path:
-    """A character-level Hugging Face tokenizer (tokenizer.json + tokenizer_config.json) over VOCAB, loadable by
-    jaxopd.data.tokenizer.load_tokenizer and by transformers' PreTrainedTokenizerFast."""
+def grade(row: dict, completion: str) -> float:
+    """`check` as a grader (jaxopd.distill.graders): 1.0 or 0.0 for a completion of row["prompt"]."""
+    return float(check(row["prompt"], completion))
+
+
+def write_tokenizer(directory: str | os.PathLike, vocab: Sequence[str] = VOCAB) -> pathlib.Path:
+    """A character-level Hugging Face tokenizer (tokenizer.json + tokenizer_config.json) over `vocab` (PAD, BOS and
+    EOS first, then one-character tokens), loadable by jaxopd.data.tokenizer.load_tokenizer and by transformers'
+    PreTrainedTokenizerFast."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(models.WordLevel({token: i for i, token in enumerate(VOCAB)}, unk_token=PAD))
+    tokenizer = Tokenizer(models.WordLevel({token: i for i, token in enumerate(vocab)}, unk_token=PAD))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens([PAD, BOS, EOS])

@@ -168,7 +168,7 @@ class DistillConfig:
     messages_field: str = "messages"  # ... or its chat turns, rendered with the tokenizer's chat template
     prompt_as_user_turn: bool = False  # render prompt strings as the one user turn of a chat too
     template_vars: str = ""  # chat template variables as a JSON object, e.g. '{"enable_thinking": false}'
-    grader: str = ""  # "": none (pure OPD); exact_match | math | regex | arithmetic | package.module:function
+    grader: str = ""  # "": none (pure OPD); exact_match | math | regex | arithmetic | column_addition | module:function
     grader_pattern: str = ""  # grader="regex": a Python regular expression searched in the completion
     answer_field: str = "answer"  # the row field exact_match and math compare with
     # Several prompt sets, each with its own teacher, weight and grader (then prompts/eval_prompts above are unused):
@@ -418,7 +418,7 @@ def _prompt_set_problems(run: RunConfig, process_count: int) -> list[str]:
         if not item.grader and (loss == "grpo" or distill.reward_weight):
             problems.append(f"{where[name]}grader is empty but config.loss={loss!r} with distill.reward_weight="
                             f"{distill.reward_weight} needs a reward: set distill.grader (exact_match, math, regex, "
-                            "arithmetic or package.module:function)")
+                            "arithmetic, column_addition or package.module:function)")
     for name in distill.sets:
         if not name.replace("_", "").replace("-", "").isalnum():
             problems.append(f"distill.sets.{name}: a set's name becomes a metric name suffix; use letters, digits, "

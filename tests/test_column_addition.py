@@ -1,0 +1,127 @@
+"""The column addition task: the checker and first wrong step on hand-written right and wrong solutions, every
+generated step against digit arithmetic, the generator's determinism and ranges, the bundled files equal to what
+the generator writes, and prompts and solutions round-tripping through the task's tokenizer."""
+
+import json
+import pathlib
+
+import pytest
+
+from jaxopd.data.tokenizer import load_tokenizer
+from jaxopd.distill import graders
+from jaxopd.tasks import column_addition
+from jaxopd.tasks.column_addition import WrongStep
+
+DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "tasks" / "column_addition"
+ROW = {"prompt": "347+185+126="}  # 347 + 185 + 126 = 658
+RIGHT = "7+5+6+0=18,4+8+2+1=15,3+1+1+1=06;658"  # worked by hand
+
+
+@pytest.mark.parametrize("completion, reward, wrong", [
+    (RIGHT, 1.0, None),
+    (RIGHT + "<eos>12<pad><pad>", 1.0, None),  # nothing after EOS counts
+    # The units carry dropped: the tens column and the answer inherit it.
+    ("7+5+6+0=08,4+8+2+0=14,3+1+1+1=06;648", 0.0, WrongStep(0, 8)),
+    # A wrong middle step whose answer still reads right: graded correct, but the step is found.
+    ("7+5+6+0=18,4+8+2+1=16,3+1+1+1=06;658", 1.0, WrongStep(1, 20)),
+    ("7+5+6+0=18,4+8+2+1=15,3+1+1+1=06;668", 0.0, WrongStep(3, 34)),  # only the answer wrong
+    ("7+5+6+0=18,4+8", 0.0, WrongStep(1, 14)),  # cut short
+    ("7+5+6+0=18,4+8+2+1=15;3+1+1+1=06;658", 1.0, WrongStep(1, 21)),  # a step ended by ";" instead of ","
+    (RIGHT + "8", 0.0, WrongStep(3, len(RIGHT))),  # runs on past the answer
+    ("658", 0.0, WrongStep(0, 0)),  # no worked steps and no ";": no answer either
+    (";658", 1.0, WrongStep(0, 0)),  # the answer alone is graded right, its steps all missing
+    ("", 0.0, WrongStep(0, 0)),
+])
+def test_grade_and_first_wrong_step_on_hand_written_solutions(completion, reward, wrong):
+    assert column_addition.grade(ROW, completion) == reward
+    assert column_addition.first_wrong_step(ROW, completion) == wrong
+
+
+def test_solution_and_answer_match_the_hand_worked_example_with_a_final_carry():
+    assert column_addition.solution(ROW["prompt"]) == RIGHT and column_addition.answer(ROW["prompt"]) == "658"
+    assert column_addition.solution("999+999+999=") == "9+9+9+0=27,9+9+9+2=29,9+9+9+2=29;2997"
+
+
+def _check_steps_by_digit_arithmetic(prompt: str, text: str) -> None:
+    """Every step reads the column's digits off the numbers by integer division, carries the previous step's tens,
+    and the answer is Python's sum: an independent reading of what a worked solution must say."""
+    numbers = [int(n) for n in prompt[:-1].split("+")]
+    width = len(str(numbers[0]))
+    columns, answer_text = text.split(";")
+    carry = 0
+    for place, step in enumerate(columns.split(",")):
+        left, total = step.split("=")
+        assert left.split("+") == [str(n // 10 ** place % 10) for n in numbers] + [str(carry)], (prompt, step)
+        assert int(total) == sum(n // 10 ** place % 10 for n in numbers) + carry and len(total) == 2
+        carry = int(total) // 10
+    assert place == width - 1 and int(answer_text) == sum(numbers) and answer_text == str(sum(numbers))
+
+
+def _bundled() -> list[dict]:
+    return [json.loads(line) for name in ("train.jsonl", "eval.jsonl") for line in (DATA / name).open()]
+
+
+def test_every_bundled_solution_follows_from_digit_arithmetic_and_grades_right():
+    grader = graders.build("column_addition")
+    for row in _bundled():
+        _check_steps_by_digit_arithmetic(row["prompt"], row["solution"])
+        assert row["answer"] == str(eval(row["prompt"][:-1]))  # Python's own arithmetic
+        assert grader(row, row["solution"]) == 1.0 and column_addition.first_wrong_step(row, row["solution"]) is None
+
+
+def test_first_wrong_step_finds_every_single_character_corruption():
+    for row in _bundled()[:40]:
+        reference = row["solution"]
+        # The step of each character by the lengths of the steps (a separator ends its step): brute force.
+        step_of = [index for index, step in enumerate(reference.replace(";", ",").split(",")) for _ in step + ","]
+        for offset, character in enumerate(reference):
+            wrong = "1" if character != "1" else "2"
+            corrupted = reference[:offset] + wrong + reference[offset + 1:]
+            assert column_addition.first_wrong_step(row, corrupted) == WrongStep(step_of[offset], offset)
+            # Only the answer is graded: a corrupted column step still scores 1, a corrupted ";" or answer 0.
+            assert column_addition.grade(row, corrupted) == float(offset < reference.index(";"))
+
+
+@pytest.mark.parametrize("prompt", ["12+345=", "12*3=", "12=", "+12+34=", "12+34"])
+def test_a_prompt_that_is_not_a_problem_is_an_error(prompt):
+    with pytest.raises(ValueError, match="not a column addition problem"):
+        column_addition.grade({"prompt": prompt}, ";46")
+    with pytest.raises(KeyError, match="no 'prompt' field"):
+        column_addition.first_wrong_step({"question": prompt}, ";46")
+
+
+def test_the_generator_is_deterministic_distinct_and_covers_its_ranges():
+    problems = column_addition.make_problems(600, operand_counts=(2, 4), widths=(1, 3), seed=7)
+    assert problems == column_addition.make_problems(600, operand_counts=(2, 4), widths=(1, 3), seed=7)
+    assert problems != column_addition.make_problems(600, operand_counts=(2, 4), widths=(1, 3), seed=8)
+    assert len({p["prompt"] for p in problems}) == 600
+    shapes = {(p["prompt"].count("+") + 1, len(p["prompt"].split("+")[0])) for p in problems}
+    assert shapes == {(count, width) for count in (2, 3, 4) for width in (1, 2, 3)}
+    for problem in problems:
+        assert all(str(int(n)) == n for n in problem["prompt"][:-1].split("+"))  # no leading zeros
+    with pytest.raises(ValueError, match="operand_counts"):
+        column_addition.make_problems(1, operand_counts=(1, 3))
+
+
+def test_the_bundled_files_are_what_the_generator_writes_and_eval_is_held_out(tmp_path):
+    column_addition.main(["--out", str(tmp_path)])
+    for name in ("train.jsonl", "eval.jsonl", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+    train, held_out = ({json.loads(line)["prompt"] for line in (DATA / name).open()}
+                       for name in ("train.jsonl", "eval.jsonl"))
+    assert len(train) == 2000 and len(held_out) == 256 and not train & held_out
+
+
+def test_prompts_and_solutions_round_trip_through_the_tokenizer_at_30_to_150_tokens():
+    tokenizer = load_tokenizer(DATA / "tokenizer.json")
+    assert tokenizer.vocab_size == len(column_addition.VOCAB) == 17
+    assert tokenizer.eos_id == column_addition.VOCAB.index("<eos>") and tokenizer.pad_id == 0
+    lengths = []
+    for row in _bundled():
+        for text in (row["prompt"], row["solution"]):
+            ids = tokenizer.encode(text)
+            # One token per character, none of them the unknown (= PAD) token, and back to the same text.
+            assert len(ids) == len(text) and tokenizer.pad_id not in ids and tokenizer.decode(ids) == text
+        lengths.append(len(tokenizer.encode(row["solution"])))
+    assert 30 <= min(lengths) and max(lengths) <= 150
+    assert (min(lengths), max(lengths)) == (36, 81)  # 3 three-digit numbers .. 5 five-digit numbers
