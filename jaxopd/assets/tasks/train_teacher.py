@@ -108,7 +108,7 @@ def export(workdir: pathlib.Path, out: pathlib.Path) -> None:
     print(f"exported {out}")
 
 
-def sample(task: Task, checkpoint: pathlib.Path, rows: list[dict], *, greedy: bool, batch: int = 500
+def sample(task: Task, checkpoint: pathlib.Path, rows: list[dict], *, greedy: bool, batch: int = 1000
            ) -> tuple[list[str], float]:
     """One completion per row's prompt (temperature 1, or greedy) from `checkpoint`, and the fraction graded right."""
     import jax
