@@ -10,8 +10,8 @@ digit); after ";" comes the answer, the last carry (when not 0) then the digits 
 
     7+5+6+0=18,4+8+2+1=15,3+1+1+1=06;658
 
-A wrong carry changes the next step's sum and so every digit after it; a wrong column digit reaches the answer
-directly. Every character is one token. Prompt files are JSON Lines {"prompt", "answer", "solution"}; the checker
+A wrong carry is the next step's carry in, so it changes that column's digit of the answer (and any carries it
+starts); a wrong column digit reaches the answer directly. Every character is one token. Prompt files are JSON Lines {"prompt", "answer", "solution"}; the checker
 and `first_wrong_step` recompute both from the prompt.
 """
 
