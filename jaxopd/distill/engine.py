@@ -11,8 +11,8 @@ stops, its slot takes the next queued prompt. A thin host loop drives fixed-shap
   insert: prefill `b` queued prompts (their last `p` columns) into `b` free slots; `b` and `p` are padded up to
           powers of two (at most `slots` and `max_prompt_len`), so a run compiles a small known set of programs
           (`compiled_shapes`) whatever its batch sizes and prompt lengths;
-  decode: decode every live slot one token a step until a slot frees while prompts are queued (then the host
-          refills it), or until all slots are done.
+  decode: decode every live slot one token a step until an eighth of the slots are free while prompts are queued
+          (then the host refills them: one round trip per few finished rows, not per row), or until all are done.
 
 Each slot keeps the static sampler's column layout (prompt left-padded to end at column max_prompt_len - 1, new
 token j at column max_prompt_len + j, positions from the row's first real token) and its own cache index, so a row
@@ -140,7 +140,9 @@ class ContinuousSampler:
                 self._shapes.add(("insert", rows_bucket, prompt_bucket))
                 cache, slots = self._insert(params, cache, slots, picked, fields)
             self._shapes.add(("decode", self.slots, 0))
-            cache, slots = self._decode(params, cache, slots, rng, jnp.asarray(bool(queue)), **options)
+            # Stop for a refill once enough slots are free to be worth a host round trip (or all queued rows fit).
+            refill_at = min(len(queue), max(1, self.slots // 8)) if queue else 0
+            cache, slots = self._decode(params, cache, slots, rng, jnp.int32(refill_at), **options)
             live, steps = _to_host(slots.live), _to_host(slots.step)
             done = np.flatnonzero((holder >= 0) & ~live)
             if done.size:
@@ -184,13 +186,13 @@ class ContinuousSampler:
                        tokens=put(slots.tokens, self.pad_id), logprobs=put(slots.logprobs, 0.0))
         return {"segment_ids": segments, "layers": layers}, slots
 
-    def _decode_until(self, params, cache, slots: _Slots, rng, refill, *, temperature, top_k, top_p, greedy):
-        """Decode all live slots until one frees while `refill` (prompts are queued), or until none is live."""
+    def _decode_until(self, params, cache, slots: _Slots, rng, refill_at, *, temperature, top_k, top_p, greedy):
+        """Decode all live slots until `refill_at` slots are free (0: never), or until none is live."""
         stop_tokens = jnp.asarray(self.stop_tokens, jnp.int32)
         slot_index = jnp.arange(self.slots)
 
         def body(carry):
-            cache, slots, _ = carry
+            cache, slots = carry
             keys = jax.vmap(lambda row, step: jax.random.fold_in(jax.random.fold_in(rng, row), step))(
                 slots.row, slots.step)
             token, logprob = choose_tokens(slots.logits, keys, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -208,11 +210,10 @@ class ContinuousSampler:
                                   logits=logits[:, -1].astype(jnp.float32),
                                   tokens=slots.tokens.at[slot_index, column].set(token, mode="drop"),
                                   logprobs=slots.logprobs.at[slot_index, column].set(logprob, mode="drop"))
-            return cache, slots, jnp.any(finished)
+            return cache, slots
 
         def cond(carry):
-            slots, freed = carry[1], carry[2]
-            return jnp.any(slots.live) & ~(refill & freed)
+            live = carry[1].live
+            return jnp.any(live) & ((refill_at == 0) | (jnp.sum(~live) < refill_at))
 
-        cache, slots, _ = jax.lax.while_loop(cond, body, (cache, slots, jnp.asarray(False)))
-        return cache, slots
+        return jax.lax.while_loop(cond, body, (cache, slots))
