@@ -20,15 +20,16 @@ decodes exactly as it would in a static batch; row r's token j is drawn with fol
 Tokens and log-probs therefore equal the static sampler's row by row (to the float rounding of a different batch
 composition), and the output rows are in the input order.
 
-Host-side decisions read only small replicated arrays (which slots are live), so every process of a multi-host run
-takes the same ones.
+On a mesh the slots are split over the devices as the prompts' rows are. Host-side decisions read only small arrays
+gathered whole on every process (which slots are live, their lengths), so every process of a multi-host run takes
+the same ones.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import chex
 import flax.linen as nn
@@ -36,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxopd.distill.sampling import SampleOutput, check_options, choose_tokens, prompt_layout, row_budgets
 from jaxopd.model import init_cache
@@ -46,6 +48,49 @@ def _to_host(array: jax.Array) -> np.ndarray:
     if isinstance(array, jax.Array) and not array.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(array, tiled=True))
     return np.asarray(array)
+
+
+class _Placement:
+    """Where the engine's arrays live: on one device, or — when the prompts are split over a mesh — the slots split
+    as the prompts' rows are (the cache `[slots, ...]`, or `[layers, slots, ...]` when scanned) and the host's small
+    inputs replicated, so every device decodes its share of the slots."""
+
+    def __init__(self, prompts: jax.Array, slots: int):
+        sharding = getattr(prompts, "sharding", None)
+        self.mesh = sharding.mesh if isinstance(sharding, NamedSharding) and len(sharding.device_set) > 1 else None
+        if self.mesh is None:
+            return
+        self.rows_spec = sharding.spec[0] if sharding.spec else None
+        self.output = sharding
+        names = (self.rows_spec,) if isinstance(self.rows_spec, str) else tuple(self.rows_spec or ())
+        parts = int(np.prod([self.mesh.shape[name] for name in names]))
+        if slots % parts:
+            raise ValueError(f"decode slots={slots} do not split over the {parts} shards of the prompts' rows "
+                             f"({' x '.join(names)}): use distill.decode_slots divisible by {parts}")
+
+    def split(self, axis: int) -> Optional[NamedSharding]:
+        return None if self.mesh is None else NamedSharding(self.mesh, P(*([None] * axis), self.rows_spec))
+
+    def make(self, build: Callable[[], Any], slot_axis: Callable[[Any], int]) -> Any:
+        """`build()`'s arrays, each its own buffer (they are donated), split along `slot_axis(path)`."""
+        if self.mesh is None:
+            return jax.jit(build)()
+        shapes = jax.eval_shape(build)
+        shardings = jax.tree_util.tree_map_with_path(lambda path, _: self.split(slot_axis(path)), shapes)
+        return jax.jit(build, out_shardings=shardings)()
+
+    def host(self, value: np.ndarray) -> jax.Array | np.ndarray:
+        """A host value (the same on every process) as a replicated array of the mesh."""
+        if self.mesh is None:
+            return value
+        return jax.make_array_from_callback(value.shape, NamedSharding(self.mesh, P()), lambda index: value[index])
+
+    def rows(self, value: np.ndarray) -> jax.Array:
+        """Output rows `[batch, ...]` (the same on every process) split as the prompts' rows are."""
+        if self.mesh is None:
+            return jnp.asarray(value)
+        sharding = NamedSharding(self.mesh, P(self.rows_spec))
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def _bucket(n: int, top: int) -> int:
@@ -110,13 +155,16 @@ class ContinuousSampler:
         host_budgets = _to_host(row_budgets(budgets, batch, self.max_new_tokens))
         host_prompts, host_lengths = _to_host(prompts), _to_host(prompt_lengths)
         config, new = self.model.config, self.max_new_tokens
-        # Made by a jitted call so that each array is its own buffer (init_cache shares its zeros): they are donated.
-        cache = jax.jit(lambda: init_cache(config, self.slots, self.max_prompt_len + new, self.cache_dtype))()
-        ints = lambda: jnp.ones(self.slots, jnp.int32)  # each its own buffer: the programs donate them
-        slots = _Slots(row=ints(), step=ints() * 0, prompt_length=ints(), budget=ints(), live=jnp.zeros(self.slots, bool),
-                       logits=jnp.zeros((self.slots, config.vocab_size), jnp.float32),
-                       tokens=jnp.full((self.slots, new), self.pad_id, jnp.int32),
-                       logprobs=jnp.zeros((self.slots, new), jnp.float32))
+        place = _Placement(prompts, self.slots)
+        layer_axis = 1 if config.scan_layers else 0  # scanned stacks lead with [layers]
+        cache = place.make(lambda: init_cache(config, self.slots, self.max_prompt_len + new, self.cache_dtype),
+                           lambda path: layer_axis if path[0].key == "layers" else 0)
+        ints = lambda: jnp.ones(self.slots, jnp.int32)
+        slots = place.make(lambda: _Slots(
+            row=ints(), step=ints() * 0, prompt_length=ints(), budget=ints(), live=jnp.zeros(self.slots, bool),
+            logits=jnp.zeros((self.slots, config.vocab_size), jnp.float32),
+            tokens=jnp.full((self.slots, new), self.pad_id, jnp.int32),
+            logprobs=jnp.zeros((self.slots, new), jnp.float32)), lambda path: 0)
         tokens = np.full((batch, new), self.pad_id, np.int32)
         logprobs, mask = np.zeros((batch, new), np.float32), np.zeros((batch, new), np.float32)
         options = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, greedy=greedy)
@@ -138,11 +186,12 @@ class ContinuousSampler:
                           for name, value in fields.items()}
                 holder[free[:len(take)]] = take
                 self._shapes.add(("insert", rows_bucket, prompt_bucket))
-                cache, slots = self._insert(params, cache, slots, picked, fields)
+                cache, slots = self._insert(params, cache, slots, place.host(picked),
+                                            {name: place.host(value) for name, value in fields.items()})
             self._shapes.add(("decode", self.slots, 0))
             # Stop for a refill once enough slots are free to be worth a host round trip (or all queued rows fit).
             refill_at = min(len(queue), max(1, self.slots // 8)) if queue else 0
-            cache, slots = self._decode(params, cache, slots, rng, jnp.int32(refill_at), **options)
+            cache, slots = self._decode(params, cache, slots, rng, place.host(np.int32(refill_at)), **options)
             live, steps = _to_host(slots.live), _to_host(slots.step)
             done = np.flatnonzero((holder >= 0) & ~live)
             if done.size:
@@ -152,12 +201,8 @@ class ContinuousSampler:
                     tokens[row, :length], logprobs[row, :length] = slot_tokens[:length], slot_logprobs[:length]
                     mask[row, :length] = 1.0
                 holder[done] = -1
-        place = lambda x: (jax.make_array_from_callback(x.shape, prompts.sharding, lambda index: x[index])
-                           if isinstance(prompts, jax.Array) and len(prompts.sharding.device_set) > 1
-                           else jnp.asarray(x))
-        return SampleOutput(tokens=place(tokens), logprobs=place(logprobs), mask=place(mask),
-                            lengths=jnp.asarray(mask.sum(-1), jnp.int32) if not isinstance(prompts, jax.Array)
-                            or len(prompts.sharding.device_set) == 1 else place(mask.sum(-1).astype(np.int32)))
+        return SampleOutput(tokens=place.rows(tokens), logprobs=place.rows(logprobs), mask=place.rows(mask),
+                            lengths=place.rows(mask.sum(-1).astype(np.int32)))
 
     def _insert_rows(self, params, cache, slots: _Slots, prompts, fields):
         """Prefill `prompts [b, p]` (left-padded to p columns) into slots `fields["slot"] [b]` for rows

@@ -10,6 +10,8 @@ import pytest
 from jaxopd.distill.engine import ContinuousSampler
 from jaxopd.distill.sampling import Sampler, left_pad, sequence_layout
 from jaxopd.model import ModelConfig, Transformer
+from jaxopd.training import sharding
+from jaxopd.training.config import MeshConfig
 
 PAD, EOS = 0, 2
 STOPS = (EOS, 7, 11)  # several stop tokens, so rows of the random model stop at varied steps
@@ -139,9 +141,13 @@ def test_on_a_mesh_the_rows_equal_one_device(gqa):
     prompts, lengths = _prompts(16, seed=5)
     expected = ContinuousSampler(model, MAX_PROMPT, MAX_NEW, STOPS, PAD, slots=8)(params, prompts, lengths,
                                                                                    jax.random.key(4))
-    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
-    rows = NamedSharding(mesh, PartitionSpec("data"))
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2), jax.devices()[:4])  # the trainer's mesh
+    rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
     with jax.set_mesh(mesh):
         got = ContinuousSampler(model, MAX_PROMPT, MAX_NEW, STOPS, PAD, slots=8)(
             params, jax.device_put(prompts, rows), jax.device_put(lengths, rows), jax.random.key(4))
+        with pytest.raises(ValueError, match="slots=6 do not split over the 4 shards"):
+            ContinuousSampler(model, MAX_PROMPT, MAX_NEW, STOPS, PAD, slots=6)(
+                params, jax.device_put(prompts, rows), jax.device_put(lengths, rows), jax.random.key(4))
     _assert_same(expected, got)
+    assert got.tokens.sharding.is_equivalent_to(rows, 2)
