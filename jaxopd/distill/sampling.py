@@ -15,6 +15,9 @@ completion depends only on its prompt, its index and the key, never on the other
 `microbatch` (rows per chunk of one call, for long completions: only one chunk's KV cache is live at a time) leave
 the sampled tokens unchanged.
 
+`budgets` (optional, `[batch]`) give each row its own token budget: a row stops after that many tokens as after a
+stop token (per-request `max_tokens`).
+
 `logprobs` are the log-probabilities of the sampled tokens under the distribution actually sampled from (after
 temperature, top-k and top-p), which is what an importance ratio against the sampler needs; with `greedy` they are
 the plain log-softmax of the logits at the chosen token. `mask` is 1 on the completion up to and including the first
@@ -106,13 +109,40 @@ def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: Optiona
     return logits
 
 
-def _check_options(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+def check_options(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """Sampling options checked before anything compiles."""
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0; use greedy=True for argmax decoding")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k!r} must be >= 1 or None")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r} must lie in (0, 1] or be None")
+
+
+def choose_tokens(logits: jax.Array, keys: jax.Array, *, temperature: float, top_k: Optional[int],
+                  top_p: Optional[float], greedy: bool) -> tuple[jax.Array, jax.Array]:
+    """The next token of each row `[batch]` int32 from its logits `[batch, vocab]` (argmax, or drawn with the row's
+    key `keys [batch]`), and its log-prob `[batch]` under the distribution it was drawn from."""
+    if greedy:
+        token = jnp.argmax(logits, axis=-1)
+        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    else:
+        filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        token = jax.vmap(jax.random.categorical)(keys, filtered)
+        logprobs = jax.nn.log_softmax(filtered, axis=-1)
+    return token.astype(jnp.int32), jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+
+
+def row_budgets(budgets: Optional[jax.Array], batch: int, max_new_tokens: int) -> jax.Array:
+    """Per-row token budgets `[batch]` int32 (a row stops after its budget's tokens as after a stop token);
+    None: max_new_tokens for every row."""
+    if budgets is None:
+        return jnp.full(batch, max_new_tokens, jnp.int32)
+    chex.assert_shape(budgets, (batch,))
+    if isinstance(budgets, np.ndarray) and not ((budgets >= 1) & (budgets <= max_new_tokens)).all():
+        raise ValueError(f"budgets must lie in [1, max_new_tokens={max_new_tokens}], got {budgets.min()}.."
+                         f"{budgets.max()}")
+    return jnp.asarray(budgets, jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,16 +171,18 @@ class Sampler:
 
     def __call__(self, params: Any, prompts: jax.Array, prompt_lengths: jax.Array, rng: jax.Array, *,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 greedy: bool = False) -> SampleOutput:
-        """prompts `[batch, max_prompt_len]` left-padded, prompt_lengths `[batch]` -> SampleOutput."""
-        _check_options(temperature, top_k, top_p)
+                 greedy: bool = False, budgets: Optional[jax.Array] = None) -> SampleOutput:
+        """prompts `[batch, max_prompt_len]` left-padded, prompt_lengths `[batch]`, optional per-row token budgets
+        `[batch]` (at most max_new_tokens; default all max_new_tokens) -> SampleOutput."""
+        check_options(temperature, top_k, top_p)
         chex.assert_shape(prompts, (None, self.max_prompt_len))
         chex.assert_shape(prompt_lengths, (prompts.shape[0],))
         if self.microbatch and prompts.shape[0] % self.microbatch:
             raise ValueError(f"{prompts.shape[0]} rows do not split into sampling microbatches of {self.microbatch}: "
                              "use a microbatch (distill.sampling_microbatch) that divides the rows")
-        return self._jitted(params, prompts, prompt_lengths, rng, temperature=float(temperature), top_k=top_k,
-                              top_p=top_p, greedy=greedy)
+        budgets = row_budgets(budgets, prompts.shape[0], self.max_new_tokens)
+        return self._jitted(params, prompts, prompt_lengths, budgets, rng, temperature=float(temperature),
+                            top_k=top_k, top_p=top_p, greedy=greedy)
 
     def prefill(self, params: Any, prompts: jax.Array, prompt_lengths: jax.Array) -> tuple[jax.Array, Any]:
         """(logits `[batch, 1, vocab]` at each prompt's last token, the cache holding the prompts): generation's
@@ -168,39 +200,30 @@ class Sampler:
         return self.model.apply({"params": params}, token[:, None], positions=positions, segment_ids=segment_ids,
                                 cache=cache, cache_index=cache_index, method="decode")
 
-    def _generate(self, params, prompts, prompt_lengths, rng, *, temperature, top_k, top_p, greedy):
+    def _generate(self, params, prompts, prompt_lengths, budgets, rng, *, temperature, top_k, top_p, greedy):
         options = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
-        rows = (prompts, prompt_lengths, jnp.arange(prompts.shape[0], dtype=jnp.int32))
+        rows = (prompts, prompt_lengths, budgets, jnp.arange(prompts.shape[0], dtype=jnp.int32))
         return map_row_chunks(lambda chunk: self._generate_rows(params, *chunk, rng, **options), rows,
                               self.microbatch)
 
-    def _generate_rows(self, params, prompts, prompt_lengths, row_ids, rng, *, temperature, top_k, top_p, greedy):
+    def _generate_rows(self, params, prompts, prompt_lengths, budgets, row_ids, rng, *, temperature, top_k, top_p,
+                       greedy):
         batch, prompt_len = prompts.shape
         row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, row_ids)
         logits, cache = self.prefill(params, prompts, prompt_lengths)
         stop_tokens = jnp.asarray(self.stop_tokens, jnp.int32)
-
-        def choose(step_logits, step):
-            """Next token `[batch]` and its log-prob under the distribution it was drawn from."""
-            if greedy:
-                token = jnp.argmax(step_logits, axis=-1)
-                logprobs = jax.nn.log_softmax(step_logits.astype(jnp.float32), axis=-1)
-            else:
-                filtered = filter_logits(step_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-                keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-                token = jax.vmap(jax.random.categorical)(keys, filtered)
-                logprobs = jax.nn.log_softmax(filtered, axis=-1)
-            return token.astype(jnp.int32), jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
 
         def body(carry):
             step, step_logits, cache, done, tokens, logprobs, mask = carry
-            token, logprob = choose(step_logits, step)
+            keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+            token, logprob = choose_tokens(step_logits, keys, **options)
             live = jnp.logical_not(done)
             token = jnp.where(live, token, self.pad_id)
             tokens = tokens.at[:, step].set(token)
             logprobs = logprobs.at[:, step].set(jnp.where(live, logprob, 0.0))
             mask = mask.at[:, step].set(live.astype(jnp.float32))
-            done = done | jnp.isin(token, stop_tokens)
+            done = done | jnp.isin(token, stop_tokens) | (step + 1 >= budgets)
             # Feed the token back: it sits at column prompt_len + step, position prompt_length + step.
             next_logits, cache = self.decode_step(params, token, (prompt_lengths + step)[:, None],
                                                   live.astype(jnp.int32)[:, None], cache, prompt_len + step)

@@ -30,6 +30,7 @@ from jaxopd.data.tokenizer import load_tokenizer
 from jaxopd.distill import graders, objectives, prompts as prompts_lib, rollouts as rollouts_lib
 from jaxopd.distill import teacher as teacher_lib
 from jaxopd.distill.policy_gradient import group_normalized_advantages
+from jaxopd.distill.engine import ContinuousSampler
 from jaxopd.distill.sampling import Sampler
 from jaxopd.kernels import losses
 from jaxopd.model import unembedding
@@ -46,7 +47,7 @@ class Teacher:
     path: str
     model: Any
     params: Any
-    sampler: Sampler
+    sampler: Sampler | ContinuousSampler
     scorer: "Scorer"
     eval_kl: Any
 
@@ -78,7 +79,7 @@ class Distiller:
     tokenizer: Any
     teachers: list[Teacher]
     sets: list[PromptSet]
-    student_sampler: Sampler
+    student_sampler: Sampler | ContinuousSampler
     student_scorer: "Scorer"  # distill.recompute_logprobs: the student's log-probs of its own samples
     microbatches: Any  # (layout, rewards, set_index) -> the train step batch, see step_batch
     teacher_unembed: Optional[jax.Array]  # [microbatches, d_teacher, vocab] replicated, for the full divergences
@@ -88,8 +89,11 @@ class Distiller:
         return any(prompt_set.grader is not None for prompt_set in self.sets)
 
 
-def _sampler(config: RunConfig, model: Any, tokenizer: Any) -> Sampler:
+def _sampler(config: RunConfig, model: Any, tokenizer: Any) -> Sampler | ContinuousSampler:
     distill = config.distill
+    if distill.decode_slots:
+        return ContinuousSampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,),
+                                 tokenizer.pad_id, slots=distill.decode_slots, cache_dtype=distill.kv_cache_dtype)
     return Sampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id,
                    cache_dtype=distill.kv_cache_dtype, microbatch=distill.sampling_microbatch)
 
@@ -183,7 +187,7 @@ def build(config: RunConfig, run: Run) -> Distiller:
                      jax.jit(microbatches, out_shardings=row_sharding), teacher_unembed)
 
 
-def _sample(d: Distiller, sampler: Sampler, params: Any, prompts: list[prompts_lib.Prompt], rng: jax.Array,
+def _sample(d: Distiller, sampler: Sampler | ContinuousSampler, params: Any, prompts: list[prompts_lib.Prompt], rng: jax.Array,
             group_size: int, **options: Any) -> rollouts_lib.Rollouts:
     with sharding.mesh_context(d.run.mesh):
         return rollouts_lib.rollout(sampler, params, d.tokenizer, prompts, rng, group_size=group_size,

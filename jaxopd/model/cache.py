@@ -47,14 +47,28 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "bflo
     return {"segment_ids": jnp.zeros((batch, max_len), jnp.int32), "layers": layers}
 
 
-def write(cache_array: jnp.ndarray, new: jnp.ndarray, cache_index: jnp.ndarray) -> jnp.ndarray:
-    """`cache_array [batch, max_len, ...]` with `new [batch, t, ...]` written at slots [cache_index, cache_index + t)."""
-    return jax.lax.dynamic_update_slice_in_dim(cache_array, new.astype(cache_array.dtype), cache_index, axis=1)
+def row_slots(cache_index: jnp.ndarray | int, batch: int, t: int) -> jnp.ndarray:
+    """The cache slots `[batch, t]` that `t` new tokens per row are written at: [cache_index, cache_index + t) for
+    one index shared by all rows (`[]`), or from each row's own (`[batch]`, rows decoding at different lengths as in
+    continuous batching)."""
+    start = jnp.asarray(cache_index, jnp.int32)
+    start = start[:, None] if start.ndim == 1 else start
+    return jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
+
+
+def write(cache_array: jnp.ndarray, new: jnp.ndarray, cache_index: jnp.ndarray | int) -> jnp.ndarray:
+    """`cache_array [batch, max_len, ...]` with `new [batch, t, ...]` written at slots [cache_index, cache_index + t);
+    `cache_index` is `[]` (all rows) or `[batch]` (each row's own)."""
+    new = new.astype(cache_array.dtype)
+    if jnp.ndim(cache_index) == 1:
+        write_row = lambda row, new_row, start: jax.lax.dynamic_update_slice_in_dim(row, new_row, start, axis=0)
+        return jax.vmap(write_row)(cache_array, new, cache_index)
+    return jax.lax.dynamic_update_slice_in_dim(cache_array, new, cache_index, axis=1)
 
 
 def slot_positions(batch: int, q_len: int, max_len: int, cache_index: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Positions for the attention mask in decode: the queries' slots `[batch, q_len]` and all slots `[batch, max_len]`."""
-    q_slots = jnp.broadcast_to(cache_index + jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))
+    q_slots = row_slots(cache_index, batch, q_len)
     kv_slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
     return q_slots, kv_slots
 

@@ -70,7 +70,7 @@ import jax.numpy as jnp
 
 from jaxopd.kernels.moe import update_balance_bias
 from jaxopd.model.block import Block, MTPModule, MoEStats
-from jaxopd.model.cache import write
+from jaxopd.model.cache import row_slots, write
 from jaxopd.model.config import ModelConfig
 from jaxopd.model.layers import Embed, RMSNorm, compute, param
 from jaxopd.model.remat import remat_block
@@ -205,7 +205,8 @@ class Transformer(nn.Module):
         last_only: bool = False,
     ) -> tuple[jnp.ndarray, dict]:
         """Run `tokens [b, t]` (a prompt chunk, or t = 1 new token) written at cache slots
-        [cache_index, cache_index + t) against everything cached so far.
+        [cache_index, cache_index + t) against everything cached so far; `cache_index` is one slot for all rows or
+        `[b]`, each row's own (rows at different lengths, as continuous batching decodes them).
 
         segment_ids `[b, t]`: 1 for real tokens, 0 for padding (padding is never attended to); default ones.
         positions `[b, t]`: RoPE positions; default the slot indices cache_index + arange(t), right for rows that
@@ -218,7 +219,7 @@ class Transformer(nn.Module):
         if cache is None:
             raise ValueError("decode needs cache=init_cache(config, batch, max_len, dtype)")
         if positions is None:
-            positions = jnp.broadcast_to(cache_index + jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)
+            positions = row_slots(cache_index, *tokens.shape)
         segment_ids, positions = check_inputs(c, tokens, segment_ids, positions, cache=cache, cache_index=cache_index)
         cache_segment_ids = write(cache["segment_ids"], segment_ids, cache_index)
         x, _, layer_caches = self._blocks(self.embed(tokens), positions, segment_ids, cache["layers"], cache_index,

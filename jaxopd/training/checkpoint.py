@@ -52,6 +52,8 @@ MAY_CHANGE_ON_RESUME = (
     "checkpoint_every", "keep_checkpoints", "async_checkpoints", "skip_nonfinite_steps", "loss_chunk_size",
     "optimizer.schedule.", "mesh.", "distributed.", "init_from.", "data.eval_batches",
     "distill.eval_prompts", "distill.eval_prompts_count", "export_hf",
+    # how rollouts are batched, never which tokens are drawn (each row draws from its own key)
+    "distill.sampling_microbatch", "distill.scoring_microbatch", "distill.decode_slots",
     # how the forward pass runs, not the architecture (jaxopd/model/config.py)
     *(f"model.{name}" for name in FORWARD_PASS_FIELDS),
 )

@@ -199,6 +199,10 @@ class DistillConfig:
     sampling_microbatch: int = 0
     scoring_microbatch: int = 0
     kv_cache_dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # the samplers' KV cache; auto: the model's dtype
+    # Continuous batching (jaxopd.distill.engine): this many decode slots, each refilled with the next prompt as soon
+    # as its row stops, so long-tailed completion lengths do not leave the batch idle; 0: one static batch per call.
+    # Sampled tokens do not depend on it (each row draws from its own key).
+    decode_slots: int = 0
 
     def __post_init__(self):
         check_choices(self, "distill")
@@ -397,6 +401,11 @@ def _distill_problems(run: RunConfig, process_count: int) -> list[str]:
             named = " and ".join(f"{name}={count}" for name, count in rows.items())
             problems.append(f"distill.{key}={value} must be 0 (all rows in one call) or divide the rows of each "
                             f"call: {named}")
+    if distill.decode_slots < 0:
+        problems.append(f"distill.decode_slots={distill.decode_slots} must be >= 0 (0: static batches)")
+    elif distill.decode_slots and distill.sampling_microbatch:
+        problems.append(f"distill.decode_slots={distill.decode_slots} and distill.sampling_microbatch="
+                        f"{distill.sampling_microbatch} both bound the rows decoded at once: set one of them to 0")
     prompts_per_step = run.batch_size // max(distill.group_size, 1)
     if prompts_per_step % process_count or distill.eval_prompts_count % process_count:
         problems.append(f"each of the {process_count} processes samples an equal share of the prompts: batch_size / "

@@ -200,3 +200,25 @@ def test_distillation_resumes_exactly(tmp_path, monkeypatch, capsys):
     steps = [row for row in rows if "flops/training" in row]
     total = sum(row["flops/sampling"] + row["flops/teacher_scoring"] + row["flops/training"] for row in steps)
     assert steps[-1]["flops/total"] == pytest.approx(total) and min(row["flops/teacher_scoring"] for row in steps) > 0
+
+
+@pytest.mark.slow
+def test_continuous_batching_trains_as_the_static_sampler_does(tmp_path):
+    teacher_model, teacher_params = init(TEACHER, 5)
+    save_model(tmp_path / "teacher", TEACHER, teacher_params)
+    common = {"distill.teacher": str(tmp_path / "teacher"), "eval_every": 2, "log_every": 1, "steps": 2,
+              "checkpoint_every": 0}
+    static = train.train(config_for("reverse_kl", tmp_path / "static", **common))
+    slots = train.train(config_for("reverse_kl", tmp_path / "slots", **common, **{"distill.decode_slots": 8}))
+
+    def rows(name):
+        lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if "second" not in k} for row in lines]
+
+    assert static["eval/accuracy"] == slots["eval/accuracy"]
+    for a, b in zip(rows("static"), rows("slots"), strict=True):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    with pytest.raises(ValueError, match="decode_slots=8 and distill.sampling_microbatch=4 both bound"):
+        config_for("reverse_kl", **{"distill.decode_slots": 8, "distill.sampling_microbatch": 4})

@@ -1,7 +1,8 @@
 """Multi-host distillation: two processes (4 CPU devices each) run the same distillation steps as one process with 8
 devices. Each samples its half of every step's prompts; the rows are assembled into global arrays in process order,
 so the same global rng draws the same tokens, and rewards, FLOPs and eval metrics are summed over the processes.
-The prompt position being global, a run started on two processes resumes on one."""
+The prompt position being global, a run started on two processes resumes on one (here also from continuous batching to
+the static sampler)."""
 
 import json
 import pathlib
@@ -36,8 +37,10 @@ def _metrics(workdir):
 def test_two_processes_distill_like_one_process_and_resume(tmp_path, run_processes):
     # Two processes run step 1, save and stop; relaunched, they resume from the checkpoint and run step 2; then this
     # one process (8 devices) resumes their checkpoint and runs step 3.
+    # The two processes sample through continuous batching (8 slots split 4 + 4, every process taking the same refill
+    # decisions), the one process through the static sampler: the tokens are the same either way.
     for steps in (1, 2):
-        run_processes(CONFIG, tmp_path / "multi", {**OVERRIDES, "steps": steps})
+        run_processes(CONFIG, tmp_path / "multi", {**OVERRIDES, "steps": steps, "distill.decode_slots": 8})
     data = {path.name: json.loads(path.read_text())
             for path in (tmp_path / "multi" / "checkpoints" / "2" / "data").glob("process_*.json")}
     train.train(config_lib.load_config_file(CONFIG, {"workdir": str(tmp_path / "multi"), **OVERRIDES}))
@@ -58,3 +61,4 @@ def test_two_processes_distill_like_one_process_and_resume(tmp_path, run_process
     assert sorted(data) == ["process_0-of-2.json", "process_1-of-2.json"]
     expected = json.loads((tmp_path / "single" / "checkpoints" / "2" / "data" / "process_0-of-1.json").read_text())
     assert expected["source"] == {"next_index": 16} and all(state == expected for state in data.values())
+
