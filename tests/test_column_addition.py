@@ -4,6 +4,7 @@ the generator writes, and prompts and solutions round-tripping through the task'
 
 import json
 import pathlib
+import re
 
 import pytest
 
@@ -13,23 +14,26 @@ from jaxopd.tasks import column_addition
 from jaxopd.tasks.column_addition import WrongStep
 
 DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "tasks" / "column_addition"
-ROW = {"prompt": "347+185+126="}  # 347 + 185 + 126 = 658
-RIGHT = "7+5+6+0=18,4+8+2+1=15,3+1+1+1=06;658"  # worked by hand
+ROW = {"prompt": "c3b4a7+g1f8e5+k1j2i6="}  # 347 + 185 + 126 = 658, tagged by hand
+RIGHT = "a7+e5+i6+0=18,b4+f8+j2+1=15,c3+g1+k1+1=06;c6b5a8"  # worked by hand
 
 
 @pytest.mark.parametrize("completion, reward, wrong", [
     (RIGHT, 1.0, None),
     (RIGHT + "<eos>12<pad><pad>", 1.0, None),  # nothing after EOS counts
     # The units carry dropped: the tens column and the answer inherit it.
-    ("7+5+6+0=08,4+8+2+0=14,3+1+1+1=06;648", 0.0, WrongStep(0, 8)),
+    ("a7+e5+i6+0=08,b4+f8+j2+0=14,c3+g1+k1+1=06;c6b4a8", 0.0, WrongStep(0, 11)),
     # A wrong middle step whose answer still reads right: graded correct, but the step is found.
-    ("7+5+6+0=18,4+8+2+1=16,3+1+1+1=06;658", 1.0, WrongStep(1, 20)),
-    ("7+5+6+0=18,4+8+2+1=15,3+1+1+1=06;668", 0.0, WrongStep(3, 34)),  # only the answer wrong
-    ("7+5+6+0=18,4+8", 0.0, WrongStep(1, 14)),  # cut short
-    ("7+5+6+0=18,4+8+2+1=15;3+1+1+1=06;658", 1.0, WrongStep(1, 21)),  # a step ended by ";" instead of ","
+    ("a7+e5+i6+0=18,b4+f8+j2+1=16,c3+g1+k1+1=06;c6b5a8", 1.0, WrongStep(1, 26)),
+    # The right digit under the wrong tag (the second number's units read as the third's): a wrong step.
+    ("a7+e5+j6+0=18,b4+f8+j2+1=15,c3+g1+k1+1=06;c6b5a8", 1.0, WrongStep(0, 6)),
+    ("a7+e5+i6+0=18,b4+f8+j2+1=15,c3+g1+k1+1=06;c6b6a8", 0.0, WrongStep(3, 45)),  # only the answer wrong
+    ("a7+e5+i6+0=18,b4+f8", 0.0, WrongStep(1, 19)),  # cut short
+    ("a7+e5+i6+0=18,b4+f8+j2+1=15;c3+g1+k1+1=06;c6b5a8", 1.0, WrongStep(1, 27)),  # a step ended by ";", not ","
     (RIGHT + "8", 0.0, WrongStep(3, len(RIGHT))),  # runs on past the answer
-    ("658", 0.0, WrongStep(0, 0)),  # no worked steps and no ";": no answer either
-    (";658", 1.0, WrongStep(0, 0)),  # the answer alone is graded right, its steps all missing
+    ("c6b5a8", 0.0, WrongStep(0, 0)),  # no worked steps and no ";": no answer either
+    (";c6b5a8", 1.0, WrongStep(0, 0)),  # the answer alone is graded right, its steps all missing
+    (";658", 0.0, WrongStep(0, 0)),  # the sum without its tags is not the answer the solution writes
     ("", 0.0, WrongStep(0, 0)),
 ])
 def test_grade_and_first_wrong_step_on_hand_written_solutions(completion, reward, wrong):
@@ -38,23 +42,36 @@ def test_grade_and_first_wrong_step_on_hand_written_solutions(completion, reward
 
 
 def test_solution_and_answer_match_the_hand_worked_example_with_a_final_carry():
+    assert column_addition.tagged(["347", "185", "126"]) == ROW["prompt"]
     assert column_addition.solution(ROW["prompt"]) == RIGHT and column_addition.answer(ROW["prompt"]) == "658"
-    assert column_addition.solution("999+999+999=") == "9+9+9+0=27,9+9+9+2=29,9+9+9+2=29;2997"
+    assert (column_addition.solution("c9b9a9+g9f9e9+k9j9i9=")
+            == "a9+e9+i9+0=27,b9+f9+j9+2=29,c9+g9+k9+2=29;2c9b9a7")
+
+
+def _letter(number: int, place: int) -> str:
+    """Number `number`'s tag for the digit of 10**place: four letters a number, from "a"."""
+    return chr(ord("a") + 4 * number + place)
 
 
 def _check_steps_by_digit_arithmetic(prompt: str, text: str) -> None:
-    """Every step reads the column's digits off the numbers by integer division, carries the previous step's tens,
-    and the answer is Python's sum: an independent reading of what a worked solution must say."""
-    numbers = [int(n) for n in prompt[:-1].split("+")]
+    """Every step reads the column's digits off the numbers by integer division, under their letters, carries the
+    previous step's tens, and the answer is Python's sum under the first number's letters: an independent reading
+    of what a prompt and its worked solution must say."""
+    numbers = [int(n) for n in re.sub("[a-z]", "", prompt[:-1]).split("+")]
     width = len(str(numbers[0]))
+    assert prompt == "+".join("".join(_letter(j, place) + str(n // 10 ** place % 10)
+                                      for place in reversed(range(width))) for j, n in enumerate(numbers)) + "="
     columns, answer_text = text.split(";")
     carry = 0
     for place, step in enumerate(columns.split(",")):
         left, total = step.split("=")
-        assert left.split("+") == [str(n // 10 ** place % 10) for n in numbers] + [str(carry)], (prompt, step)
+        assert left.split("+") == [_letter(j, place) + str(n // 10 ** place % 10) for j, n in enumerate(numbers)
+                                   ] + [str(carry)], (prompt, step)
         assert int(total) == sum(n // 10 ** place % 10 for n in numbers) + carry and len(total) == 2
         carry = int(total) // 10
-    assert place == width - 1 and int(answer_text) == sum(numbers) and answer_text == str(sum(numbers))
+    total = str(sum(numbers))
+    assert place == width - 1 and answer_text == total[:-width] + "".join(
+        _letter(0, width - 1 - i) + digit for i, digit in enumerate(total[-width:]))
 
 
 def _bundled() -> list[dict]:
@@ -65,7 +82,7 @@ def test_every_bundled_solution_follows_from_digit_arithmetic_and_grades_right()
     grader = graders.build("column_addition")
     for row in _bundled():
         _check_steps_by_digit_arithmetic(row["prompt"], row["solution"])
-        assert row["answer"] == str(eval(row["prompt"][:-1]))  # Python's own arithmetic
+        assert row["answer"] == str(eval(re.sub("[a-z]", "", row["prompt"][:-1])))  # Python's own arithmetic
         assert grader(row, row["solution"]) == 1.0 and column_addition.first_wrong_step(row, row["solution"]) is None
 
 
@@ -82,12 +99,18 @@ def test_first_wrong_step_finds_every_single_character_corruption():
             assert column_addition.grade(row, corrupted) == float(offset < reference.index(";"))
 
 
-@pytest.mark.parametrize("prompt", ["12+345=", "12*3=", "12=", "+12+34=", "12+34"])
+@pytest.mark.parametrize("prompt", [
+    "b1a2+g3f4e5=", "b1a2*f3e4=", "b1a2=", "+b1a2+f3e4=", "b1a2+f3e4",
+    "12+34=",  # untagged
+    "b1a2+b3a4=",  # the second number under the first's letters
+    "a1b2+e3f4=",  # the letters in the wrong order
+    "a1+e2+i3+m4+a5=",  # five numbers: more than the tags name
+])
 def test_a_prompt_that_is_not_a_problem_is_an_error(prompt):
     with pytest.raises(ValueError, match="not a column addition problem"):
-        column_addition.grade({"prompt": prompt}, ";46")
+        column_addition.grade({"prompt": prompt}, ";b4a6")
     with pytest.raises(KeyError, match="no 'prompt' field"):
-        column_addition.first_wrong_step({"question": prompt}, ";46")
+        column_addition.first_wrong_step({"question": prompt}, ";b4a6")
 
 
 def test_the_generator_is_deterministic_distinct_and_covers_its_ranges():
@@ -95,12 +118,13 @@ def test_the_generator_is_deterministic_distinct_and_covers_its_ranges():
     assert problems == column_addition.make_problems(600, operand_counts=(2, 4), widths=(1, 3), seed=7)
     assert problems != column_addition.make_problems(600, operand_counts=(2, 4), widths=(1, 3), seed=8)
     assert len({p["prompt"] for p in problems}) == 600
-    shapes = {(p["prompt"].count("+") + 1, len(p["prompt"].split("+")[0])) for p in problems}
+    shapes = {(p["prompt"].count("+") + 1, len(p["prompt"].split("+")[0]) // 2) for p in problems}
     assert shapes == {(count, width) for count in (2, 3, 4) for width in (1, 2, 3)}
     for problem in problems:
-        assert all(str(int(n)) == n for n in problem["prompt"][:-1].split("+"))  # no leading zeros
-    with pytest.raises(ValueError, match="operand_counts"):
-        column_addition.make_problems(1, operand_counts=(1, 3))
+        assert all(str(int(n)) == n for n in re.sub("[a-z]", "", problem["prompt"][:-1]).split("+"))  # no 0 first
+    for shape in (dict(operand_counts=(1, 3)), dict(operand_counts=(3, 5)), dict(widths=(3, 5))):
+        with pytest.raises(ValueError, match="operand_counts"):
+            column_addition.make_problems(1, **shape)
 
 
 def test_the_bundled_files_are_what_the_generator_writes_and_eval_is_held_out(tmp_path):
@@ -114,7 +138,7 @@ def test_the_bundled_files_are_what_the_generator_writes_and_eval_is_held_out(tm
 
 def test_prompts_and_solutions_round_trip_through_the_tokenizer_at_30_to_150_tokens():
     tokenizer = load_tokenizer(DATA / "tokenizer.json")
-    assert tokenizer.vocab_size == len(column_addition.VOCAB) == 17
+    assert tokenizer.vocab_size == len(column_addition.VOCAB) == 33
     assert tokenizer.eos_id == column_addition.VOCAB.index("<eos>") and tokenizer.pad_id == 0
     lengths = []
     for row in _bundled():
@@ -124,4 +148,4 @@ def test_prompts_and_solutions_round_trip_through_the_tokenizer_at_30_to_150_tok
             assert len(ids) == len(text) and tokenizer.pad_id not in ids and tokenizer.decode(ids) == text
         lengths.append(len(tokenizer.encode(row["solution"])))
     assert 30 <= min(lengths) and max(lengths) <= 150
-    assert (min(lengths), max(lengths)) == (36, 81)  # 3 three-digit numbers .. 5 five-digit numbers
+    assert (min(lengths), max(lengths)) == (48, 77)  # 3 three-digit numbers .. 4 four-digit numbers

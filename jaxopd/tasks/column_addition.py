@@ -1,18 +1,27 @@
-"""Sums of several multi-digit numbers worked column by column with carries: a task whose completions are long
-(36-81 tokens with the defaults) and where one early mistake reaches the answer. A generator, an exact checker, the
+"""Sums of several multi-digit numbers worked column by column with carries, every digit tagged with a letter (an
+index hint) so that a small model finds it by content rather than by position: a task whose completions are long
+(48-77 tokens with the defaults) and where one early mistake reaches the answer. A generator, an exact checker, the
 first wrong step of a completion, and a character-level tokenizer. Write the bundled files with
 
     python -m jaxopd.tasks.column_addition --out data/tasks/column_addition
 
-A problem adds 3-5 numbers of one width (3-5 digits): `"347+185+126="`. Its worked solution has one step per
-column, units first, each the column's digits, the carry in, "=" and the column's sum as two digits (carry out,
-digit); after ";" comes the answer, the last carry (when not 0) then the digits from the last column to the first:
+A problem adds 3-4 numbers of one width (3-4 digits). Each digit follows its tag, one letter per (number, column):
+number j's column c (c = 0 for the units) is `TAGS[j * MAX_WIDTH + c]`, so 347 + 185 + 126 is
 
-    7+5+6+0=18,4+8+2+1=15,3+1+1+1=06;658
+    c3b4a7+g1f8e5+k1j2i6=
 
-A wrong carry is the next step's carry in, so it changes that column's digit of the answer (and any carries it
-starts); a wrong column digit reaches the answer directly. Every character is one token. Prompt files are JSON Lines {"prompt", "answer", "solution"}; the checker
-and `first_wrong_step` recompute both from the prompt.
+Its worked solution has one step per column, units first: the column's tagged digits, the carry in, "=" and the
+column's sum as two digits (carry out, digit); after ";" comes the answer, the last carry (when not 0) then each
+column's digit from the last column to the first, tagged with the first number's letter for that column:
+
+    a7+e5+i6+0=18,b4+f8+j2+1=15,c3+g1+k1+1=06;c6b5a8
+
+Why tags in the solution too: each digit is then a copy of what follows the same letter earlier on (what an
+induction head does), and each letter follows from the step's previous one; without them a tiny model must count
+its way to the j-th number's digit and did not learn to (0.0 eval accuracy, train_teacher.py). A wrong carry is the
+next step's carry in, so it changes that column's digit of the answer (and any carries it starts); a wrong column
+digit reaches the answer directly. Every character is one token. Prompt files are JSON Lines
+{"prompt", "answer" (the decimal sum), "solution"}; the checker and `first_wrong_step` recompute both from the prompt.
 """
 
 from __future__ import annotations
@@ -26,30 +35,48 @@ import numpy as np
 
 from jaxopd.tasks.arithmetic import BOS, EOS, PAD, write_jsonl, write_tokenizer
 
+MAX_OPERANDS, MAX_WIDTH = 4, 4
+TAGS = "abcdefghijklmnop"  # MAX_OPERANDS * MAX_WIDTH letters, number-major
 STEP_SEPARATOR, ANSWER_SEPARATOR = ",", ";"
-CHARACTERS = "0123456789+=" + STEP_SEPARATOR + ANSWER_SEPARATOR
+CHARACTERS = "0123456789+=" + STEP_SEPARATOR + ANSWER_SEPARATOR + TAGS
 VOCAB = (PAD, BOS, EOS, *CHARACTERS)
-_PROBLEM = re.compile(r"^\d+(?:\+\d+)+=$")
+_PROBLEM = re.compile(rf"^[{TAGS}]\d(?:[{TAGS}]\d)*(?:\+[{TAGS}]\d(?:[{TAGS}]\d)*)+=$")
+
+
+def tag(number: int, column: int) -> str:
+    """The letter before number `number`'s digit in column `column` (0 = units), both counted from 0."""
+    return TAGS[number * MAX_WIDTH + column]
+
+
+def tagged(numbers: Sequence[str]) -> str:
+    """The prompt adding `numbers` (decimal strings of one width): "347", "185" -> "c3b4a7+g1f8e5=" ."""
+    width = len(numbers[0])
+    return "+".join("".join(tag(j, width - 1 - i) + digit for i, digit in enumerate(number))
+                    for j, number in enumerate(numbers)) + "="
 
 
 def operands(prompt: str) -> list[str]:
-    """The numbers `prompt` ("a+b+...=", all of one width) adds, as written."""
-    numbers = prompt[:-1].split("+")
-    if _PROBLEM.match(prompt) is None or len({len(number) for number in numbers}) != 1:
-        raise ValueError(f"prompt {prompt!r} is not a column addition problem 'a+b+...=' of numbers of one width")
+    """The numbers `prompt` adds, as decimal strings without their tags; the tags must be the ones `tagged` writes."""
+    numbers = re.sub(f"[{TAGS}]", "", prompt[:-1]).split("+")
+    if (_PROBLEM.match(prompt) is None or len({len(number) for number in numbers}) != 1
+            or len(numbers) > MAX_OPERANDS or len(numbers[0]) > MAX_WIDTH or tagged(numbers) != prompt):
+        raise ValueError(f"prompt {prompt!r} is not a column addition problem: up to {MAX_OPERANDS} numbers of one "
+                         f"width (at most {MAX_WIDTH} digits), each digit after its tag, e.g. 'b4a7+f8e5=' for 47+85")
     return numbers
 
 
 def steps(prompt: str) -> list[str]:
     """The worked solution of `prompt` as its steps: one per column (units first), then the answer."""
     numbers = operands(prompt)
+    width = len(numbers[0])
     carry, columns, digits = 0, [], []
-    for column in range(len(numbers[0]) - 1, -1, -1):
-        column_digits = [number[column] for number in numbers]
+    for column in range(width):
+        column_digits = [number[width - 1 - column] for number in numbers]
         total = sum(int(digit) for digit in column_digits) + carry
-        columns.append("+".join(column_digits) + f"+{carry}={total:02d}")
+        columns.append("+".join(tag(j, column) + digit for j, digit in enumerate(column_digits))
+                       + f"+{carry}={total:02d}")
         carry, digit = divmod(total, 10)
-        digits.append(str(digit))
+        digits.append(tag(0, column) + str(digit))
     return columns + [(str(carry) if carry else "") + "".join(reversed(digits))]
 
 
@@ -60,7 +87,7 @@ def solution(prompt: str) -> str:
 
 
 def answer(prompt: str) -> str:
-    """The sum `prompt` asks for, in decimal: what `solution` ends with."""
+    """The sum `prompt` asks for, in decimal: what `solution` ends with once its tags are dropped."""
     return str(sum(int(number) for number in operands(prompt)))
 
 
@@ -72,17 +99,18 @@ def _text(completion: str) -> str:
 def _prompt(row: dict) -> str:
     if "prompt" not in row:
         raise KeyError(f"the row has no 'prompt' field (fields: {sorted(row)}); column_addition rows are "
-                       "{'prompt': 'a+b+...=', ...}")
+                       "{'prompt': 'c3b4a7+g1f8e5+...=', ...}")
     return row["prompt"]
 
 
 def grade(row: dict, completion: str) -> float:
-    """1.0 when what follows the completion's last ";" is exactly the sum, else 0.0: the final answer alone is
-    graded, whatever the steps before it say (`first_wrong_step` reads those)."""
+    """1.0 when what follows the completion's last ";" is exactly the solution's answer (the sum, its digits
+    tagged), else 0.0: the final answer alone is graded, whatever the steps before it say (`first_wrong_step` reads
+    those)."""
     text = _text(completion)
     if ANSWER_SEPARATOR not in text:
         return 0.0
-    return float(text.rsplit(ANSWER_SEPARATOR, 1)[1] == answer(_prompt(row)))
+    return float(text.rsplit(ANSWER_SEPARATOR, 1)[1] == steps(_prompt(row))[-1])
 
 
 class WrongStep(NamedTuple):
@@ -107,21 +135,23 @@ def first_wrong_step(row: dict, completion: str) -> Optional[WrongStep]:
     return WrongStep(step, offset)
 
 
-def make_problems(count: int, *, operand_counts: tuple[int, int] = (3, 5), widths: tuple[int, int] = (3, 5),
+def make_problems(count: int, *, operand_counts: tuple[int, int] = (3, MAX_OPERANDS),
+                  widths: tuple[int, int] = (3, MAX_WIDTH),
                   seed: int = 0) -> list[dict[str, str]]:
     """`count` distinct problems in a fixed order for `seed`: the number of operands uniform in `operand_counts`
     and their width uniform in `widths` (both inclusive), each operand uniform among the numbers of that width.
     One width per problem, so every column has a digit of every operand and a step's shape is fixed by the count."""
-    if not 2 <= operand_counts[0] <= operand_counts[1] or not 1 <= widths[0] <= widths[1]:
-        raise ValueError(f"operand_counts={operand_counts} must be (low, high) with 2 <= low <= high and "
-                         f"widths={widths} (low, high) with 1 <= low <= high")
+    if not 2 <= operand_counts[0] <= operand_counts[1] <= MAX_OPERANDS or not 1 <= widths[0] <= widths[1] <= MAX_WIDTH:
+        raise ValueError(f"operand_counts={operand_counts} must be (low, high) with 2 <= low <= high <= "
+                         f"{MAX_OPERANDS} and widths={widths} (low, high) with 1 <= low <= high <= {MAX_WIDTH} "
+                         "(the tags name that many numbers and columns)")
     rng = np.random.default_rng(seed)
     problems: dict[str, dict[str, str]] = {}
     while len(problems) < count:
         width = int(rng.integers(widths[0], widths[1] + 1))
         numbers = rng.integers(10 ** (width - 1), 10 ** width, size=int(rng.integers(operand_counts[0],
                                                                                      operand_counts[1] + 1)))
-        prompt = "+".join(str(number) for number in numbers) + "="
+        prompt = tagged([str(number) for number in numbers])
         problems.setdefault(prompt, {"prompt": prompt, "answer": answer(prompt), "solution": solution(prompt)})
     return list(problems.values())
 

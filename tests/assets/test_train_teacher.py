@@ -7,9 +7,10 @@ from jaxopd.assets.tasks import train_teacher
 from jaxopd.data.tokenizer import load_tokenizer
 from jaxopd.tasks import column_addition
 
-# The generators' largest problems: 2-digit addition (arithmetic's default), 5 numbers of 5 digits.
+# The generators' largest problems: 2-digit addition (arithmetic's default), 4 numbers of 4 digits.
 LONGEST = {"arithmetic": ("99+99=", "198"),
-           "column_addition": ("+".join(["99999"] * 5) + "=", column_addition.solution("+".join(["99999"] * 5) + "="))}
+           "column_addition": (column_addition.tagged(["9999"] * 4), column_addition.solution(
+               column_addition.tagged(["9999"] * 4)))}
 
 
 @pytest.mark.parametrize("name", sorted(train_teacher.TASKS))

@@ -50,9 +50,9 @@ def test_built_in_graders():
     arithmetic = graders.build("arithmetic")
     assert arithmetic({"prompt": "12+30="}, "42") == 1.0 and arithmetic({"prompt": "12+30="}, "43") == 0.0
     column_addition = graders.build("column_addition")
-    worked = "2+0+0+0=02,1+3+1+0=05;52"  # 12 + 30 + 10: the answer after ";" is graded
-    assert column_addition({"prompt": "12+30+10="}, worked) == 1.0
-    assert column_addition({"prompt": "12+30+10="}, worked[:-1] + "3") == 0.0
+    worked = "a2+e0+i0+0=02,b1+f3+j1+0=05;b5a2"  # 12 + 30 + 10: the answer after ";" is graded
+    assert column_addition({"prompt": "b1a2+f3e0+j1i0="}, worked) == 1.0
+    assert column_addition({"prompt": "b1a2+f3e0+j1i0="}, worked[:-1] + "3") == 0.0
     assert graders.build("") is None
 
 
