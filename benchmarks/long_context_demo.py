@@ -88,11 +88,14 @@ def train_commands(args: argparse.Namespace) -> dict[str, list[str]]:
 def eval_commands(args: argparse.Namespace, name: str) -> dict[str, list[str]]:
     checkpoint = run_workdir(args, name)
     output = checkpoint / "eval"
-    common = [f"--checkpoint={checkpoint}", f"--output_dir={output}", "--batch_size=4"]
-    return {"perplexity": ["-m", "jaxopd.evaluate", "perplexity", *common, f"--lengths={PERPLEXITY_LENGTHS}",
-                           f"--num_sequences={args.num_sequences}"],
-            "niah": ["-m", "jaxopd.evaluate", "niah", *common, f"--lengths={NIAH_LENGTHS}", f"--depths={NIAH_DEPTHS}",
-                     f"--samples={args.samples}", "--allow_beyond_window"]}
+    common = [f"--checkpoint={checkpoint}", f"--output_dir={output}"]
+    # One generation call per length: its compilation, not the decoding, is most of the time on CPU.
+    niah_batch = len(NIAH_DEPTHS.split(",")) * args.samples
+    return {"perplexity": ["-m", "jaxopd.evaluate", "perplexity", *common, "--batch_size=4",
+                           f"--lengths={PERPLEXITY_LENGTHS}", f"--num_sequences={args.num_sequences}"],
+            "niah": ["-m", "jaxopd.evaluate", "niah", *common, f"--batch_size={niah_batch}",
+                     f"--lengths={NIAH_LENGTHS}", f"--depths={NIAH_DEPTHS}", f"--samples={args.samples}",
+                     "--allow_beyond_window"]}
 
 
 def _finished(workdir: pathlib.Path, steps: int) -> bool:
@@ -148,7 +151,7 @@ def perplexity_figure(results: dict[str, dict[str, Any]], path: pathlib.Path) ->
 
 
 def section(args: argparse.Namespace, results: dict[str, dict[str, Any]], logs: dict[str, str],
-            eval_seconds: dict[str, float], shares: dict[str, float]) -> str:
+            shares: dict[str, float]) -> str:
     lines = [BEGIN, "", "```"]
     commands = train_commands(args)
     for name, _, _, _ in RUNS:
@@ -158,10 +161,9 @@ def section(args: argparse.Namespace, results: dict[str, dict[str, Any]], logs: 
     lines += ["```", "", f"Driver: `PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/long_context_demo.py "
               f"--steps0 {args.steps0} --steps1 {args.steps1} --samples {args.samples} "
               f"--num_sequences {args.num_sequences}`.", ""]
-    lines += _table(["run", "steps", "retrieval share of training tokens", "training", "evaluation seconds"],
+    lines += _table(["run", "steps", "retrieval share of training tokens", "training"],
                     [[label, str(args.steps1 if trained else args.steps0), f"{shares[name]:.2f}",
-                      _done_line(logs[name]).split(";")[0].removeprefix("done: "), f"{eval_seconds[name]:.0f}"]
-                     for name, label, _, trained in RUNS])
+                      _done_line(logs[name]).split(";")[0].removeprefix("done: ")] for name, label, _, trained in RUNS])
     buckets = results[RUNS[0][0]]["perplexity"]["buckets"]
     lines += ["", "Perplexity by position bucket [start, end) on the bundled corpus "
               f"({args.num_sequences} windows of {buckets[-1]['end']} tokens, seed 0):", ""]
@@ -198,7 +200,7 @@ def write_section(text: str) -> None:
 def main() -> None:
     args = _parser().parse_args()
     FIGURES.mkdir(parents=True, exist_ok=True)
-    logs, results, shares, eval_seconds = {}, {}, {}, {}
+    logs, results, shares = {}, {}, {}
     for name, command in train_commands(args).items():
         steps, workdir = args.steps0 if name == RUNS[0][0] else args.steps1, REPO / run_workdir(args, name)
         # The log is kept in the workdir, so that a later call that does not train again can still report it.
@@ -209,17 +211,19 @@ def main() -> None:
         print(_done_line(logs[name]), flush=True)
     for name, _, config, _ in RUNS:
         shares[name] = retrieval_share(config, 256 if name == RUNS[0][0] else 2048)
-        results[name], eval_seconds[name] = {}, 0.0
+        results[name] = {}
         for kind, command in eval_commands(args, name).items():
-            output, seconds = _run(command)
-            eval_seconds[name] += seconds
-            print(output.strip().splitlines()[-1], f"({seconds:.0f} s)", flush=True)
             directory = REPO / run_workdir(args, name) / "eval"
+            # An evaluation newer than the run's last training is not run again.
+            if args.retrain or not (directory / f"{kind}.json").is_file() or \
+                    (directory / f"{kind}.json").stat().st_mtime < (directory.parent / "train.log").stat().st_mtime:
+                output, seconds = _run(command)
+                print(output.strip().splitlines()[-1], f"({seconds:.0f} s)", flush=True)
             results[name][kind] = json.loads((directory / f"{kind}.json").read_text())
             shutil.copy(directory / f"{kind}.png", FIGURES / f"{name}_{kind}.png")
             shutil.copy(directory / f"{kind}.json", FIGURES / f"{name}_{kind}.json")
     perplexity_figure(results, FIGURES / "perplexity.png")
-    text = section(args, results, logs, eval_seconds, shares)
+    text = section(args, results, logs, shares)
     print(text)
     if not args.no_results:
         write_section(text)

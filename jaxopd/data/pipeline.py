@@ -104,9 +104,9 @@ class DataIterator(grain.DatasetIterator):
     `stats` (counts since this iterator was created or restored, not saved in the state): documents_read,
     documents_empty, documents_invalid_utf8, documents_fim, tokens_read, padding_batches, and the constants
     documents_in_split, documents_per_host, documents_dropped_by_sharding; documents_retrieval and tokens_retrieval
-    count the generated retrieval documents among documents_read and tokens_read. `packing_stats` (the packer's counts,
-    saved in the state): documents, documents_skipped (under 2 tokens), documents_cut, pieces, rows, loss_tokens,
-    padding_tokens.
+    count the generated retrieval documents among documents_read and tokens_read. `packing_stats` (the packer's
+    counts, saved in the state): documents, documents_skipped (under 2 tokens), documents_cut, pieces, rows,
+    loss_tokens, padding_tokens.
     """
 
     def __init__(self, dataset: grain.IterDataset, stats: dict[str, int], packing_stats: dict[str, int], *,

@@ -106,7 +106,8 @@ def test_the_mix_weight_is_honoured_by_count_and_eval_stays_corpus(tmp_path, tok
 
 
 def test_every_retrieval_document_reaches_a_row_whole(tokenizer):
-    iterator = make_pipeline(data_config(BUNDLED_CORPUS, retrieval_weight=1.0, packing_buffer=64), seq_len=256, batch_size=8, seed=0)
+    config = data_config(BUNDLED_CORPUS, retrieval_weight=1.0, packing_buffer=64)
+    iterator = make_pipeline(config, seq_len=256, batch_size=8, seed=0)
     segments = 0
     for _ in range(4):
         batch = next(iterator)
