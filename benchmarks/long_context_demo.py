@@ -103,6 +103,12 @@ def _finished(workdir: pathlib.Path, steps: int) -> bool:
     return checkpoints.is_dir() and any(path.name == str(steps) for path in checkpoints.iterdir())
 
 
+def _stale(result: pathlib.Path, workdir: pathlib.Path) -> bool:
+    """Whether an evaluation's file is missing or older than the run's last training (an evaluation newer than it
+    is not run again)."""
+    return not result.is_file() or result.stat().st_mtime < (workdir / "train.log").stat().st_mtime
+
+
 def retrieval_share(config: str, seq_len: int, batches: int = 16) -> float:
     """The fraction of training tokens that are retrieval documents in a run's first `batches` batches."""
     from jaxopd.data.pipeline import make_pipeline
@@ -124,6 +130,36 @@ def _done_line(log: str) -> str:
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *["| " + " | ".join(row) + " |" for row in rows]]
+
+
+def key_digit_losses(checkpoint: pathlib.Path, samples: int, seed: int = 0) -> dict[str, Any]:
+    """The NIAH evaluation's own cases (same seed, so the same needles and filler), scored by teacher forcing
+    instead of greedy decoding: the mean loss (nats) of the key's digits after the question, per depth x length
+    cell, `[len(depths)][len(lengths)]`. Chance is ln 10 = 2.30 a digit; a graded reading where exact-match scores
+    are all 0 or all 1."""
+    from jaxopd.distill.teacher import load_model
+    from jaxopd.evaluate import niah, perplexity
+    from jaxopd.evaluate.inputs import checkpoint_tokenizer, parse_lengths, token_stream
+    from jaxopd.training import sharding
+    from jaxopd.training.config import MeshConfig
+
+    lengths, depths = parse_lengths(NIAH_LENGTHS), [float(depth) for depth in NIAH_DEPTHS.split(",")]
+    tokenizer = checkpoint_tokenizer(checkpoint)
+    filler = token_stream(tokenizer, "data/corpus/python_stdlib.jsonl.gz", max(lengths))
+    cases = niah.make_cases(tokenizer, filler, lengths, depths, samples, seed)
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1))
+    model, params = load_model(checkpoint, mesh)
+    cell_losses: dict[tuple[int, float], list[float]] = {}
+    for length in lengths:
+        group = [case for case in cases if case.length == length]
+        answers = [tokenizer.encode(case.needle.answer) for case in group]
+        rows = np.asarray([case.tokens + answer for case, answer in zip(group, answers)], np.int32)
+        losses = perplexity.token_losses(model, params, mesh, rows, batch_size=len(group))
+        for case, answer, row in zip(group, answers, losses):
+            digits = [len(case.tokens) + i for i, token in enumerate(answer) if tokenizer.decode([token]).isdigit()]
+            cell_losses.setdefault((length, case.depth), []).append(float(row[digits].mean()))
+    return {"lengths": lengths, "depths": depths, "samples": samples, "seed": seed,
+            "losses": [[float(np.mean(cell_losses[length, depth])) for length in lengths] for depth in depths]}
 
 
 def perplexity_figure(results: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
@@ -171,6 +207,11 @@ def section(args: argparse.Namespace, results: dict[str, dict[str, Any]], logs: 
                     [[label, *[f"{b['perplexity']:.2f}" for b in results[name]["perplexity"]["buckets"]]]
                      for name, label, _, _ in RUNS])
     lengths, depths = results[RUNS[0][0]]["niah"]["lengths"], results[RUNS[0][0]]["niah"]["depths"]
+    lines += ["", "The same needles scored by teacher forcing: mean loss of the key's 6 digits after the question, "
+              "nats a digit (chance ln 10 = 2.30), over depths and needles:", ""]
+    lines += _table(["run", *map(str, lengths)],
+                    [[label, *[f"{np.mean([row[i] for row in results[name]['key_digits']['losses']]):.2f}"
+                               for i in range(len(lengths))]] for name, label, _, _ in RUNS])
     lines += ["", f"Needle in a haystack, mean score over {len(depths)} depths x {args.samples} needles per length "
               "(corpus filler, greedy, exact 6 digits):", ""]
     lines += _table(["run", *map(str, lengths)],
@@ -214,14 +255,16 @@ def main() -> None:
         results[name] = {}
         for kind, command in eval_commands(args, name).items():
             directory = REPO / run_workdir(args, name) / "eval"
-            # An evaluation newer than the run's last training is not run again.
-            if args.retrain or not (directory / f"{kind}.json").is_file() or \
-                    (directory / f"{kind}.json").stat().st_mtime < (directory.parent / "train.log").stat().st_mtime:
+            if args.retrain or _stale(directory / f"{kind}.json", directory.parent):
                 output, seconds = _run(command)
                 print(output.strip().splitlines()[-1], f"({seconds:.0f} s)", flush=True)
             results[name][kind] = json.loads((directory / f"{kind}.json").read_text())
             shutil.copy(directory / f"{kind}.png", FIGURES / f"{name}_{kind}.png")
             shutil.copy(directory / f"{kind}.json", FIGURES / f"{name}_{kind}.json")
+        path = FIGURES / f"{name}_key_digits.json"
+        if args.retrain or _stale(path, directory.parent):
+            path.write_text(json.dumps(key_digit_losses(REPO / run_workdir(args, name), args.samples), indent=2) + "\n")
+        results[name]["key_digits"] = json.loads(path.read_text())
     perplexity_figure(results, FIGURES / "perplexity.png")
     text = section(args, results, logs, shares)
     print(text)
