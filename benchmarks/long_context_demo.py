@@ -122,9 +122,20 @@ def retrieval_share(config: str, seq_len: int, batches: int = 16) -> float:
     return iterator.stats["tokens_retrieval"] / iterator.stats["tokens_read"]
 
 
-def _done_line(log: str) -> str:
-    found = re.findall(r"^done: .*$", log, re.MULTILINE)
-    return found[-1] if found else ""
+def _training(log: str) -> str:
+    """"steps 0 -> N in S s" from the loop's last line, or the progress bar's last count of a run stopped early."""
+    done = re.findall(r"^done: (steps .*? in \d+ s)", log, re.MULTILINE)
+    if done:
+        return done[-1]
+    progress = re.findall(r"(\d+)/\d+ \[([\d:]+)<", log)
+    return f"stopped at step {progress[-1][0]} after {progress[-1][1]}" if progress else "no log"
+
+
+def eval_losses(workdir: pathlib.Path, steps: int) -> str:
+    """"first -> last" held-out eval/ce_loss of a run (on its own rows), from its metrics.jsonl, up to `steps`."""
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [(r["step"], r["eval/ce_loss"]) for r in records if "eval/ce_loss" in r and r["step"] <= steps]
+    return f"{losses[0][1]:.3f} (step {losses[0][0]}) -> {losses[-1][1]:.3f} (step {losses[-1][0]})"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -197,9 +208,12 @@ def section(args: argparse.Namespace, results: dict[str, dict[str, Any]], logs: 
     lines += ["```", "", f"Driver: `PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/long_context_demo.py "
               f"--steps0 {args.steps0} --steps1 {args.steps1} --samples {args.samples} "
               f"--num_sequences {args.num_sequences}`.", ""]
-    lines += _table(["run", "steps", "retrieval share of training tokens", "training"],
-                    [[label, str(args.steps1 if trained else args.steps0), f"{shares[name]:.2f}",
-                      _done_line(logs[name]).split(";")[0].removeprefix("done: ")] for name, label, _, trained in RUNS])
+    steps = {name: args.steps1 if trained else args.steps0 for name, _, _, trained in RUNS}
+    lines += _table(["run", "steps", "rows", "retrieval share of training tokens", "training",
+                     "held-out eval ce_loss on its rows"],
+                    [[label, str(steps[name]), "2048" if trained else "256", f"{shares[name]:.2f}",
+                      _training(logs[name]), eval_losses(REPO / run_workdir(args, name), steps[name])]
+                     for name, label, _, trained in RUNS])
     buckets = results[RUNS[0][0]]["perplexity"]["buckets"]
     lines += ["", "Perplexity by position bucket [start, end) on the bundled corpus "
               f"({args.num_sequences} windows of {buckets[-1]['end']} tokens, seed 0):", ""]
@@ -249,7 +263,7 @@ def main() -> None:
             log, _ = _run(command)
             (workdir / "train.log").write_text(log)
         logs[name] = (workdir / "train.log").read_text()
-        print(_done_line(logs[name]), flush=True)
+        print(name, _training(logs[name]), flush=True)
     for name, _, config, _ in RUNS:
         shares[name] = retrieval_share(config, 256 if name == RUNS[0][0] else 2048)
         results[name] = {}
