@@ -8,7 +8,7 @@ needle-in-a-haystack retrieval by length and depth:
   (b) the window raised to 2048 without scaling, trained: tiny_long_2k:plain from stage 0.
   (c) YaRN x8 to 2048, trained the same steps: tiny_long_2k from stage 0.
 
-    PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/long_context_demo.py [--steps0 200 --steps1 60 --samples 2]
+    PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/long_context_demo.py [--steps0 200 --steps1 100 --samples 2]
 
 Every stage and evaluation is a command of the package's CLIs (printed, and listed in the RESULTS.md section this
 writes); a stage whose workdir already holds its last checkpoint is not trained again (--retrain to redo it). Figures
