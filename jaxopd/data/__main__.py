@@ -85,6 +85,9 @@ def print_stats(iterator: DataIterator, totals: dict, seq_len: int, show_chars: 
     print(f"skipped empty {stats['documents_empty']}  skipped under 2 tokens {packing['documents_skipped']}  "
           f"invalid UTF-8 (replaced) {stats['documents_invalid_utf8']}  left out by host sharding "
           f"{stats['documents_dropped_by_sharding']}  padding batches {stats['padding_batches']}")
+    if stats["documents_retrieval"]:
+        print(f"generated retrieval documents (data.retrieval_weight) {stats['documents_retrieval']}, "
+              f"{stats['tokens_retrieval'] / stats['tokens_read']:.1%} of the tokens read")
     special = {i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i is not None}
     special |= {i for i in map(tokenizer.token_to_id, tokenizer.fim_tokens) if i is not None}
     for number, (tokens, targets, spans) in enumerate(totals["examples"]):

@@ -16,6 +16,9 @@ Order of stages and why:
    same for any number of workers.
 5. Packing and batching run in the main process after the workers, so they see the same stream whatever
    `num_workers` is (packing is stateful; grain warns it must not be split over workers).
+With data.retrieval_weight > 0 the train split's tokenized documents are interleaved, in that proportion, with
+generated retrieval documents (data/retrieval.py, filler from the train split's text), before step 4's workers; the
+eval split stays the corpus alone, so eval loss is comparable across mixes.
 For a finite pass (eval, or `num_epochs` set) hosts pack different token counts and would yield different numbers of
 batches, so `num_batches` fixes the count: a host that runs out yields all-padding batches (loss_mask 0), counted
 in `stats["padding_batches"]`; one with more stops early. With several processes a finite pass requires it.
@@ -36,6 +39,7 @@ from jaxopd.configdict import config_dict_of, from_config_dict
 from jaxopd.data import sources
 from jaxopd.data.fim import TokenizeDocument
 from jaxopd.data.packing import BestFitPackDataset, ConcatThenSplitDataset
+from jaxopd.data.retrieval import RetrievalDocuments
 from jaxopd.data.tokenizer import DEFAULT_FIM_TOKENS, Tokenizer, load_tokenizer
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
@@ -64,6 +68,11 @@ class DataConfig:
     eval_fraction: float = 0.02  # documents held out for split="eval"
     eval_batches: Optional[int] = None  # batches per eval pass (required with several processes)
     split_seed: int = 0  # fixes the train/eval split independently of the training seed
+    # Generated key/value retrieval documents (data/retrieval.py) mixed into the train split: this fraction of its
+    # documents (not tokens), each of retrieval_min_tokens to seq_len tokens with 1 to retrieval_max_facts facts.
+    retrieval_weight: float = 0.0
+    retrieval_min_tokens: int = 128
+    retrieval_max_facts: int = 3
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -94,9 +103,10 @@ class DataIterator(grain.DatasetIterator):
 
     `stats` (counts since this iterator was created or restored, not saved in the state): documents_read,
     documents_empty, documents_invalid_utf8, documents_fim, tokens_read, padding_batches, and the constants
-    documents_in_split, documents_per_host, documents_dropped_by_sharding. `packing_stats` (the packer's counts,
-    saved in the state): documents, documents_skipped (under 2 tokens), documents_cut, pieces, rows, loss_tokens,
-    padding_tokens.
+    documents_in_split, documents_per_host, documents_dropped_by_sharding; documents_retrieval and tokens_retrieval
+    count the generated retrieval documents among documents_read and tokens_read. `packing_stats` (the packer's
+    counts, saved in the state): documents, documents_skipped (under 2 tokens), documents_cut, pieces, rows,
+    loss_tokens, padding_tokens.
     """
 
     def __init__(self, dataset: grain.IterDataset, stats: dict[str, int], packing_stats: dict[str, int], *,
@@ -157,6 +167,9 @@ class _CountDocuments:
         self.stats["documents_invalid_utf8"] += int(document["invalid_utf8"])
         self.stats["documents_fim"] += int(document["fim"])
         self.stats["tokens_read"] += len(document["tokens"])
+        if document.get("retrieval", False):  # only RetrievalDocuments set the flag
+            self.stats["documents_retrieval"] += 1
+            self.stats["tokens_retrieval"] += len(document["tokens"])
         return {"tokens": document["tokens"]}
 
 
@@ -165,9 +178,8 @@ def _derived_seed(seed: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
-def _document_dataset(data_config, *, seed: int, process_index: int, process_count: int, split: str,
-                      stats: dict[str, int]) -> grain.MapDataset:
-    """Raw documents of this host's shard as (epoch, document index, bytes), shuffled and repeated."""
+def _split_documents(data_config, split: str) -> tuple[grain.MapDataset, int, int]:
+    """(the split's raw documents as (document index, bytes), documents held out for eval, documents in all)."""
     source = sources.open_source(data_config.source, _resolve_paths(data_config.paths),
                                  text_field=data_config.text_field, separator=data_config.separator)
     documents = grain.MapDataset.source(source).map_with_index(lambda index, raw: (index, raw))
@@ -175,13 +187,19 @@ def _document_dataset(data_config, *, seed: int, process_index: int, process_cou
     if data_config.eval_fraction > 0 and num_eval == 0:
         num_eval = 1
     held_out = documents.shuffle(seed=data_config.split_seed)
-    documents = held_out[:num_eval] if split == "eval" else held_out[num_eval:]
+    return (held_out[:num_eval] if split == "eval" else held_out[num_eval:]), num_eval, len(documents)
+
+
+def _document_dataset(data_config, *, seed: int, process_index: int, process_count: int, split: str,
+                      stats: dict[str, int]) -> grain.MapDataset:
+    """Raw documents of this host's shard as (epoch, document index, bytes), shuffled and repeated."""
+    documents, num_eval, num_documents = _split_documents(data_config, split)
     per_host = len(documents) // process_count
     stats.update(documents_in_split=len(documents), documents_per_host=per_host,
                  documents_dropped_by_sharding=len(documents) - per_host * process_count)
     if per_host == 0:
         fix = ("give more documents, or a larger data.eval_fraction" if split == "eval" else
-               f"give more documents, or set data.eval_fraction=0 (it holds out {num_eval} of the {len(held_out)}) "
+               f"give more documents, or set data.eval_fraction=0 (it holds out {num_eval} of the {num_documents}) "
                "and eval_every=0")
         raise ValueError(f"split={split!r} has {len(documents)} documents, fewer than process_count={process_count}; "
                          f"{fix}")
@@ -194,6 +212,19 @@ def _document_dataset(data_config, *, seed: int, process_index: int, process_cou
     num_epochs = 1 if split == "eval" else data_config.num_epochs
     documents = documents.repeat(num_epochs)
     return documents.map_with_index(lambda position, document: (position // per_host, *document))
+
+
+def _mix_retrieval(documents: grain.MapDataset, data_config: DataConfig, tokenizer: Tokenizer, *, seq_len: int,
+                   seed: int, process_index: int) -> grain.MapDataset:
+    """The tokenized train `documents` with generated retrieval documents interleaved at data.retrieval_weight (by
+    document count; grain's mix takes them in a fixed, exact proportion). Each host draws its own stream."""
+    weight = data_config.retrieval_weight
+    corpus = _split_documents(data_config, "train")[0].map(lambda document: document[1])
+    retrieval = grain.MapDataset.source(RetrievalDocuments(
+        tokenizer, corpus, seq_len=seq_len, min_tokens=data_config.retrieval_min_tokens,
+        max_facts=data_config.retrieval_max_facts, seed=_derived_seed(seed, 2), stream=process_index,
+        add_bos=data_config.add_bos))
+    return retrieval if weight == 1.0 else grain.MapDataset.mix([documents, retrieval], [1.0 - weight, weight])
 
 
 def make_pipeline(data_config: DataConfig | ml_collections.ConfigDict, *, seq_len: int, batch_size: int, seed: int,
@@ -216,6 +247,9 @@ def make_pipeline(data_config: DataConfig | ml_collections.ConfigDict, *, seq_le
         raise ValueError(f"data.eval_fraction={data_config.eval_fraction} must be in [0, 1)")
     if split == "eval" and data_config.eval_fraction == 0:
         raise ValueError("split='eval' needs data.eval_fraction > 0")
+    if not 0.0 <= data_config.retrieval_weight <= 1.0:
+        raise ValueError(f"data.retrieval_weight={data_config.retrieval_weight} must be in [0, 1] (the fraction of "
+                         "training documents that are generated retrieval documents)")
     if process_index is None or process_count is None:
         import jax
 
@@ -235,9 +269,12 @@ def make_pipeline(data_config: DataConfig | ml_collections.ConfigDict, *, seq_le
                                 add_bos=data_config.add_bos)
     packing_stats: dict[str, int] = {}
     stats = dict.fromkeys(["documents_read", "documents_empty", "documents_invalid_utf8", "documents_fim",
-                           "tokens_read", "padding_batches"], 0)
+                           "tokens_read", "documents_retrieval", "tokens_retrieval", "padding_batches"], 0)
     documents = _document_dataset(data_config, seed=seed, process_index=process_index, process_count=process_count,
                                   split=split, stats=stats).map(tokenize)
+    if split == "train" and data_config.retrieval_weight > 0:
+        documents = _mix_retrieval(documents, data_config, tokenizer, seq_len=seq_len, seed=seed,
+                                   process_index=process_index)
     dataset = documents.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
                                                           prefetch_buffer_size=max(16, data_config.read_threads * 8)))
     if data_config.num_workers > 0:

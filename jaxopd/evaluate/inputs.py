@@ -10,6 +10,7 @@ import re
 from typing import Any, Optional
 
 from jaxopd.bundled import resolve_path
+from jaxopd.data.retrieval import DOCUMENT_SEPARATOR
 from jaxopd.data.tokenizer import Tokenizer, load_tokenizer, read_training_texts
 
 # The passkey-retrieval filler of Mohtashami & Jaggi 2023 (Landmark Attention), repeated as often as needed.
@@ -71,7 +72,8 @@ def checkpoint_tokenizer(checkpoint: str | pathlib.Path, tokenizer: Optional[str
 def token_stream(tokenizer: Tokenizer, text: str, min_tokens: int, text_field: str = "text") -> list[int]:
     """Token ids to cut filler or windows from: GENERATED ("generated") repeats GENERATED_FILLER to at least
     `min_tokens`; otherwise the documents of .jsonl(.gz) or plain text files `text` (comma-separated), each followed
-    by a blank line, read until 4 * min_tokens tokens (room for seeded offsets to differ) or the end of the files."""
+    by DOCUMENT_SEPARATOR (a blank line, as in retrieval training filler), read until 4 * min_tokens tokens (room for
+    seeded offsets to differ) or the end of the files."""
     if text == GENERATED:
         sentence = tokenizer.encode(GENERATED_FILLER)
         return sentence * math.ceil(min_tokens / len(sentence))
@@ -81,7 +83,7 @@ def token_stream(tokenizer: Tokenizer, text: str, min_tokens: int, text_field: s
         raise ValueError(f"--text files {missing} do not exist; give .jsonl(.gz) or text files, or '{GENERATED}'")
     stream: list[int] = []
     for document in read_training_texts(paths, text_field):
-        stream += tokenizer.encode(document + "\n\n")
+        stream += tokenizer.encode(document + DOCUMENT_SEPARATOR)
         if len(stream) >= 4 * min_tokens:
             break
     return stream

@@ -1,4 +1,5 @@
-"""Needle in a haystack: a key/value sentence hidden at a depth of filler text, retrieved by greedy generation.
+"""Needle in a haystack: a key/value sentence hidden at a depth of filler text, retrieved by greedy generation. The
+needle, question and answer format is data/retrieval.py's, which also makes the training documents of that format.
 
 Each case is one prompt of a context length L and a depth d in [0, 1]. L counts every position the model sees: the
 prompt (BOS, filler, the needle, more filler, the question) and the ANSWER_TOKENS generated after it, so L <=
@@ -18,29 +19,12 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from jaxopd.data.retrieval import Needle, make_needles, place_needles
 from jaxopd.distill.sampling import Sampler
 from jaxopd.training import sharding
 
 # Room for the 6-digit key however a tokenizer splits it (one token per digit at most), a leading space and a stop.
 ANSWER_TOKENS = 12
-NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiroshi", "Ines", "Jonas", "Kemal",
-         "Leila", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tamar")
-
-
-@dataclasses.dataclass(frozen=True)
-class Needle:
-    """The fact to retrieve: `name`'s six-digit `key`."""
-
-    name: str
-    key: str
-
-    @property
-    def statement(self) -> str:
-        return f"\nThe secret key for {self.name} is {self.key}.\n"
-
-    @property
-    def question(self) -> str:
-        return f"\n\nWhat is the secret key for {self.name}? The secret key for {self.name} is"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,21 +39,6 @@ class Case:
     needle_start: int
 
 
-def make_needle(rng: np.random.Generator) -> Needle:
-    return Needle(name=str(rng.choice(NAMES)), key=f"{int(rng.integers(0, 10**6)):06d}")
-
-
-def place_needle(filler_ids: Sequence[int], needle_ids: Sequence[int], question_ids: Sequence[int], depth: float,
-                 prefix_ids: Sequence[int] = ()) -> tuple[list[int], int]:
-    """(prompt, needle start): the prefix, the filler with the needle inserted after round(depth * len(filler)) of
-    its tokens, then the question; the prompt has len(prefix) + len(filler) + len(needle) + len(question) tokens."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth={depth} must lie in [0, 1] (the fraction of the filler before the needle)")
-    before = round(depth * len(filler_ids))
-    tokens = [*prefix_ids, *filler_ids[:before], *needle_ids, *filler_ids[before:], *question_ids]
-    return tokens, len(prefix_ids) + before
-
-
 def make_cases(tokenizer: Any, filler_ids: Sequence[int], lengths: Sequence[int], depths: Sequence[float],
                samples: int, seed: int) -> list[Case]:
     """Every (length, depth, sample) prompt: needle and filler offset drawn from a generator seeded by (seed,
@@ -81,7 +50,7 @@ def make_cases(tokenizer: Any, filler_ids: Sequence[int], lengths: Sequence[int]
         for depth in depths:
             for sample in range(samples):
                 rng = np.random.default_rng([seed, length, round(depth * 10**6), sample])
-                needle = make_needle(rng)
+                needle, = make_needles(rng)
                 needle_ids, question_ids = tokenizer.encode(needle.statement), tokenizer.encode(needle.question)
                 body = prompt_len - len(prefix) - len(needle_ids) - len(question_ids)
                 if body < 0:
@@ -93,8 +62,8 @@ def make_cases(tokenizer: Any, filler_ids: Sequence[int], lengths: Sequence[int]
                     raise ValueError(f"length {length} needs {body} filler tokens but the text has only "
                                      f"{len(filler_ids)}; give a longer --text or shorter --lengths")
                 offset = int(rng.integers(0, len(filler_ids) - body + 1))
-                tokens, start = place_needle(filler_ids[offset:offset + body], needle_ids, question_ids, depth,
-                                             prefix)
+                tokens, (start,) = place_needles(filler_ids[offset:offset + body], [needle_ids], question_ids,
+                                                 [depth], prefix)
                 cases.append(Case(length, depth, sample, needle, tokens, start))
     return cases
 

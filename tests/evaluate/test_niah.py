@@ -9,8 +9,8 @@ import pytest
 
 from jaxopd.evaluate import __main__ as cli
 from jaxopd.evaluate.inputs import checkpoint_tokenizer, token_stream
-from jaxopd.evaluate.niah import (ANSWER_TOKENS, check_lengths, make_cases, place_needle, score_completion,
-                                  score_grid)
+from jaxopd.data.retrieval import place_needles
+from jaxopd.evaluate.niah import ANSWER_TOKENS, check_lengths, make_cases, score_completion, score_grid
 
 CORPUS = "data/corpus/python_stdlib.jsonl.gz"
 
@@ -33,11 +33,11 @@ def occurrences(tokens, pattern):
 def test_place_needle_at_depth_fraction_of_the_filler():
     filler, needle, question = list(range(100, 110)), [1, 2], [7, 8, 9]
     for depth, before in ((0.0, 0), (0.26, 3), (0.5, 5), (1.0, 10)):
-        tokens, start = place_needle(filler, needle, question, depth, prefix_ids=[0])
-        assert start == 1 + before
+        tokens, starts = place_needles(filler, [needle], question, [depth], prefix_ids=[0])
+        assert starts == [1 + before]
         assert tokens == [0] + filler[:before] + needle + filler[before:] + question
     with pytest.raises(ValueError, match=r"depth=1.5 must lie in \[0, 1\]"):
-        place_needle(filler, needle, question, 1.5)
+        place_needles(filler, [needle], question, [1.5])
 
 
 def test_every_case_holds_its_needle_once_at_the_requested_depth(tokenizer, corpus_ids):
