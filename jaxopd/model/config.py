@@ -109,7 +109,7 @@ class ModelConfig:
     attention_block_kv: int = 512
     expert_parallel: bool = False
     expert_dispatch: ExpertDispatch = "all_gather"
-    scan_layers: bool = False
+    scan_layers: bool = True
     # LoRA (Hu et al. 2021; `jaxopd.model.lora`): rank 0 is off. Otherwise every weight of the targeted kinds gets
     # adapters A [in, rank], B [rank, out] (B zero, so the model starts as its base), its output gains
     # (dropout(x) A) B * lora_alpha / lora_rank, and training updates the adapters only.

@@ -12,9 +12,10 @@ from jaxopd.model.stacking import is_scanned, layer_stacks, stack_layers, to_lay
 
 from conftest import GQA, MLA_MOE, init_params
 
-# GQA: one stack of 3 alike layers. MLA + MoE + MTP with first_k_dense=1: a dense stack of 1 and an MoE stack of 2,
-# the MTP modules apart.
-CONFIGS = {"gqa": GQA.replace(num_layers=3), "mla_moe_mtp": MLA_MOE.replace(num_layers=3)}
+# The unrolled side of each pair (scanned is the default). GQA: one stack of 3 alike layers. MLA + MoE + MTP with
+# first_k_dense=1: a dense stack of 1 and an MoE stack of 2, the MTP modules apart.
+CONFIGS = {"gqa": GQA.replace(num_layers=3, scan_layers=False),
+           "mla_moe_mtp": MLA_MOE.replace(num_layers=3, scan_layers=False)}
 
 
 def _pair(name):
