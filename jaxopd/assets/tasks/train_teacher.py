@@ -7,7 +7,9 @@
 
 Both are ordinary `jaxopd.train` runs with loss "ce": the teacher on a JSON Lines corpus of correct worked problems
 ("347+85=432"), the student on the teacher's own temperature-1 completions of the training prompts (SFT on teacher
-samples, packed like pretraining data). Only params are kept.
+samples, packed like pretraining data). Only params are kept, in the run's layer layout (scanned by default). The
+committed ones were trained unrolled and rewritten scanned when scan_layers became the default (same values,
+stacked, same saved configs), so the defaults read them without converting.
 """
 
 from __future__ import annotations
