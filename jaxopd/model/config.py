@@ -101,15 +101,16 @@ class ModelConfig:
     # `jaxopd.kernels.attention` implementation for training and prefill, and whether routed experts run
     # expert-parallel (shard_map over the "expert" axis of the mesh set with `jax.set_mesh`; at init or with no mesh
     # set they run unsharded) with which dispatch (ExpertDispatch above), and whether the decoder blocks run under
-    # one `nn.scan` per stack of like layers (params stacked `[layers, ...]`, `jaxopd.model.stacking`; compile time
-    # nearly flat in depth) or unrolled, one module per layer (checkpoints convert between the two on load).
+    # one `nn.scan` per stack of like layers (the default: params stacked `[layers, ...]`, `jaxopd.model.stacking`;
+    # compile time nearly flat in depth) or unrolled, one module per layer, for debugging (checkpoints convert
+    # between the two on load).
     remat: RematPolicy = "none"
     attention_implementation: AttentionImplementation = "xla"
     attention_block_q: int = 512  # tile sizes of "blockwise" and "splash"
     attention_block_kv: int = 512
     expert_parallel: bool = False
     expert_dispatch: ExpertDispatch = "all_gather"
-    scan_layers: bool = False
+    scan_layers: bool = True
     # LoRA (Hu et al. 2021; `jaxopd.model.lora`): rank 0 is off. Otherwise every weight of the targeted kinds gets
     # adapters A [in, rank], B [rank, out] (B zero, so the model starts as its base), its output gains
     # (dropout(x) A) B * lora_alpha / lora_rank, and training updates the adapters only.

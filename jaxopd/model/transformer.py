@@ -52,7 +52,7 @@ dn/dr/dv = qk_nope/qk_rope/v head dims). Path -> shape -> logical axes:
 With config.lora_rank > 0, each weight of the targeted kinds gets `{name}_lora_a`, `{name}_lora_b` beside it
 (`jaxopd.model.lora`).
 HF equivalence: our kernels are HF weights transposed, `[in..., out...]`, with heads split out.
-With config.scan_layers (`jaxopd.model.stacking`), the layers_{i} subtrees are stacked instead: every leaf gains a
+With config.scan_layers (the default; `jaxopd.model.stacking`), the layers_{i} subtrees are stacked: every leaf gains a
 leading `[layers]` axis (logical "layers", replicated) under one key per stack of like layers: `layers/...` when all
 layers are alike, `dense_layers/...` (layers < first_k_dense) and `moe_layers/...` (the rest) for DeepSeekMoE with
 dense first layers; moe_layers/mlp/expert_bias is `[layers, E]`, one balance bias per layer as before. mtp_{j} is the

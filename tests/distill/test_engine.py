@@ -103,12 +103,12 @@ def test_per_row_budgets_stop_rows_in_both_samplers(gqa):
         engine(params, prompts, lengths, jax.random.key(1), budgets=budgets * 2)
 
 
-@pytest.mark.parametrize("overrides", [dict(scan_layers=True), dict(attention="mla", q_lora_rank=None, kv_lora_rank=16,
+@pytest.mark.parametrize("overrides", [dict(scan_layers=False), dict(attention="mla", q_lora_rank=None, kv_lora_rank=16,
                                                                          qk_nope_head_dim=8, qk_rope_head_dim=8,
                                                                          v_head_dim=8, num_experts=4,
                                                                          num_experts_per_token=2, moe_mlp_dim=16,
                                                                          first_k_dense=1)],
-                         ids=["scanned", "mla-moe"])
+                         ids=["unrolled", "mla-moe"])
 @pytest.mark.slow
 def test_other_models_equal_the_static_sampler(overrides):
     model, params = _model(**overrides)

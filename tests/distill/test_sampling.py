@@ -126,14 +126,16 @@ def test_bad_options_raise_before_compiling(model_and_params):
         left_pad([[1] * 7], 6, PAD)
 
 
-def test_scanned_model_samples_what_the_unrolled_one_does(model_and_params):
-    """scan_layers: the sampler's prefill and decode steps run over the stacked cache (one per stack of layers)."""
-    from jaxopd.model.stacking import stack_layers
+def test_unrolled_model_samples_what_the_scanned_one_does(model_and_params):
+    """The fixture's model is scanned (the default scan_layers): the sampler's prefill and decode steps run over the
+    stacked cache (one per stack of layers); unrolled, with the same params one layer each, it samples the same."""
+    from jaxopd.model.stacking import unstack_layers
 
     model, params = model_and_params
-    scanned = Transformer(model.config.replace(scan_layers=True))
+    assert model.config.scan_layers
+    unrolled = Transformer(model.config.replace(scan_layers=False))
     prompts, lengths = left_pad(PROMPTS, 6, PAD)
     outs = [Sampler(m, 6, 5, (EOS,), PAD)(p, prompts, lengths, jax.random.key(3), temperature=1.0)
-            for m, p in ((model, params), (scanned, stack_layers(model.config, dict(params))))]
+            for m, p in ((model, params), (unrolled, unstack_layers(model.config, dict(params))))]
     np.testing.assert_array_equal(outs[1].tokens, outs[0].tokens)
     np.testing.assert_allclose(outs[1].logprobs, outs[0].logprobs, atol=1e-6)

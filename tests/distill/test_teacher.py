@@ -23,7 +23,7 @@ FIELDS = dict(vocab_size=17, d_model=16, num_layers=1, num_heads=2, num_kv_heads
 
 def test_bundled_teacher_saved_with_remat_false_loads_without_remat():
     path = resolve_path("data/tasks/arithmetic/teacher")
-    assert read_model_fields(path)[1]["remat"] is False  # written before remat policies had names
+    assert read_model_fields(path)[1]["remat"] is False  # its config was written before remat policies had names
     model, params = load_model(path)
     assert model.config.remat == "none"
     logits = model.apply({"params": params}, jnp.array([[1, 5, 6, 7]]))

@@ -32,12 +32,12 @@ def _loss(model, params, tokens, segment_ids):
 
 @pytest.mark.parametrize("config, mesh_sizes", [
     (GQA, dict(fsdp=2, context=4)),
-    (GQA.replace(scan_layers=True), dict(fsdp=2, context=4)),
+    (GQA.replace(scan_layers=False), dict(fsdp=2, context=4)),
     (MLA_MOE, dict(fsdp=2, context=4)),
     (MLA_MOE.replace(expert_parallel=True, attention_implementation="blockwise", attention_block_q=8,
                      attention_block_kv=8), dict(expert=2, context=4)),
     (MLA_MOE.replace(expert_parallel=True, expert_dispatch="all_to_all"), dict(expert=2, context=4)),
-], ids=["gqa-fsdp2-context4", "gqa_scanned-fsdp2-context4", "mla_moe-fsdp2-context4",
+], ids=["gqa-fsdp2-context4", "gqa_unrolled-fsdp2-context4", "mla_moe-fsdp2-context4",
         "mla_moe_ep_blockwise-expert2-context4", "mla_moe_ep_all_to_all-expert2-context4"])
 def test_loss_and_gradients_equal_single_device(config, mesh_sizes, monkeypatch):
     split_calls = []
@@ -56,7 +56,7 @@ def test_loss_and_gradients_equal_single_device(config, mesh_sizes, monkeypatch)
     shardings = sharding.logical_shardings(init_params(config), mesh)
     with sharding.mesh_context(mesh):
         loss, grads = grad_fn(jax.device_put(params, shardings), tokens, segment_ids)
-    assert split_calls  # the attention layers ran split (unscanned: each once; a scan traces its body twice)
+    assert split_calls  # the attention layers ran split (unrolled: each once; a scan traces its body twice)
     assert config.scan_layers or len(split_calls) == config.num_layers + config.mtp_depth
     np.testing.assert_allclose(float(loss), float(expected_loss), rtol=1e-5)
     jax.tree.map(lambda got, want: np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,

@@ -9,6 +9,7 @@ import pytest
 from conftest import CONFIGS, init_params, random_tokens
 
 from jaxopd.model import Transformer, init_cache
+from jaxopd.model.stacking import layer_stacks
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -75,25 +76,36 @@ def test_decode_positions_default_to_cache_slots():
     np.testing.assert_allclose(step_logits, full[:, 4:5], atol=5e-5)
 
 
-def test_mla_cache_holds_only_latent_and_rope_key():
-    config = CONFIGS["mla_moe"]
+def _leading_axes(config):
+    """The leading axes of each `cache["layers"]` entry's arrays: one entry per stack of layers, `[layers of the
+    stack]`, when scanned; one per layer, none, when unrolled."""
+    if config.scan_layers:
+        return [(group.count,) for group in layer_stacks(config)]
+    return [()] * config.num_layers
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_mla_cache_holds_only_latent_and_rope_key(scan_layers):
+    config = CONFIGS["mla_moe"].replace(scan_layers=scan_layers)
     cache = init_cache(config, batch=3, max_len=16, dtype="bfloat16")
     assert cache["segment_ids"].shape == (3, 16) and cache["segment_ids"].dtype == jnp.int32
-    assert len(cache["layers"]) == config.num_layers
-    for layer in cache["layers"]:
+    assert len(cache["layers"]) == len(_leading_axes(config))
+    for layer, lead in zip(cache["layers"], _leading_axes(config)):
         assert set(layer) == {"latent", "k_rope"}
-        assert layer["latent"].shape == (3, 16, config.kv_lora_rank) and layer["latent"].dtype == jnp.bfloat16
-        assert layer["k_rope"].shape == (3, 16, config.qk_rope_head_dim)
+        assert layer["latent"].shape == (*lead, 3, 16, config.kv_lora_rank) and layer["latent"].dtype == jnp.bfloat16
+        assert layer["k_rope"].shape == (*lead, 3, 16, config.qk_rope_head_dim)
     per_token_per_layer = sum(a.size for a in jax.tree.leaves(cache["layers"])) / (3 * 16 * config.num_layers)
     assert per_token_per_layer == config.kv_lora_rank + config.qk_rope_head_dim
 
 
-def test_gqa_cache_holds_kv_heads():
-    config = CONFIGS["gqa"]
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_gqa_cache_holds_kv_heads(scan_layers):
+    config = CONFIGS["gqa"].replace(scan_layers=scan_layers)
     cache = init_cache(config, batch=2, max_len=8, dtype="float32")
-    for layer in cache["layers"]:
+    assert len(cache["layers"]) == len(_leading_axes(config))
+    for layer, lead in zip(cache["layers"], _leading_axes(config)):
         assert set(layer) == {"k", "v"}
-        assert layer["k"].shape == layer["v"].shape == (2, 8, config.num_kv_heads, config.head_dim)
+        assert layer["k"].shape == layer["v"].shape == (*lead, 2, 8, config.num_kv_heads, config.head_dim)
 
 
 def test_decode_rejects_a_cache_that_does_not_fit():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxopd.kernels.layers import LowRank, low_rank
-from jaxopd.model import ModelConfig, Transformer, init_cache, lora
+from jaxopd.model import ModelConfig, Transformer, init_cache, lora, moe_layer_paths
+from jaxopd.model.stacking import layer_stacks
 from tests.model.conftest import CONFIGS, GQA, MLA_MOE, init_params, random_tokens
 
 RANK = 3
@@ -55,6 +56,7 @@ def test_adapter_gradients_equal_the_merged_models_weight_gradient_mapped_onto_t
     scale = config.lora_scale
     flat_grads = dict(jax.tree_util.tree_flatten_with_path(adapter_grads)[0])
     flat_params, flat_weight_grads = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in (params, weight_grads))
+    stacks = {group.name for group in layer_stacks(config)} if config.scan_layers else set()
     checked = 0
     for path, grad_a in flat_grads.items():
         if not path[-1].key.endswith("_lora_a"):
@@ -75,7 +77,7 @@ def test_adapter_gradients_equal_the_merged_models_weight_gradient_mapped_onto_t
                                    err_msg=jax.tree_util.keystr(path))
         np.testing.assert_allclose(np.asarray(flat_grads[b_path]).reshape(want_b.shape), want_b, atol=tolerance,
                                    err_msg=jax.tree_util.keystr(b_path))
-        checked += 1
+        checked += a.shape[0] if path[0].key in stacks else 1  # a stacked adapter holds one per layer
     # Every adapted weight: GQA q/k/v/o + dense MLP per layer; MLA q_a/q_b/kv_a/kv_b/o, dense MLP, routed and
     # shared experts, the MTP blocks' too.
     assert checked == (2 * 7 if name == "gqa" else (5 + 3) * 1 + (5 + 3 + 3) * 1 + (5 + 3 + 3) * 2)
@@ -85,7 +87,7 @@ def test_finite_differences_through_the_model_match_one_adapter_entry():
     config, params = _lora_params(MLA_MOE)
     tokens = random_tokens(config, (1, 6))
     probe = jax.random.normal(jax.random.key(4), (1, 6, config.vocab_size))
-    layer = ("layers_1", "mlp")  # routed experts' w_down: behind attention, the router and the shared experts
+    layer = moe_layer_paths(config)[0][0]  # routed experts' w_down: behind attention, the router and the shared experts
     grads = jax.jit(jax.grad(lambda p: _probe_loss(config, p, tokens, probe)))(params)
     grad_entries = grads[layer[0]][layer[1]]["w_down_lora_a"]
     index = np.unravel_index(np.argmax(np.abs(grad_entries)), grad_entries.shape)  # an expert the tokens reach
@@ -146,14 +148,14 @@ def test_dropout_is_identity_at_zero_and_without_an_rng_and_stochastic_otherwise
 def test_adapters_carry_their_weights_input_and_output_axes():
     boxed = jax.eval_shape(lambda: Transformer(MLA_MOE.replace(lora_rank=RANK)).init(
         jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
-    layer = boxed["layers_1"]
-    assert layer["attention"]["o_lora_a"].names == ("q_heads", "head_dim", None)
-    assert layer["attention"]["o_lora_b"].names == (None, "embed")
-    assert layer["attention"]["kv_b_lora_b"].names == (None, "q_heads", "head_dim")
-    assert layer["mlp"]["w_up_lora_a"].names == ("experts", "embed", None)
-    assert layer["mlp"]["w_down_lora_b"].names == ("experts", None, "embed")
-    assert layer["mlp"]["w_up_lora_a"].value.shape == (8, 32, RANK)
-    assert layer["mlp"]["shared"]["w_down_lora_a"].names == ("mlp", None)
+    layer = boxed["moe_layers"]  # scanned: each adapter stacked over the stack's layers, axis "layers" first
+    assert layer["attention"]["o_lora_a"].names == ("layers", "q_heads", "head_dim", None)
+    assert layer["attention"]["o_lora_b"].names == ("layers", None, "embed")
+    assert layer["attention"]["kv_b_lora_b"].names == ("layers", None, "q_heads", "head_dim")
+    assert layer["mlp"]["w_up_lora_a"].names == ("layers", "experts", "embed", None)
+    assert layer["mlp"]["w_down_lora_b"].names == ("layers", "experts", None, "embed")
+    assert layer["mlp"]["w_up_lora_a"].value.shape == (1, 8, 32, RANK)
+    assert layer["mlp"]["shared"]["w_down_lora_a"].names == ("layers", "mlp", None)
     only_attention = jax.eval_shape(lambda: Transformer(MLA_MOE.replace(lora_rank=RANK, lora_targets=("attention",)))
                                     .init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(lora.split(only_attention)[0])[0]]

@@ -7,14 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxopd.model import Transformer, init_cache, moe_layer_paths, update_expert_biases
+from jaxopd.model import ModelConfig, Transformer, init_cache, moe_layer_paths, update_expert_biases
+from jaxopd.model.config import RUN_CHOICE_FIELDS, architecture_fields
 from jaxopd.model.stacking import is_scanned, layer_stacks, stack_layers, to_layout, unstack_layers
 
 from conftest import GQA, MLA_MOE, init_params
 
-# GQA: one stack of 3 alike layers. MLA + MoE + MTP with first_k_dense=1: a dense stack of 1 and an MoE stack of 2,
-# the MTP modules apart.
-CONFIGS = {"gqa": GQA.replace(num_layers=3), "mla_moe_mtp": MLA_MOE.replace(num_layers=3)}
+# The unrolled side of each pair (scanned is the default). GQA: one stack of 3 alike layers. MLA + MoE + MTP with
+# first_k_dense=1: a dense stack of 1 and an MoE stack of 2, the MTP modules apart.
+CONFIGS = {"gqa": GQA.replace(num_layers=3, scan_layers=False),
+           "mla_moe_mtp": MLA_MOE.replace(num_layers=3, scan_layers=False)}
 
 
 def _pair(name):
@@ -166,3 +168,9 @@ def test_scanned_compile_time_is_nearly_flat_in_depth():
     shallow, deep = (compile_seconds(tiny.replace(num_layers=n)) for n in (2, 32))
     print(f"scanned tiny preset, jit(fwd+bwd) compile: 2 layers {shallow:.1f} s, 32 layers {deep:.1f} s")
     assert deep <= 4 * shallow
+
+
+def test_scanned_is_the_default_and_a_run_choice():
+    """On by default; init_from never takes scan_layers from a checkpoint nor compares it (either layout loads)."""
+    assert ModelConfig(vocab_size=8, d_model=4, num_layers=1, num_heads=1, mlp_dim=4).scan_layers
+    assert "scan_layers" in RUN_CHOICE_FIELDS and "scan_layers" not in architecture_fields()

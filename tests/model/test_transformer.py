@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import get_args
 
@@ -21,8 +22,9 @@ from jaxopd.model import Transformer, moe_layer_paths, unembedding, update_exper
 from jaxopd.model.config import RematPolicy
 from jaxopd.model.validation import default_positions
 
-ALLOWED_PARAM_AXES = {"vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "experts", "expert_mlp", "q_lora",
-                      "kv_lora", "norm", None}
+# "layers": the stacked axis of scanned layers (the default).
+ALLOWED_PARAM_AXES = {"layers", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "experts", "expert_mlp",
+                      "q_lora", "kv_lora", "norm", None}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "method"))
@@ -136,21 +138,24 @@ def test_moe_load_counts_real_tokens_and_bias_takes_no_gradient():
         assert np.abs(np.asarray(layer["router"])).max() > 0
 
 
-def test_update_expert_biases_follows_load_sign_and_keeps_boxes():
-    config = MLA_MOE
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_update_expert_biases_follows_load_sign_and_keeps_boxes(scan_layers):
+    config = MLA_MOE.replace(scan_layers=scan_layers)
     params = init_params(config)
-    paths = [path for path, _ in moe_layer_paths(config)]
-    assert moe_layer_paths(config) == [(("layers_1", "mlp"), None), (("mtp_0", "block", "mlp"), None),
-                                       (("mtp_1", "block", "mlp"), None)]
-    load = jnp.tile(jnp.array([0.3, 0.125, 0.125, 0.1, 0.1, 0.1, 0.1, 0.05]), (len(paths), 1)).at[1, 0].set(0.0)
+    layers = moe_layer_paths(config)
+    # Scanned, the one MoE decoder layer is row 0 of the `moe_layers` stack; unrolled, it is layers_1.
+    main = (("moe_layers", "mlp"), 0) if scan_layers else (("layers_1", "mlp"), None)
+    assert layers == [main, (("mtp_0", "block", "mlp"), None), (("mtp_1", "block", "mlp"), None)]
+    load = jnp.tile(jnp.array([0.3, 0.125, 0.125, 0.1, 0.1, 0.1, 0.1, 0.05]), (len(layers), 1)).at[1, 0].set(0.0)
     updated = update_expert_biases(params, config, load, rate=0.01)
-    for row, path in enumerate(paths):
+    for row, (path, stack_row) in enumerate(layers):
         layer, original = updated, params
         for key in path:
             layer, original = layer[key], original[key]
         assert isinstance(layer["expert_bias"], nn.LogicallyPartitioned)
-        expected = np.asarray(original["expert_bias"].value) + 0.01 * np.sign(np.mean(load[row]) - np.asarray(load[row]))
-        np.testing.assert_allclose(layer["expert_bias"].value, expected, atol=1e-7)
+        of_layer = lambda bias: np.asarray(bias.value) if stack_row is None else np.asarray(bias.value)[stack_row]
+        expected = of_layer(original["expert_bias"]) + 0.01 * np.sign(np.mean(load[row]) - np.asarray(load[row]))
+        np.testing.assert_allclose(of_layer(layer["expert_bias"]), expected, atol=1e-7)
         assert layer["expert_bias"] is not original["expert_bias"]  # the input tree is not mutated
 
 
@@ -183,9 +188,12 @@ def _saved_residuals(config, params, tokens) -> list[str]:
 
 
 def test_remat_policies_keep_what_they_name():
-    params = init_params(GQA)
+    # jax names the op that made a residual only outside a scan: the unrolled model first, the scanned one after.
+    unrolled = GQA.replace(scan_layers=False)
+    params = init_params(unrolled)
     tokens = random_tokens(GQA, (1, 6))
-    saved = {policy: _saved_residuals(GQA.replace(remat=policy), params, tokens) for policy in get_args(RematPolicy)}
+    saved = {policy: _saved_residuals(unrolled.replace(remat=policy), params, tokens)
+             for policy in get_args(RematPolicy)}
 
     def matmul_outputs(policy, source=""):
         return [line.split()[0] for line in saved[policy] if "output of dot_general" in line and source in line]
@@ -200,6 +208,23 @@ def test_remat_policies_keep_what_they_name():
     assert matmul_outputs("offload") == []
     assert [line.split()[0] for line in saved["offload"] if "<host>" in line] == [
         shape.replace("f32[", "f32<host>[") for shape in projections]
+
+    # Scanned, every residual is an output of the scan (stacked [layers, ...] but for the carry). Beyond what "full"
+    # keeps (the carry, each layer's input), a policy keeps the matmul outputs it keeps unrolled, once per stack.
+    scanned = GQA.replace(scan_layers=True)
+    scanned_params = init_params(scanned)
+
+    def scan_outputs(policy):
+        return Counter(line.split()[0] for line in _saved_residuals(scanned.replace(remat=policy), scanned_params,
+                                                                    tokens) if "output of scan" in line)
+
+    def stacked(shapes, memory="f32"):
+        return Counter({shape.replace("f32[", f"{memory}[{GQA.num_layers},"): count // GQA.num_layers
+                        for shape, count in Counter(shapes).items()})
+
+    for policy in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
+        assert scan_outputs(policy) - scan_outputs("full") == stacked(matmul_outputs(policy)), policy
+    assert scan_outputs("offload") - scan_outputs("full") == stacked(projections, "f32<host>")
 
 
 @pytest.mark.parametrize(

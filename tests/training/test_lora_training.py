@@ -103,7 +103,7 @@ def test_init_from_a_base_checkpoint_fills_the_base_and_leaves_the_adapters_at_i
     adapters, base = lora.split(loaded)
     jax.tree.map(np.testing.assert_array_equal, base, saved)
     jax.tree.map(np.testing.assert_array_equal, adapters, fresh_adapters)
-    assert not np.array_equal(base["layers_0"]["mlp"]["w_up"], fresh_base["layers_0"]["mlp"]["w_up"])
+    assert not np.array_equal(base["dense_layers"]["mlp"]["w_up"], fresh_base["dense_layers"]["mlp"]["w_up"])
 
 
 def test_a_saved_lora_targets_list_resumes_against_the_configs_tuple():

@@ -1,5 +1,6 @@
-"""Checkpoints across layer layouts (`model.scan_layers`): the bundled checkpoints (saved unrolled, before
-scan_layers existed) load into scanned models, and a run resumes, params and optimizer moments, in the other layout."""
+"""Checkpoints across layer layouts (`model.scan_layers`): the bundled checkpoints (saved scanned, their configs
+from before scan_layers existed) load into unrolled models too, and a run resumes, params and optimizer moments, in
+the other layout."""
 
 import flax.linen as nn
 import jax
@@ -30,20 +31,20 @@ def _mesh():
 
 
 @pytest.mark.parametrize("name", ["teacher", "student_init"])
-def test_bundled_unrolled_checkpoints_load_scanned(name):
+def test_bundled_scanned_checkpoints_load_unrolled(name):
     path = resolve_path(f"data/tasks/arithmetic/{name}")
     step, fields = read_model_fields(path)
-    assert "scan_layers" not in fields  # saved before scan_layers: unrolled
+    assert "scan_layers" not in fields  # the saved config predates scan_layers: the arrays tell the layout
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1))
     tokens = jnp.array([[1, 5, 6, 7, 2, 3]])
     logits, loaded = [], []
-    for scan_layers in (False, True):
+    for scan_layers in (True, False):
         model = _model(fields, scan_layers)
         params = checkpoint.load_params(path, abstract_params(model, mesh), step)
         loaded.append(params)
         logits.append(np.asarray(model.apply({"params": params}, tokens)))
-    assert "layers" in loaded[1] and not any(key.startswith("layers_") for key in loaded[1])
-    jax.tree.map(np.testing.assert_array_equal, loaded[1], stack_layers(model.config, jax.device_get(loaded[0])))
+    assert "layers" in loaded[0] and not any(key.startswith("layers_") for key in loaded[0])
+    jax.tree.map(np.testing.assert_array_equal, loaded[0], stack_layers(model.config, jax.device_get(loaded[1])))
     np.testing.assert_allclose(logits[1], logits[0], rtol=1e-6, atol=1e-6 * np.abs(logits[0]).max())
 
 

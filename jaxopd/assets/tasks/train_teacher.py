@@ -8,8 +8,11 @@
 
 Both are ordinary `jaxopd.train` runs with loss "ce": the teacher on a JSON Lines corpus of correct worked problems
 ("347+85=432"; for column_addition prompt and worked solution), the student on the teacher's own temperature-1
-completions of the training prompts (SFT on teacher samples, packed like pretraining data). Only params are kept.
-Each model's greedy accuracy on the task's eval prompts is printed at the end.
+completions of the training prompts (SFT on teacher samples, packed like pretraining data). Only params are kept, in
+the layer layout each Task sets (scan_layers written out). Each model's greedy accuracy on the task's eval prompts is
+printed at the end. The committed arithmetic checkpoints were trained unrolled and rewritten scanned when
+scan_layers became the default (same values, stacked, same saved configs), so the defaults read them without
+converting.
 """
 
 from __future__ import annotations
