@@ -10,14 +10,17 @@ train step on the batch they make. Eval programs are not planned (they run betwe
 
 Per program and chip it prints HBM: arguments, temporaries, outputs (less what aliases donated arguments) and what
 stays resident from the other programs (the train state and the teacher's params live across the whole step), their
-total against the chip's HBM; the compiler's FLOPs per chip and call; compile seconds; and the roofline lower bound
-on the program's time, max(FLOPs / peak, bytes accessed / HBM bandwidth), with the MFU ceiling that bound implies
-(compute time over the bound; the compiler's FLOPs count rematerialized work). A step is one call of each program,
-`max_new_tokens` of the decode step: completions that stop early make it shorter.
+total against the chip's HBM; the FLOPs per chip and call (the compiler's, its loops' bodies counted once per trip,
+or the traced matmuls' even share where that is more: see compile_program); compile seconds; and the roofline lower
+bound on the program's time, max(FLOPs / peak, bytes accessed / HBM bandwidth), with the MFU ceiling that bound
+implies (compute time over the bound; rematerialized work is counted). A step is one call of each program per
+sampling (scoring) chunk, `max_new_tokens` calls of the decode step per chunk: completions that stop early make it
+shorter. The step line also gives the matmul FLOPs counted from the traced programs.
 
-The last line is one JSON object (`fits`, `hbm_per_chip_gib`, `chip_hbm_gib`, `flops_per_step`, `compile_seconds`,
-`step_seconds_lower_bound`, `mfu_ceiling`, `programs`). Exit status 0 when every program fits, 1 when one does not
-(the message names its biggest part), 2 for a bad command line, config or missing libtpu.
+The last line is one JSON object (`fits`, `hbm_per_chip_gib`, `chip_hbm_gib`, `flops_per_step`,
+`matmul_flops_per_step`, `compile_seconds`, `step_seconds_lower_bound`, `mfu_ceiling`, `programs`). Exit status 0
+when every program fits, 1 when one does not (the message names its biggest part), 2 for a bad command line,
+config or missing libtpu.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -32,6 +36,7 @@ import time
 from typing import Any, Optional
 
 import jax
+import jax.extend
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -41,7 +46,7 @@ from jaxopd.distill import objectives as distill_objectives, teacher as teacher_
 from jaxopd.distill.sampling import SampleOutput, Sampler, sequence_layout
 from jaxopd.model import Transformer, unembedding
 from jaxopd.train import OBJECTIVES
-from jaxopd.training import config as config_lib, sharding
+from jaxopd.training import config as config_lib, init_from, sharding
 from jaxopd.training.config import RunConfig
 from jaxopd.training.optimizer import make_optimizer
 from jaxopd.training.state import jit_train_step, state_layout
@@ -120,6 +125,7 @@ class Program:
     flops: float
     bytes_accessed: float
     compile_seconds: float
+    matmul_flops: float = 0.0  # all devices' matmul FLOPs per call, counted from the traced program (_matmul_flops)
 
     def parts(self) -> dict[str, int]:
         return {"arguments": self.argument_bytes, "temporaries": self.temp_bytes, "outputs": self.output_bytes,
@@ -133,15 +139,72 @@ class Program:
         return max(self.flops / chip.peak_flops, self.bytes_accessed / chip.hbm_bytes_per_second)
 
 
+def _sub_jaxprs(value: Any) -> list[Any]:
+    """The jaxprs an equation parameter holds (a Jaxpr, a ClosedJaxpr, or a tuple of them: cond's branches)."""
+    if isinstance(value, (tuple, list)):
+        return [j for item in value for j in _sub_jaxprs(item)]
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        return [value.jaxpr]
+    return [value] if isinstance(value, jax.extend.core.Jaxpr) else []
+
+
+def _matmul_flops(jaxpr: Any, *, loops: bool = True) -> float:
+    """The FLOPs (2 per multiply-add) of the matmuls a traced program runs, all devices together: dot_general and
+    ragged_dot_general (every row of its left side, filled or not), a scan's body `length` times (once with
+    loops=False, as XLA's cost analysis counts a loop's body), a shard_map's body once per device of its manual
+    axes, a cond's costliest branch, a while loop's body once (its trip count is not static). Rematerialized work
+    is counted: the backward pass holds the recomputed forward."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name in ("dot_general", "ragged_dot_general"):
+            lhs, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+            if name == "dot_general":
+                numbers = eqn.params["dimension_numbers"]
+            else:
+                ragged = eqn.params["ragged_dot_dimension_numbers"]
+                numbers = ragged.dot_dimension_numbers
+            (contracting, _), _ = numbers
+            flops = 2.0 * math.prod(out) * math.prod(lhs[i] for i in contracting)
+            if name == "ragged_dot_general" and not ragged.rhs_group_dimensions:
+                # Ragged contracting dimension (the weights' gradient): the output holds one block per group and
+                # each row feeds only its group's.
+                flops /= out[0]
+            total += flops
+            continue
+        inner = [_matmul_flops(j, loops=loops) for value in eqn.params.values() for j in _sub_jaxprs(value)]
+        if name == "scan":
+            total += (eqn.params["length"] if loops else 1) * sum(inner)
+        elif name == "shard_map":
+            mesh = eqn.params["mesh"]
+            axes = eqn.params.get("manual_axes", mesh.axis_names)
+            total += math.prod(mesh.shape[axis] for axis in axes) * sum(inner)
+        elif name == "cond":
+            total += max(inner, default=0.0)
+        else:
+            total += sum(inner)
+    return total
+
+
 def compile_program(name: str, jitted: Any, args: tuple, mesh: jax.sharding.Mesh, *, calls: int = 1,
-                    resident_bytes: int = 0, loop_trips: int = 1) -> tuple[Program, Any]:
+                    resident_bytes: int = 0) -> tuple[Program, Any]:
     """(its Program, the compiled executable) for `jitted` lowered on shape structs `args` inside the mesh.
 
-    XLA's cost analysis counts a loop's body once: `loop_trips` (the train step's microbatches) scales FLOPs and
-    bytes accessed by the trips of the loop that dominates the program (what is outside it is then overcounted)."""
+    XLA's cost analysis counts a loop's body once (the train step's microbatch scan, the scanned layers inside it):
+    its FLOPs and bytes accessed are scaled by how many times more matmul work the traced program does with every
+    loop trip counted than with each body once (the bytes on the assumption that they repeat as the FLOPs do). The
+    Program's FLOPs are that count or the traced matmuls' even share per chip, whichever is more."""
     start = time.perf_counter()
     with sharding.mesh_context(mesh):
-        lowered = jitted.lower(*args)
+        traced = jitted.trace(*args)
+        lowered = traced.lower()
+    matmul_flops = _matmul_flops(traced.jaxpr.jaxpr)
+    once = _matmul_flops(traced.jaxpr.jaxpr, loops=False)
+    loop_scale = matmul_flops / once if once else 1.0
+    # libtpu's count misses matmul work the program does (Llama 3.1 8B's step: 8.9e16 FLOPs where its traced
+    # matmuls hold 1.54e17, what 6 x params x tokens plus attention and the remat recompute make): the work per chip
+    # is at least the matmuls' even share.
+    matmul_share = matmul_flops / mesh.size
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as error:
@@ -155,8 +218,8 @@ def compile_program(name: str, jitted: Any, args: tuple, mesh: jax.sharding.Mesh
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax returns one dict per device program
     program = Program(name, calls, int(memory.argument_size_in_bytes), int(memory.temp_size_in_bytes),
                       int(memory.output_size_in_bytes - memory.alias_size_in_bytes), int(resident_bytes),
-                      loop_trips * float(cost.get("flops", 0.0)), loop_trips * float(cost.get("bytes accessed", 0.0)),
-                      seconds)
+                      max(loop_scale * float(cost.get("flops", 0.0)), matmul_share),
+                      loop_scale * float(cost.get("bytes accessed", 0.0)), seconds, matmul_flops)
     return program, compiled
 
 
@@ -178,10 +241,20 @@ def _pretraining_batch(config: RunConfig, mesh: jax.sharding.Mesh) -> dict[str, 
                                       sharding=sharding.batch_sharding(mesh, leading_axes=1)) for key in BATCH_KEYS}
 
 
+def _calls_of(rows: int, chunk: int) -> tuple[int, int]:
+    """(rows per call, calls per step) of a program the run maps over `rows` in chunks of `chunk` (0: one call)."""
+    per_call = chunk if 0 < chunk < rows else rows
+    return per_call, rows // per_call
+
+
 def _distillation_programs(config: RunConfig, mesh: jax.sharding.Mesh, student: Transformer, state: Any,
                            state_bytes: int) -> tuple[list[Program], dict[str, Any], int]:
     """The sampler's prefill and decode step, the teacher's scoring (unless the objective has none), the train
-    step's batch they make (source.step_batch's layout) and the bytes of teacher arrays resident meanwhile."""
+    step's batch they make (source.step_batch's layout) and the bytes of teacher arrays resident meanwhile.
+
+    The run maps the sampler over distill.sampling_microbatch rows at a time and the scorer over
+    distill.scoring_microbatch (map_row_chunks: one chunk's intermediates live at once), so each is compiled on one
+    chunk and called once per chunk."""
     distill, loss = config.distill, config.objective.loss
     teacher = teacher_lib.read_model(resolve_path(distill.teacher))
     teacher_params = teacher_lib.abstract_params(teacher, mesh)
@@ -190,42 +263,55 @@ def _distillation_programs(config: RunConfig, mesh: jax.sharding.Mesh, student: 
     sharding.check_batch_divisible(rows, mesh, "batch_size")
     by_row = sharding.batch_sharding(mesh)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32, sharding=by_row)
-    prompts, lengths = i32(rows, prompt_len), i32(rows)
+    sample_rows, sample_calls = _calls_of(rows, distill.sampling_microbatch)
+    sharding.check_batch_divisible(sample_rows, mesh, "distill.sampling_microbatch")
+    prompts, lengths = i32(sample_rows, prompt_len), i32(sample_rows)
     from_teacher = loss in distill_objectives.TEACHER_SAMPLES
     model, params = (teacher, teacher_params) if from_teacher else (student, state["params"])
     # The resident rest of the step: the train state and the teacher params that are not this program's arguments.
     others = state_bytes + teacher_bytes - _device_bytes(params)
     # Token ids do not change any shape: stop on 0, pad with 0.
-    sampler = Sampler(model, prompt_len, new, stop_tokens=(0,), pad_id=0)
+    sampler = Sampler(model, prompt_len, new, stop_tokens=(0,), pad_id=0, cache_dtype=distill.kv_cache_dtype)
     who = "teacher" if from_teacher else "student"
     prefill, compiled = compile_program(f"{who} sampler prefill", jax.jit(sampler.prefill), (params, prompts, lengths),
-                                        mesh, resident_bytes=others)
+                                        mesh, calls=sample_calls, resident_bytes=others)
     with sharding.mesh_context(mesh):
         logits, cache = jax.eval_shape(sampler.prefill, params, prompts, lengths)
     cache = _structs(cache, compiled.output_shardings[1])
-    step_args = (params, i32(rows), i32(rows, 1), i32(rows, 1), cache,
+    step_args = (params, i32(sample_rows), i32(sample_rows, 1), i32(sample_rows, 1), cache,
                  jax.ShapeDtypeStruct((), np.int32, sharding=NamedSharding(mesh, PartitionSpec())))
     decode, _ = compile_program(f"{who} sampler decode step", jax.jit(sampler.decode_step, donate_argnums=4),
-                                step_args, mesh, calls=new, resident_bytes=others)
+                                step_args, mesh, calls=new * sample_calls, resident_bytes=others)
     programs = [prefill, decode]
 
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)
-    completions = SampleOutput(tokens=i32(rows, new), logprobs=f32(rows, new), mask=f32(rows, new),
-                               lengths=i32(rows))
-    layout = _structs(jax.eval_shape(sequence_layout, prompts, lengths, completions), by_row)
+
+    def layout_of(n: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The rows (prompt + completion, source.step_batch's layout) of `n` rollouts."""
+        completions = SampleOutput(tokens=i32(n, new), logprobs=f32(n, new), mask=f32(n, new), lengths=i32(n))
+        return _structs(jax.eval_shape(sequence_layout, i32(n, prompt_len), i32(n), completions), by_row)
+
+    layout = layout_of(rows)
     divergence = loss in distill_objectives.DIVERGENCES
+    rows_of_step = {**layout, "task_advantages": layout["loss_mask"]}
     if loss in distill_objectives.WITHOUT_TEACHER_SCORES:
-        scores = {"logprobs": layout["target_sampler_logprobs"]}
+        rows_of_step["teacher_logprobs"] = layout["target_sampler_logprobs"]
     else:
-        scorer = teacher_lib.make_scorer(teacher, config.objective.loss_chunk_size, return_hidden=divergence)
-        scoring, _ = compile_program("teacher scoring", scorer, (teacher_params, layout), mesh,
+        top_k = distill.top_k if loss in distill_objectives.TOPK_DIVERGENCES else 0
+        scorer = teacher_lib.make_scorer(teacher, config.objective.loss_chunk_size, return_hidden=divergence,
+                                         top_k=top_k, temperature=distill.temperature)
+        score_rows, score_calls = _calls_of(rows, distill.scoring_microbatch)
+        sharding.check_batch_divisible(score_rows, mesh, "distill.scoring_microbatch")
+        scoring, _ = compile_program("teacher scoring", scorer, (teacher_params, layout_of(score_rows)), mesh,
+                                     calls=score_calls,
                                      resident_bytes=state_bytes)
         programs.append(scoring)
         with sharding.mesh_context(mesh):
             scores = jax.eval_shape(scorer, teacher_params, layout)
-    rows_of_step = {**layout, "teacher_logprobs": scores["logprobs"], "task_advantages": layout["loss_mask"]}
-    if "hidden" in scores:
-        rows_of_step["teacher_hidden"] = scores["hidden"]
+        # step_batch's names for the scorer's outputs
+        names = {"logprobs": "teacher_logprobs", "hidden": "teacher_hidden", "topk_ids": "teacher_topk_ids",
+                 "topk_logprobs": "teacher_topk_logprobs", "tail_logprob": "teacher_tail_logprob"}
+        rows_of_step.update({names[key]: value for key, value in scores.items()})
     micro = config.accumulation_steps
     batch = {key: jax.ShapeDtypeStruct((micro, config.microbatch_size, *value.shape[1:]), value.dtype,
                                        sharding=sharding.batch_sharding(mesh, leading_axes=1))
@@ -258,6 +344,11 @@ class Plan:
         """All chips' FLOPs in one step."""
         return sum(p.flops * p.calls for p in self.programs) * self.chips
 
+    @property
+    def matmul_flops_per_step(self) -> float:
+        """All chips' matmul FLOPs in one step, counted from the traced programs (a check on the compiler's)."""
+        return sum(p.matmul_flops * p.calls for p in self.programs)
+
     def mfu_ceiling(self, programs: Optional[list[Program]] = None) -> float:
         programs = self.programs if programs is None else programs
         seconds = sum(p.roofline_seconds(self.chip) * p.calls for p in programs)
@@ -280,10 +371,12 @@ class Plan:
             "fits": self.fits, "topology": self.topology, "chips": self.chips, "mesh": self.mesh_shape,
             "hbm_per_chip_gib": round(max(p.total_bytes for p in self.programs) / GIB, 6),
             "chip_hbm_gib": self.chip.hbm_gib, "flops_per_step": self.flops_per_step,
+            "matmul_flops_per_step": self.matmul_flops_per_step,
             "compile_seconds": round(sum(p.compile_seconds for p in self.programs), 2),
             "step_seconds_lower_bound": self.step_seconds, "mfu_ceiling": round(self.mfu_ceiling(), 4),
             "programs": {p.name: {"calls": p.calls, **{f"{k}_gib": round(v / GIB, 6) for k, v in p.parts().items()},
                                   "total_gib": round(p.total_bytes / GIB, 6), "flops_per_chip": p.flops,
+                                  "matmul_flops": p.matmul_flops,
                                   "bytes_accessed_per_chip": p.bytes_accessed,
                                   "roofline_seconds": p.roofline_seconds(self.chip),
                                   "compile_seconds": round(p.compile_seconds, 2)} for p in self.programs},
@@ -304,7 +397,8 @@ class Plan:
                          f"{p.total_bytes / (self.chip.hbm_gib * GIB):7.1%} {p.flops / 1e12:9.4f} "
                          f"{p.compile_seconds:9.1f} {_seconds(p.roofline_seconds(self.chip)):>10s} "
                          f"{self.mfu_ceiling([p]):7.1%}")
-        lines.append(f"step: {self.flops_per_step:.4g} FLOPs on all chips, roofline lower bound "
+        lines.append(f"step: {self.flops_per_step:.4g} FLOPs on all chips ({self.matmul_flops_per_step:.4g} in "
+                     f"matmuls, traced), roofline lower bound "
                      f"{_seconds(self.step_seconds)}, MFU ceiling {self.mfu_ceiling():.1%}; "
                      + ("fits" if self.fits else "does NOT fit"))
         return lines + self.problems()
@@ -332,8 +426,7 @@ def plan(config: RunConfig, topology: str) -> Plan:
     else:
         batch = _pretraining_batch(config, mesh)
     step = jit_train_step(model, optimizer, OBJECTIVES[config.objective.loss].objective, config, shardings)
-    programs.append(compile_program("train step", step, (state, batch), mesh, resident_bytes=resident,
-                                    loop_trips=config.accumulation_steps)[0])
+    programs.append(compile_program("train step", step, (state, batch), mesh, resident_bytes=resident)[0])
     return Plan(topology, chip, len(devices), dict(mesh.shape), programs)
 
 
@@ -346,7 +439,9 @@ def main(argv: list[str]) -> None:
         if not flags.FLAGS.topology:
             raise PlanError(f"--topology is required: {TOPOLOGY_FORMS}")
         parse_topology(flags.FLAGS.topology)
-        result = plan(config_lib.to_run_config(flags.FLAGS.config), flags.FLAGS.topology)
+        # The architectures init_from.path and the teachers hold, as `python -m jaxopd.train` reads them.
+        config = config_lib.to_run_config(init_from.resolve(flags.FLAGS.config))
+        result = plan(config, flags.FLAGS.topology)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

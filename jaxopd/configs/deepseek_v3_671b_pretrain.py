@@ -13,8 +13,13 @@ report, arXiv:2412.19437, §4.2):
 - Plain RoPE over the 4K window; the long-context extension with YaRN follows in two stages of 1000 steps each
   (§4.3): configs/deepseek_v3_671b_32k.py, then configs/deepseek_v3_671b_128k.py.
 
-Mesh (v5p-2048: 1024 chips): expert=64 (4 of the 256 routed experts per chip), fsdp=16 (ZeRO-3 over 16 x 64 for
-dense weights), tensor=1. fp32 params + Adam moments take ~16 B/param = 10.7 TB, ~10.5 GB per chip of 95 GB.
+Mesh (v5p-2048: 1024 chips, topology v5p:8x8x16): expert=8 (32 of the 256 routed experts per device group),
+fsdp=128 (ZeRO-3: dense weights over fsdp x expert = all 1024 chips, expert weights over expert x fsdp), tensor=1.
+fp32 params + two fp32 Adam moments, 12 B/param x 683B = 8.2 TB, 8.0 GB per chip of 95 GB. The expert axis is 8,
+not 64, because dropless dispatch sizes its buffers for the worst routing: each device's T tokens x top-8 pairs may
+all go to one peer, so every exchange holds expert x T x 8 rows of d=7168 per device (3.8 GB at expert=8 and T=4096,
+30 GB at expert=64); the price is 32 experts' weights gathered over fsdp per MoE layer (2.8 GB in bf16). The plan:
+`python -m jaxopd.plan --config=deepseek_v3_671b_pretrain --topology=v5p:8x8x16` (benchmarks/RESULTS.md).
 Replace data.paths/data.tokenizer with the real corpus and the DeepSeek-V3 tokenizer.
 
     python -m jaxopd.train --config=configs/deepseek_v3_671b_pretrain.py   # on every worker: see tpu/launch.sh
@@ -27,20 +32,25 @@ SEQ_LEN = 4096
 TOTAL_TOKENS = 14.8e12
 RAMP = dict(start=3072, tokens=469e9)
 BATCH_SIZE = 15360
-MICROBATCH_SIZE = 3072  # the ramp grows in whole microbatches: 3072, 6144, ..., 15360
+# One 4096-token sequence per chip and microbatch; the ramp grows in whole microbatches: 3072, 4096, ..., 15360
+MICROBATCH_SIZE = 1024
 
 
 def get_config():
     config = base_config()
     config.workdir = "/mnt/gcs/deepseek_v3_671b"  # a bucket mounted on every worker (tpu/setup.sh)
-    # Full remat: each of the 61 blocks keeps only its bf16 input (3 x 4096 tokens x 7168 per chip and microbatch,
-    # ~11 GB over the layers, beside the ~10.5 GB of params and moments). Keeping the matmul outputs as well
-    # ("dots_with_no_batch_dims_saveable": MLA's q and k/v up-projections alone are 128 heads x 448 per token,
-    # ~8x the block input) would take ~100 GB, more than a v5p chip's 95 GB.
+    # Full remat: each of the 61 blocks (and the MTP block) keeps only its bf16 input, 4096 tokens x 7168 per chip and
+    # microbatch (3.6 GB over the layers). Keeping the matmul outputs as well ("dots_with_no_batch_dims_saveable":
+    # MLA's q and k/v up-projections alone are 128 heads x 448 per token, ~8x the block input, and the routed
+    # experts' 8 x 2048 per token) would take tens of GB more per chip beside the dispatch buffers.
+    # fp32 master weights (the paper keeps fp32 master weights and gradients, §3.3), bf16 compute; experts run
+    # expert-parallel with ragged all-to-all dispatch (only the filled rows move); scanned layers keep the compile
+    # time nearly flat in depth.
     # Pretraining is at 4K with plain RoPE; YaRN (the preset's, as the released config.json has it) comes with the
     # context-extension stages, deepseek_v3_671b_32k and deepseek_v3_671b_128k (§4.3).
-    config.model = load_model_preset("deepseek_v3", dtype="bfloat16", remat="full", rope_scaling=None,
-                                     max_position_embeddings=SEQ_LEN)
+    config.model = load_model_preset("deepseek_v3", dtype="bfloat16", param_dtype="float32", remat="full",
+                                     rope_scaling=None, max_position_embeddings=SEQ_LEN, expert_parallel=True,
+                                     expert_dispatch="ragged_all_to_all", scan_layers=True)
     config.seq_len = SEQ_LEN
     config.batch_size = BATCH_SIZE
     config.microbatch_size = MICROBATCH_SIZE
@@ -63,7 +73,7 @@ def get_config():
     config.progress_bar = False
     config.data.eval_batches = 4
     config.data.num_workers = 8
-    config.mesh.update(data=1, fsdp=-1, expert=64, tensor=1)
+    config.mesh.update(data=1, fsdp=-1, expert=8, tensor=1)
     config.distributed.auto_detect = True  # Cloud TPU: JAX finds the coordinator and process ids itself
     return config
 

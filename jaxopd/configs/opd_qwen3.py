@@ -20,7 +20,8 @@ from jaxopd.training.config import base_config, model_config_dict
 # Per variant: mesh axes, rollouts per step (prompts x group_size), rows per forward/backward, and per sampling call.
 VARIANTS = {
     # 32 chips of 95 GB: params sharded 8-way (fsdp) and 4-way over heads and MLP (tensor); Qwen3's 8 KV heads split
-    # over tensor=4. bf16 teacher (64 GB) and student adapters fit with room for 256 rollouts of 4.6K tokens.
+    # over tensor=4. The teacher loads from Hugging Face in float32 (teacher.load_model's hf_dtype: 131 GB, 4.1 GB a
+    # chip); with the student adapters it leaves room for 256 rollouts of 4.6K tokens (benchmarks/RESULTS.md).
     "v5p-64": dict(mesh=dict(data=1, fsdp=8, expert=1, tensor=4), batch_size=256, microbatch_size=32,
                    sampling_microbatch=64),
     # 8 GPUs of 80 GB: every weight FSDP-sharded 8-way (teacher 8 GB, a full-FT student in float32 with Adam 16 GB
