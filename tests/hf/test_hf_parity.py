@@ -301,8 +301,10 @@ def test_mesh_placement_uses_logical_axes(tmp_path):
     _, host = jaxopd.load_hf(tmp_path / "hf", dtype="float32")
     leaves, host_leaves = jax.tree.leaves(params), jax.tree.leaves(host)
     assert all(isinstance(leaf.sharding, NamedSharding) for leaf in leaves)
-    expert_params = [leaf for leaf in leaves if leaf.ndim == 3 and leaf.shape[0] == 8]
-    assert expert_params and all(leaf.sharding.spec[0] == "expert" for leaf in expert_params)
+    # The experts axis: first of a layer's [E, in, out], second of a scanned stack's [layers, E, in, out].
+    expert_params = [leaf for leaf in leaves if leaf.ndim in (3, 4) and leaf.shape[leaf.ndim - 3] == 8]
+    assert any(leaf.ndim == 4 for leaf in expert_params)  # the default: scanned
+    assert all(leaf.sharding.spec[leaf.ndim - 3] == "expert" for leaf in expert_params)
     for leaf, host_leaf in zip(leaves, host_leaves):
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(host_leaf))
 
