@@ -115,7 +115,8 @@ def test_row_microbatches_shrink_the_compiled_temporary_memory(model_and_params)
     prompts, lengths = (jnp.asarray(x) for x in _prompts(rows))
 
     def temp_bytes(sampler):
-        return sampler._jitted.lower(params, prompts, lengths, jax.random.key(0), temperature=1.0, top_k=None,
+        budgets = jnp.full(rows, new, jnp.int32)
+        return sampler._jitted.lower(params, prompts, lengths, budgets, jax.random.key(0), temperature=1.0, top_k=None,
                                      top_p=None, greedy=False).compile().memory_analysis().temp_size_in_bytes
 
     whole, chunked = (temp_bytes(Sampler(model, 6, new, (EOS,), PAD, microbatch=micro)) for micro in (0, 2))
