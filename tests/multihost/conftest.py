@@ -19,7 +19,7 @@ def _free_port() -> int:
 
 
 def launch(config: pathlib.Path, workdir: pathlib.Path, overrides: dict, num_processes: int = 2,
-           devices_per_process: int = 4, timeout: float = 300, succeed: bool = True) -> list[str]:
+           devices_per_process: int = 4, timeout: float = 900, succeed: bool = True) -> list[str]:
     """Runs `config` with `--config.<key>=<value>` overrides as `num_processes` processes writing to `workdir`; returns
     their outputs and fails the test with the end of any that exits non-zero (with succeed=False: that exits 0)."""
     address = f"127.0.0.1:{_free_port()}"
