@@ -18,8 +18,10 @@ fsdp=128 (ZeRO-3: dense weights over fsdp x expert = all 1024 chips, expert weig
 fp32 params + two fp32 Adam moments, 12 B/param x 683B = 8.2 TB, 8.0 GB per chip of 95 GB. The expert axis is 8,
 not 64, because dropless dispatch sizes its buffers for the worst routing: each device's T tokens x top-8 pairs may
 all go to one peer, so every exchange holds expert x T x 8 rows of d=7168 per device (3.8 GB at expert=8 and T=4096,
-30 GB at expert=64); the price is 32 experts' weights gathered over fsdp per MoE layer (2.8 GB in bf16). The plan:
-`python -m jaxopd.plan --config=deepseek_v3_671b_pretrain --topology=v5p:8x8x16` (benchmarks/RESULTS.md).
+30 GB at expert=64); the price is 32 experts' weights gathered over fsdp per MoE layer (2.8 GB in bf16). The plan,
+`python -m jaxopd.plan --config=deepseek_v3_671b_pretrain --topology=v5p:8x8x16`, says it does NOT fit yet: 160 GiB
+per chip, 45 GiB of state (MLA's q_b/kv_b are replicated by LOGICAL_AXIS_RULES, not the 8 GB above) and 115 GiB of
+temporaries (benchmarks/RESULTS.md lists what to try).
 Replace data.paths/data.tokenizer with the real corpus and the DeepSeek-V3 tokenizer.
 
     python -m jaxopd.train --config=configs/deepseek_v3_671b_pretrain.py   # on every worker: see tpu/launch.sh
