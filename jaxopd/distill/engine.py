@@ -61,7 +61,6 @@ class _Placement:
         if self.mesh is None:
             return
         self.rows_spec = sharding.spec[0] if sharding.spec else None
-        self.output = sharding
         names = (self.rows_spec,) if isinstance(self.rows_spec, str) else tuple(self.rows_spec or ())
         parts = int(np.prod([self.mesh.shape[name] for name in names]))
         if slots % parts:
