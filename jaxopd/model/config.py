@@ -24,7 +24,8 @@ DTypeName = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload"]
 # How expert-parallel MoE layers move tokens to the expert shards (`jaxopd.kernels.moe`): every token to every shard
 # (moe_experts_expert_parallel), or each (token, expert) pair to its expert's shard only (moe_experts_all_to_all,
-# dropless; "ragged_all_to_all" moves only the filled rows but runs on GPU/TPU only, XLA:CPU lacks the op).
+# dropless unless moe_capacity_factor; "ragged_all_to_all" moves only the filled rows but runs on GPU/TPU only,
+# XLA:CPU lacks the op).
 ExpertDispatch = Literal["all_gather", "all_to_all", "ragged_all_to_all"]
 # Module kinds a LoRA adapter can be attached to (`jaxopd.model.lora`): "attention" (GQA q/k/v/o; MLA q or q_a/q_b,
 # kv_a, kv_b, o), "mlp" (the dense SwiGLU layers) and "experts" (routed and shared experts).

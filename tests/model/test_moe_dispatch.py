@@ -112,8 +112,8 @@ def test_capacity_factor_drops_the_pairs_past_each_block_as_numpy_says():
         for peer in range(4):  # each peer block keeps its first C = 1 pair in (expert, pair) order
             for expert, pair in [p for p in pairs if p[0] // local == peer][1:]:
                 t, u = divmod(pair, k)
-                gate = x_NxD[t] @ w_gate[expert]
-                missing[t] += weights[t, u] * ((gate / (1 + np.exp(-gate)) * (x_NxD[t] @ w_up[expert])) @ w_down[expert])
+                gate, up = x_NxD[t] @ w_gate[expert], x_NxD[t] @ w_up[expert]
+                missing[t] += weights[t, u] * ((gate / (1 + np.exp(-gate)) * up) @ w_down[expert])
                 dropped += 1
     assert 0 < dropped < ids.size
     np.testing.assert_allclose(outputs[0.5], outputs[None] - missing.reshape(x.shape), rtol=1e-5, atol=1e-5)
