@@ -19,12 +19,11 @@ up-projections q_b/kv_b over fsdp by their low rank), tensor=1. fp32 params + tw
 683B = 8.2 TB, 7.7 GiB per chip of 95. The expert axis is 8, not 64, because the all-to-all dispatch's buffers grow
 with it: dropless, each device's T tokens x top-8 pairs may all go to one peer, so every exchange holds expert x T x
 8 rows of d=7168 per device (3.8 GB at expert=8 and T=4096, 30 GB at expert=64); the price is 32 experts' weights
-gathered over fsdp per MoE layer (2.8 GB in bf16). Capacity factor 2 (model.moe_capacity_factor): each per-peer
-block holds twice a balanced routing's share, T x 8 x 2 / 8 rows, 4x smaller buffers than dropless at expert=8.
-The paper trains dropless (§3.2); its bias balancing keeps the load near even, so a block overflows only when one
-device group draws over twice its share of a device's pairs. The plan,
-`python -m jaxopd.plan --config=deepseek_v3_671b_pretrain --topology=v5p:8x8x16`, says it fits: 71.4 GiB per chip
-(7.7 GiB state, 63.6 GiB temporaries; benchmarks/RESULTS.md), where dropless with q_b/kv_b replicated took 160 GiB.
+gathered over fsdp per MoE layer (2.8 GB in bf16). Dropless, as the paper trains (§2.1.2, "No Token-Dropping"): the plan,
+`python -m jaxopd.plan --config=deepseek_v3_671b_pretrain --topology=v5p:8x8x16`, says it fits at 74.5 GiB per chip
+(7.7 GiB state, 66.8 GiB temporaries; benchmarks/RESULTS.md); with q_b/kv_b replicated it took 160 GiB.
+`--config.model.moe_capacity_factor=2.0` (per-peer blocks 4x smaller) saves only 3.1 GiB more (71.4 GiB): the
+dispatch buffers are not what filled the chip.
 Replace data.paths/data.tokenizer with the real corpus and the DeepSeek-V3 tokenizer.
 
     python -m jaxopd.train --config=configs/deepseek_v3_671b_pretrain.py   # on every worker: see tpu/launch.sh
@@ -49,14 +48,13 @@ def get_config():
     # MLA's q and k/v up-projections alone are 128 heads x 448 per token, ~8x the block input, and the routed
     # experts' 8 x 2048 per token) would take tens of GB more per chip beside the dispatch buffers.
     # fp32 master weights (the paper keeps fp32 master weights and gradients, §3.3), bf16 compute; experts run
-    # expert-parallel with ragged all-to-all dispatch (only the filled rows move) and capacity factor 2 (the
-    # docstring says why); scanned layers keep the compile time nearly flat in depth.
+    # expert-parallel with dropless ragged all-to-all dispatch (only the filled rows move); scanned layers keep the
+    # compile time nearly flat in depth.
     # Pretraining is at 4K with plain RoPE; YaRN (the preset's, as the released config.json has it) comes with the
     # context-extension stages, deepseek_v3_671b_32k and deepseek_v3_671b_128k (§4.3).
     config.model = load_model_preset("deepseek_v3", dtype="bfloat16", param_dtype="float32", remat="full",
                                      rope_scaling=None, max_position_embeddings=SEQ_LEN, expert_parallel=True,
-                                     expert_dispatch="ragged_all_to_all", moe_capacity_factor=2.0,
-                                     scan_layers=True)
+                                     expert_dispatch="ragged_all_to_all", scan_layers=True)
     config.seq_len = SEQ_LEN
     config.batch_size = BATCH_SIZE
     config.microbatch_size = MICROBATCH_SIZE
