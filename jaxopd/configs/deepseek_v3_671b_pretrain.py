@@ -20,8 +20,9 @@ up-projections q_b/kv_b over fsdp by their low rank), tensor=1. fp32 params + tw
 with it: dropless, each device's T tokens x top-8 pairs may all go to one peer, so every exchange holds expert x T x
 8 rows of d=7168 per device (3.8 GB at expert=8 and T=4096, 30 GB at expert=64); the price is 32 experts' weights
 gathered over fsdp per MoE layer (2.8 GB in bf16). Dropless, as the paper trains (§2.1.2, "No Token-Dropping"):
-the plan, `python -m jaxopd.plan --config=deepseek_v3_671b_pretrain --topology=v5p:8x8x16`, says it fits at 74.5 GiB per chip
-(7.7 GiB state, 66.8 GiB temporaries; benchmarks/RESULTS.md); with q_b/kv_b replicated it took 160 GiB.
+the plan, `python -m jaxopd.plan --config=deepseek_v3_671b_pretrain --topology=v5p:8x8x16`, says it fits at
+74.5 GiB per chip (7.7 GiB state, 66.8 GiB temporaries; benchmarks/RESULTS.md); with q_b/kv_b replicated it took
+160 GiB.
 `--config.model.moe_capacity_factor=2.0` (per-peer blocks 4x smaller) saves only 3.1 GiB more (71.4 GiB): the
 dispatch buffers are not what filled the chip.
 Replace data.paths/data.tokenizer with the real corpus and the DeepSeek-V3 tokenizer.
