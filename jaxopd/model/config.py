@@ -222,7 +222,8 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-# How the forward pass runs, not what it computes: these may change when a run resumes.
+# How the forward pass runs, not what the weights mean (moe_capacity_factor also decides which overflowing pairs are
+# dropped): these may change when a run resumes.
 FORWARD_PASS_FIELDS = ("remat", "attention_implementation", "attention_block_q", "attention_block_kv",
                        "expert_parallel", "expert_dispatch", "moe_capacity_factor", "scan_layers")
 # Fields a run chooses for itself, never read from or compared with a checkpoint the model is loaded from: the

@@ -73,7 +73,7 @@ class MoE(nn.Module):
             if c.expert_dispatch == "all_gather":
                 routed_NxD = moe_experts_expert_parallel(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights,
                                                          mesh=mesh, token_axes=token_axes)
-            else:
+            else:  # the count of pairs dropped past moe_capacity_factor's blocks is not reported (yet)
                 routed_NxD, _ = moe_experts_all_to_all(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights, mesh=mesh,
                                                        token_axes=token_axes, capacity_factor=c.moe_capacity_factor,
                                                        exchange=c.expert_dispatch)
