@@ -14,14 +14,17 @@ report, arXiv:2412.19437, §4.2):
   (§4.3): configs/deepseek_v3_671b_32k.py, then configs/deepseek_v3_671b_128k.py.
 
 Mesh (v5p-2048: 1024 chips, topology v5p:8x8x16): expert=8 (32 of the 256 routed experts per device group),
-fsdp=128 (ZeRO-3: dense weights over fsdp x expert = all 1024 chips, expert weights over expert x fsdp), tensor=1.
-fp32 params + two fp32 Adam moments, 12 B/param x 683B = 8.2 TB, 8.0 GB per chip of 95 GB. The expert axis is 8,
-not 64, because dropless dispatch sizes its buffers for the worst routing: each device's T tokens x top-8 pairs may
-all go to one peer, so every exchange holds expert x T x 8 rows of d=7168 per device (3.8 GB at expert=8 and T=4096,
-30 GB at expert=64); the price is 32 experts' weights gathered over fsdp per MoE layer (2.8 GB in bf16). The plan,
-`python -m jaxopd.plan --config=deepseek_v3_671b_pretrain --topology=v5p:8x8x16`, says it does NOT fit yet: 160 GiB
-per chip, 45 GiB of state (MLA's q_b/kv_b are replicated by LOGICAL_AXIS_RULES, not the 8 GB above) and 115 GiB of
-temporaries (benchmarks/RESULTS.md lists what to try).
+fsdp=128 (ZeRO-3: dense weights over fsdp x expert = all 1024 chips, expert weights over expert x fsdp, MLA's
+up-projections q_b/kv_b over fsdp by their low rank), tensor=1. fp32 params + two fp32 Adam moments, 12 B/param x
+683B = 8.2 TB, 7.7 GiB per chip of 95. The expert axis is 8, not 64, because the all-to-all dispatch's buffers grow
+with it: dropless, each device's T tokens x top-8 pairs may all go to one peer, so every exchange holds expert x T x
+8 rows of d=7168 per device (3.8 GB at expert=8 and T=4096, 30 GB at expert=64); the price is 32 experts' weights
+gathered over fsdp per MoE layer (2.8 GB in bf16). Dropless, as the paper trains (§2.1.2, "No Token-Dropping"):
+the plan, `python -m jaxopd.plan --config=deepseek_v3_671b_pretrain --topology=v5p:8x8x16`, says it fits at
+74.5 GiB per chip (7.7 GiB state, 66.8 GiB temporaries; benchmarks/RESULTS.md); with q_b/kv_b replicated it took
+160 GiB.
+`--config.model.moe_capacity_factor=2.0` (per-peer blocks 4x smaller) saves only 3.1 GiB more (71.4 GiB): the
+dispatch buffers are not what filled the chip.
 Replace data.paths/data.tokenizer with the real corpus and the DeepSeek-V3 tokenizer.
 
     python -m jaxopd.train --config=configs/deepseek_v3_671b_pretrain.py   # on every worker: see tpu/launch.sh
@@ -46,8 +49,8 @@ def get_config():
     # MLA's q and k/v up-projections alone are 128 heads x 448 per token, ~8x the block input, and the routed
     # experts' 8 x 2048 per token) would take tens of GB more per chip beside the dispatch buffers.
     # fp32 master weights (the paper keeps fp32 master weights and gradients, §3.3), bf16 compute; experts run
-    # expert-parallel with ragged all-to-all dispatch (only the filled rows move); scanned layers keep the compile
-    # time nearly flat in depth.
+    # expert-parallel with dropless ragged all-to-all dispatch (only the filled rows move); scanned layers keep the
+    # compile time nearly flat in depth.
     # Pretraining is at 4K with plain RoPE; YaRN (the preset's, as the released config.json has it) comes with the
     # context-extension stages, deepseek_v3_671b_32k and deepseek_v3_671b_128k (§4.3).
     config.model = load_model_preset("deepseek_v3", dtype="bfloat16", param_dtype="float32", remat="full",

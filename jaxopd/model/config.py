@@ -24,7 +24,8 @@ DTypeName = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload"]
 # How expert-parallel MoE layers move tokens to the expert shards (`jaxopd.kernels.moe`): every token to every shard
 # (moe_experts_expert_parallel), or each (token, expert) pair to its expert's shard only (moe_experts_all_to_all,
-# dropless; "ragged_all_to_all" moves only the filled rows but runs on GPU/TPU only, XLA:CPU lacks the op).
+# dropless unless moe_capacity_factor; "ragged_all_to_all" moves only the filled rows but runs on GPU/TPU only,
+# XLA:CPU lacks the op).
 ExpertDispatch = Literal["all_gather", "all_to_all", "ragged_all_to_all"]
 # Module kinds a LoRA adapter can be attached to (`jaxopd.model.lora`): "attention" (GQA q/k/v/o; MLA q or q_a/q_b,
 # kv_a, kv_b, o), "mlp" (the dense SwiGLU layers) and "experts" (routed and shared experts).
@@ -110,6 +111,11 @@ class ModelConfig:
     attention_block_kv: int = 512
     expert_parallel: bool = False
     expert_dispatch: ExpertDispatch = "all_gather"
+    # All-to-all dispatch only: None is dropless (each device's per-peer blocks hold all its T * k (token, slot)
+    # pairs, sized for the worst routing); c > 0 sizes them ceil(c * T * k / expert shards), so c = 1 fits a perfectly
+    # balanced routing and pairs past a full block are dropped (they add zero; the shared experts and the residual
+    # still carry the token). Buffers shrink by expert shards / c.
+    moe_capacity_factor: Optional[float] = None
     scan_layers: bool = True
     # LoRA (Hu et al. 2021; `jaxopd.model.lora`): rank 0 is off. Otherwise every weight of the targeted kinds gets
     # adapters A [in, rank], B [rank, out] (B zero, so the model starts as its base), its output gains
@@ -156,6 +162,16 @@ class ModelConfig:
                     f"num_experts={self.num_experts} needs num_experts_per_token >= 1 and moe_mlp_dim >= 1, got "
                     f"{self.num_experts_per_token} and {self.moe_mlp_dim}"
                 )
+        if self.moe_capacity_factor is not None:
+            if not self.moe_capacity_factor > 0:
+                raise ValueError(f"config.moe_capacity_factor={self.moe_capacity_factor} must be > 0, or None for "
+                                 "dropless dispatch")
+            if not (self.num_experts and self.expert_parallel and self.expert_dispatch != "all_gather"):
+                raise ValueError(
+                    f"config.moe_capacity_factor={self.moe_capacity_factor} applies to all-to-all expert dispatch "
+                    f"only: set num_experts > 0, expert_parallel=True and expert_dispatch 'all_to_all' or "
+                    f"'ragged_all_to_all' (now {self.num_experts}, {self.expert_parallel}, "
+                    f"{self.expert_dispatch!r}), or moe_capacity_factor=None")
         if not 0 <= self.first_k_dense <= self.num_layers:
             raise ValueError(f"first_k_dense={self.first_k_dense} must lie in [0, num_layers={self.num_layers}]")
         if self.mtp_depth < 0:
@@ -206,9 +222,10 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-# How the forward pass runs, not what it computes: these may change when a run resumes.
+# How the forward pass runs, not what the weights mean (moe_capacity_factor also decides which overflowing pairs are
+# dropped): these may change when a run resumes.
 FORWARD_PASS_FIELDS = ("remat", "attention_implementation", "attention_block_q", "attention_block_kv",
-                       "expert_parallel", "expert_dispatch", "scan_layers")
+                       "expert_parallel", "expert_dispatch", "moe_capacity_factor", "scan_layers")
 # Fields a run chooses for itself, never read from or compared with a checkpoint the model is loaded from: the
 # forward pass, the dtypes, the initialization of fresh params, and LoRA adapters (trained on top of the weights).
 RUN_CHOICE_FIELDS = FORWARD_PASS_FIELDS + ("dtype", "param_dtype", "init_std", "lora_rank", "lora_alpha",

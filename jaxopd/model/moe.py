@@ -73,9 +73,10 @@ class MoE(nn.Module):
             if c.expert_dispatch == "all_gather":
                 routed_NxD = moe_experts_expert_parallel(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights,
                                                          mesh=mesh, token_axes=token_axes)
-            else:  # dropless (no capacity factor): the dropped count is always 0
+            else:  # the count of pairs dropped past moe_capacity_factor's blocks is not reported (yet)
                 routed_NxD, _ = moe_experts_all_to_all(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights, mesh=mesh,
-                                                       token_axes=token_axes, exchange=c.expert_dispatch)
+                                                       token_axes=token_axes, capacity_factor=c.moe_capacity_factor,
+                                                       exchange=c.expert_dispatch)
         else:
             routed_NxD = moe_experts(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights)
         out_BxTxD = routed_NxD.reshape(batch, seq, d)

@@ -45,8 +45,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # Activations' sequence axis: split over "context" (context parallelism; size 1 leaves it whole).
     ("seq", "context"),
     ("head_dim", None),
-    ("q_lora", None),
-    ("kv_lora", None),
+    # MLA's low-rank axes: the up-projections q_b [r, h, q] and kv_b [c, h, q] would otherwise sit whole on every
+    # device when tensor=1 (DeepSeek-V3: 0.65 GiB a layer in fp32, x3 with Adam). Their down-projections q_a/kv_a
+    # [d, r] already use fsdp for "embed", so they keep the rank whole.
+    ("q_lora", "fsdp"),
+    ("kv_lora", "fsdp"),
     ("norm", None),
     # the stacked axis of scanned decoder layers (jaxopd.model.stacking): every device holds its shard of each layer
     ("layers", None),

@@ -1,5 +1,6 @@
 """A MoE model's loss and gradients on an expert-parallel 8-device CPU mesh are the same with
-model.expert_dispatch="all_to_all" as with "all_gather", and as on one device."""
+model.expert_dispatch="all_to_all" as with "all_gather", and as on one device; model.moe_capacity_factor drops
+what a float64 brute force says it drops."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 from conftest import MLA_MOE, init_params, random_tokens
 
+from jaxopd.kernels.moe import route
 from jaxopd.model import Transformer
+from jaxopd.model.moe import MoE
 from jaxopd.model.config import RUN_CHOICE_FIELDS, architecture_fields
 from jaxopd.training import sharding
 from jaxopd.training.config import MeshConfig
@@ -70,3 +73,57 @@ def test_expert_dispatch_is_a_checked_run_choice():
         MLA_MOE.replace(expert_dispatch="ragged")
     # init_from compares only the architecture: a run may change its dispatch against any checkpoint.
     assert "expert_dispatch" in RUN_CHOICE_FIELDS and "expert_dispatch" not in architecture_fields()
+
+
+def test_capacity_factor_drops_the_pairs_past_each_block_as_numpy_says():
+    # One MoE layer on 8 devices (expert=4 x fsdp=2): 4 tokens a device, 8 pairs; capacity factor 0.5 -> C =
+    # ceil(0.5 * 8 / 4) = 1 row per peer block, so the crowded peers drop pairs. moe_capacity_factor=None must
+    # give the dropless layer, and the difference between the two must be the dropped pairs' weighted expert
+    # outputs, computed in float64 from the routing.
+    base = MLA_MOE.replace(expert_parallel=True, expert_dispatch="all_to_all", num_shared_experts=0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 4, base.d_model)).astype(np.float32)
+    segment_ids = jnp.ones((8, 4), jnp.int32)
+    params = nn.unbox(MoE(base).init(jax.random.key(0), jnp.asarray(x), segment_ids))["params"]
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, expert=4), jax.devices()[:8])
+    outputs = {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        for capacity in (None, 0.5):
+            layer = MoE(base.replace(moe_capacity_factor=capacity))
+            outputs[capacity] = np.asarray(jax.jit(lambda p, a: layer.apply({"params": p}, a, segment_ids)[0])(
+                params, jnp.asarray(x)), np.float64)
+    dense = np.asarray(jax.jit(lambda p, a: MoE(base.replace(expert_parallel=False)).apply(
+        {"params": p}, a, segment_ids)[0])(params, jnp.asarray(x)), np.float64)
+    np.testing.assert_allclose(outputs[None], dense, rtol=1e-5, atol=1e-5)
+
+    x_NxD = x.reshape(-1, base.d_model)
+    ids, weights, _ = route(jnp.asarray(x_NxD) @ params["router"], params["expert_bias"],
+                            top_k=base.num_experts_per_token, score=base.router_score,
+                            num_groups=base.num_expert_groups, topk_groups=base.topk_groups,
+                            normalize=base.norm_topk_prob, scale=base.routed_scaling_factor)
+    ids, weights = np.asarray(ids), np.asarray(weights, np.float64)
+    w_gate, w_up, w_down = (np.asarray(params[name], np.float64) for name in ("w_gate", "w_up", "w_down"))
+    k, per_device, local = base.num_experts_per_token, 4, base.num_experts // 4
+    missing = np.zeros_like(x_NxD, np.float64)
+    dropped = 0
+    for device in range(8):  # tokens are batch-major, 4 consecutive ones a device
+        pairs = sorted((ids[t, u], t * k + u) for t in range(device * per_device, (device + 1) * per_device)
+                       for u in range(k))
+        for peer in range(4):  # each peer block keeps its first C = 1 pair in (expert, pair) order
+            for expert, pair in [p for p in pairs if p[0] // local == peer][1:]:
+                t, u = divmod(pair, k)
+                gate, up = x_NxD[t] @ w_gate[expert], x_NxD[t] @ w_up[expert]
+                missing[t] += weights[t, u] * ((gate / (1 + np.exp(-gate)) * up) @ w_down[expert])
+                dropped += 1
+    assert 0 < dropped < ids.size
+    np.testing.assert_allclose(outputs[0.5], outputs[None] - missing.reshape(x.shape), rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_factor_is_checked_and_a_run_choice():
+    with pytest.raises(ValueError, match="config.moe_capacity_factor=0 must be > 0"):
+        MLA_MOE.replace(expert_parallel=True, expert_dispatch="all_to_all", moe_capacity_factor=0)
+    with pytest.raises(ValueError, match="applies to all-to-all expert dispatch only"):
+        MLA_MOE.replace(expert_parallel=True, moe_capacity_factor=1.25)  # all_gather dispatch
+    with pytest.raises(ValueError, match="applies to all-to-all expert dispatch only"):
+        MLA_MOE.replace(expert_dispatch="all_to_all", moe_capacity_factor=1.25)  # not expert-parallel
+    assert "moe_capacity_factor" in RUN_CHOICE_FIELDS and "moe_capacity_factor" not in architecture_fields()

@@ -106,6 +106,7 @@ def test_deepseek_v3_config_follows_the_paper():
     assert config.microbatch_size % (128 * 8) == 0
     assert (config.model.param_dtype, config.model.remat, config.model.scan_layers) == ("float32", "full", True)
     assert config.model.expert_parallel and config.model.expert_dispatch == "ragged_all_to_all"
+    assert config.model.moe_capacity_factor is None  # dropless, as the paper trains
 
 
 def test_every_problem_is_reported_at_once_with_its_key(config_file):
