@@ -7,7 +7,11 @@ Public API (pure functions on arrays and Python numbers; no Flax, no configs):
       -> (expert_ids [..., top_k] int32, weights [..., top_k] float32, scores [..., experts] float32)
   moe_experts(x [tokens, d], expert_ids [tokens, k], weights [tokens, k],
               w_gate [experts, d, f], w_up [experts, d, f], w_down [experts, f, d],
-              updates=(LowRank | None,) * 3) -> [tokens, d]   (per-expert LoRA updates, see moe_experts)
+              updates=(LowRank | None,) * 3, *, grouped_matmul="ragged_dot"|"tiled") -> [tokens, d]
+      (per-expert LoRA updates, see moe_experts)
+  tiled_grouped_matmul(x [rows, in] sorted by expert, w [experts, in, out], group_sizes [experts], *, tile=128)
+      -> [rows, out] float32   (ragged_dot's grouped matmul as fixed tiles: fast where ragged_dot has no grouped
+      kernel, e.g. XLA:CPU)
   moe_experts_expert_parallel(<moe_experts args>, *, mesh, expert_axis="expert",
                               token_axes=("data", "fsdp", "expert")) -> [tokens, d]   (shard_map over experts;
       all-gather dispatch: every token to every expert shard)
@@ -40,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 from jaxopd.kernels.layers import LowRank
 
 ExpertUpdates = tuple[Optional[LowRank], Optional[LowRank], Optional[LowRank]]
+GroupedMatmul = Literal["ragged_dot", "tiled"]
 
 # transformers' DeepseekV3TopkRouter adds this to the top-k sum before normalizing, so an all-zero row stays finite.
 _NORMALIZE_EPS = 1e-20
@@ -124,14 +129,17 @@ def moe_experts(
     w_up: jax.Array,
     w_down: jax.Array,
     updates: ExpertUpdates = (None, None, None),
+    *,
+    grouped_matmul: GroupedMatmul = "ragged_dot",
 ) -> jax.Array:
     """Dropless routed-expert SwiGLU: `sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`.
 
     The `tokens * k` (token, slot) pairs are sorted by expert, gathered into one `[tokens * k, d]` array and run
-    through grouped matmuls (`jax.lax.ragged_dot` with per-expert group sizes), then unsorted and combined. No
-    capacity, no dropped tokens, no `[tokens, experts, d]` array. GPU and TPU run ragged_dot as grouped kernels;
-    on CPU, JAX lowers it as a masked matmul over all experts (an `[experts, tokens * k, d]` intermediate: fine for
-    tests, slow for large CPU runs).
+    through grouped matmuls with per-expert group sizes, then unsorted and combined. No capacity, no dropped
+    tokens, no `[tokens, experts, d]` array. `grouped_matmul="ragged_dot"` uses `jax.lax.ragged_dot`, which GPU and
+    TPU run as grouped kernels; XLA:CPU lowers it as a masked matmul over all experts (E / k times the routed
+    FLOPs), so on CPU use "tiled" (`tiled_grouped_matmul`: the routed FLOPs plus at most one tile of padding per
+    expert).
 
     Args:
       x: `[tokens, d]`.
@@ -141,6 +149,7 @@ def moe_experts(
       updates: per-expert LoRA updates of (w_gate, w_up, w_down), each None or a `LowRank` with a `[experts, d, r]`,
         b `[experts, r, f]` (w_down: `[experts, f, r]`, `[experts, r, d]`), run through the same grouped matmuls;
         keep masks `[tokens, k, d]` (w_down: `[tokens, k, f]`), one per (token, slot) pair.
+      grouped_matmul: "ragged_dot" or "tiled", see above.
 
     Returns:
       `[tokens, d]` in x's dtype (matmuls accumulate and combine in float32).
@@ -156,20 +165,79 @@ def moe_experts(
             f"expert weights w_gate {w_gate.shape}, w_up {w_up.shape}, w_down {w_down.shape} must be "
             f"[experts, d={d}, f], [experts, d, f], [experts, f, d]"
         )
-    return _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, updates, first_expert=0)
+    if grouped_matmul not in get_args(GroupedMatmul):
+        raise ValueError(f"grouped_matmul={grouped_matmul!r} must be one of {get_args(GroupedMatmul)}")
+    return _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, updates, first_expert=0,
+                           grouped_matmul=grouped_matmul)
 
 
-def _grouped_dot(x_MxI, w_ExIxO, group_sizes, update):
-    """ragged_dot of the sorted rows with their experts' weights `[M, out]` float32, plus the LoRA update's
+def tiled_grouped_matmul(x_MxI: jax.Array, w_ExIxO: jax.Array, group_sizes: jax.Array, *, tile: int = 128
+                         ) -> jax.Array:
+    """`jax.lax.ragged_dot(x, w, group_sizes)` as one batched matmul of fixed tiles.
+
+    Each expert's rows are padded to a multiple of `tile` and cut into tiles, every tile is multiplied by its
+    expert's weights, and the rows are gathered back. The static tile count `(rows + experts * (tile - 1)) // tile`
+    bounds every routing, so the FLOPs are the routed ones plus at most `tile - 1` padding rows per expert, not
+    ragged_dot's XLA:CPU lowering's `experts` times all rows. Memory: the tiles' weights `[tiles, in, out]` are
+    gathered (and their gradient summed back per expert), so keep `tile` large where `in * out` is.
+
+    Args:
+      x_MxI: `[rows, in]`, sorted by expert: rows `[sum(group_sizes[:e]), sum(group_sizes[:e+1]))` are expert e's.
+      w_ExIxO: `[experts, in, out]`.
+      group_sizes: `[experts]` int, summing to at most `rows` (rows past the sum give zero).
+      tile: rows per tile.
+
+    Returns:
+      `[rows, out]` float32.
+    """
+    rows, _ = x_MxI.shape
+    num_experts = w_ExIxO.shape[0]
+    if group_sizes.shape != (num_experts,):
+        raise ValueError(f"group_sizes has shape {group_sizes.shape}; expected ({num_experts},), one per expert")
+    if tile < 1:
+        raise ValueError(f"tile={tile} must be >= 1")
+    tile = min(tile, rows) or 1
+    num_tiles = (rows + num_experts * (tile - 1)) // tile
+    group_sizes = group_sizes.astype(jnp.int32)
+    padded_sizes_E = (group_sizes + tile - 1) // tile * tile
+    group_ends_E, padded_ends_E = jnp.cumsum(group_sizes), jnp.cumsum(padded_sizes_E)
+    shift_E = (padded_ends_E - padded_sizes_E) - (group_ends_E - group_sizes)  # padded position - row, in group e
+    # Row r of expert e sits at padded position r + shift[e]; padded positions past their group take no row.
+    expert_of_row_M = jnp.searchsorted(group_ends_E, jnp.arange(rows), side="right")
+    position_M = jnp.where(expert_of_row_M < num_experts,
+                           jnp.arange(rows) + shift_E[jnp.minimum(expert_of_row_M, num_experts - 1)],
+                           num_tiles * tile)
+    position_P = jnp.arange(num_tiles * tile)
+    expert_of_position_P = jnp.searchsorted(padded_ends_E, position_P, side="right")
+    row_P = position_P - shift_E[jnp.minimum(expert_of_position_P, num_experts - 1)]
+    row_P = jnp.where((expert_of_position_P < num_experts) & (row_P < group_ends_E[
+        jnp.minimum(expert_of_position_P, num_experts - 1)]), row_P, rows)
+    x_PxI = jnp.take(x_MxI, row_P, axis=0, mode="fill", fill_value=0)
+    # Tiles past the last group hold only zero rows; any expert's weights do for them.
+    tile_expert_N = jnp.minimum(expert_of_position_P[::tile], num_experts - 1)
+    x_NxUxI = x_PxI.reshape(num_tiles, tile, -1)
+    out_NxUxO = jnp.einsum("nui,nio->nuo", x_NxUxI, w_ExIxO[tile_expert_N], preferred_element_type=jnp.float32)
+    return jnp.take(out_NxUxO.reshape(num_tiles * tile, -1), position_M, axis=0, mode="fill", fill_value=0)
+
+
+def _matmul(grouped_matmul):
+    """The grouped matmul `(x [M, in], w [E, in, out], group_sizes [E]) -> [M, out]` float32 of that name."""
+    if grouped_matmul == "tiled":
+        return tiled_grouped_matmul
+    return lambda x, w, group_sizes: jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
+
+
+def _grouped_dot(x_MxI, w_ExIxO, group_sizes, update, grouped_matmul="ragged_dot"):
+    """The grouped matmul of the sorted rows with their experts' weights `[M, out]` float32, plus the LoRA update's
     ((keep * x) a) b through the same groups (keep `[M, in]` in the rows' order)."""
-    out_MxO = jax.lax.ragged_dot(x_MxI, w_ExIxO, group_sizes, preferred_element_type=jnp.float32)
+    matmul = _matmul(grouped_matmul)
+    out_MxO = matmul(x_MxI, w_ExIxO, group_sizes)
     if update is None:
         return out_MxO
     if update.keep is not None:
         x_MxI = x_MxI * update.keep.astype(x_MxI.dtype)
-    hidden_MxR = jax.lax.ragged_dot(x_MxI, update.a, group_sizes, preferred_element_type=jnp.float32)
-    return out_MxO + jax.lax.ragged_dot(hidden_MxR.astype(x_MxI.dtype), update.b, group_sizes,
-                                        preferred_element_type=jnp.float32)
+    hidden_MxR = matmul(x_MxI, update.a, group_sizes)
+    return out_MxO + matmul(hidden_MxR.astype(x_MxI.dtype), update.b, group_sizes)
 
 
 def _sort_by_expert(local_ids_M, num_local):
@@ -190,7 +258,7 @@ def _pair_keeps(updates):
     return _map_keeps(lambda keep: keep.reshape(-1, keep.shape[-1]), updates)
 
 
-def _local_experts(x_MxD, local_ids_M, w_gate, w_up, w_down, updates):
+def _local_experts(x_MxD, local_ids_M, w_gate, w_up, w_down, updates, grouped_matmul="ragged_dot"):
     """The local experts' SwiGLU of rows in any order: row m through expert `local_ids_M[m]` of the
     `w_gate.shape[0]` local ones, zero for rows with an id outside them. updates' keep masks are `[M, in]`, one per
     row. Returns `[M, d]` float32 in the rows' order."""
@@ -198,10 +266,10 @@ def _local_experts(x_MxD, local_ids_M, w_gate, w_up, w_down, updates):
     sorted_updates = _map_keeps(lambda keep: keep[order_M], updates)
     x_sorted_MxD = x_MxD[order_M]
     gate_update, up_update, down_update = sorted_updates
-    gate_MxF = _grouped_dot(x_sorted_MxD, w_gate, group_sizes, gate_update)
-    up_MxF = _grouped_dot(x_sorted_MxD, w_up, group_sizes, up_update)
+    gate_MxF = _grouped_dot(x_sorted_MxD, w_gate, group_sizes, gate_update, grouped_matmul)
+    up_MxF = _grouped_dot(x_sorted_MxD, w_up, group_sizes, up_update, grouped_matmul)
     hidden_MxF = (jax.nn.silu(gate_MxF) * up_MxF).astype(x_MxD.dtype)
-    out_sorted_MxD = _grouped_dot(hidden_MxF, w_down, group_sizes, down_update)
+    out_sorted_MxD = _grouped_dot(hidden_MxF, w_down, group_sizes, down_update, grouped_matmul)
     # ragged_dot leaves rows outside every group unspecified; zero them explicitly.
     in_group_M = jnp.arange(order_M.shape[0]) < group_sizes.sum()
     out_sorted_MxD = jnp.where(in_group_M[:, None], out_sorted_MxD, 0.0)
@@ -216,13 +284,13 @@ def _combine(out_MxD, weights_TxU):
     return jnp.einsum("tud,tu->td", out_TxUxD, weights_TxU.astype(jnp.float32))
 
 
-def _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, updates, first_expert):
+def _grouped_swiglu(x, expert_ids, weights, w_gate, w_up, w_down, updates, first_expert, grouped_matmul="ragged_dot"):
     """Experts `[first_expert, first_expert + w_gate.shape[0])` applied to their (token, slot) pairs; pairs routed
     to other experts contribute zero. `[tokens, d]` float32-combined, in x's dtype."""
     k = expert_ids.shape[1]
     pair_token_M = jnp.arange(expert_ids.size) // k
     out_MxD = _local_experts(x[pair_token_M], expert_ids.reshape(-1) - first_expert, w_gate, w_up, w_down,
-                             _pair_keeps(updates))
+                             _pair_keeps(updates), grouped_matmul)
     return _combine(out_MxD, weights).astype(x.dtype)
 
 

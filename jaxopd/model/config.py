@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Optional, get_args
 
+import jax
+
 from jaxopd.kernels.rope import RopeLayout, RopeScaling, check_rope_scaling
 
 __all__ = ["CONTEXT_EXTENSION_FIELDS", "FORWARD_PASS_FIELDS", "RUN_CHOICE_FIELDS", "AttentionImplementation",
-           "AttentionKind", "DTypeName", "ExpertDispatch", "LoraTarget", "ModelConfig", "RematPolicy", "RopeScaling",
+           "AttentionKind", "DTypeName", "ExpertDispatch", "GroupedMatmulChoice", "LoraTarget", "ModelConfig", "RematPolicy", "RopeScaling",
            "RouterScore", "architecture_fields"]
 
 AttentionKind = Literal["gqa", "mla"]
@@ -27,6 +29,10 @@ RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_
 # dropless unless moe_capacity_factor; "ragged_all_to_all" moves only the filled rows but runs on GPU/TPU only,
 # XLA:CPU lacks the op).
 ExpertDispatch = Literal["all_gather", "all_to_all", "ragged_all_to_all"]
+# How routed experts' grouped matmuls run (`jaxopd.kernels.moe.moe_experts`): "ragged_dot" (grouped kernels on GPU
+# and TPU; XLA:CPU lowers it to a masked matmul over every expert), "tiled" (groups padded to fixed tiles, one
+# batched matmul: the routed FLOPs on any backend), or "auto": "tiled" on CPU, "ragged_dot" elsewhere.
+GroupedMatmulChoice = Literal["auto", "ragged_dot", "tiled"]
 # Module kinds a LoRA adapter can be attached to (`jaxopd.model.lora`): "attention" (GQA q/k/v/o; MLA q or q_a/q_b,
 # kv_a, kv_b, o), "mlp" (the dense SwiGLU layers) and "experts" (routed and shared experts).
 LoraTarget = Literal["attention", "mlp", "experts"]
@@ -116,6 +122,7 @@ class ModelConfig:
     # balanced routing and pairs past a full block are dropped (they add zero; the shared experts and the residual
     # still carry the token). Buffers shrink by expert shards / c.
     moe_capacity_factor: Optional[float] = None
+    grouped_matmul: GroupedMatmulChoice = "auto"
     scan_layers: bool = True
     # LoRA (Hu et al. 2021; `jaxopd.model.lora`): rank 0 is off. Otherwise every weight of the targeted kinds gets
     # adapters A [in, rank], B [rank, out] (B zero, so the model starts as its base), its output gains
@@ -136,7 +143,7 @@ class ModelConfig:
                 raise ValueError(f"config.{name}={getattr(self, name)!r} is not a dtype name ({_either(DTypeName)})")
         for name, options in (("rope_layout", RopeLayout), ("router_score", RouterScore),
                               ("remat", RematPolicy), ("attention_implementation", AttentionImplementation),
-                              ("expert_dispatch", ExpertDispatch)):
+                              ("expert_dispatch", ExpertDispatch), ("grouped_matmul", GroupedMatmulChoice)):
             if getattr(self, name) not in get_args(options):
                 raise ValueError(f"config.{name}={getattr(self, name)!r} must be {_either(options)}")
         if self.rope_scaling is not None:
@@ -218,6 +225,13 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer >= self.first_k_dense
 
+    @property
+    def grouped_matmul_kernel(self) -> str:
+        """The grouped matmul routed experts run on this backend: `grouped_matmul` with "auto" resolved."""
+        if self.grouped_matmul != "auto":
+            return self.grouped_matmul
+        return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
@@ -225,7 +239,8 @@ class ModelConfig:
 # How the forward pass runs, not what the weights mean (moe_capacity_factor also decides which overflowing pairs are
 # dropped): these may change when a run resumes.
 FORWARD_PASS_FIELDS = ("remat", "attention_implementation", "attention_block_q", "attention_block_kv",
-                       "expert_parallel", "expert_dispatch", "moe_capacity_factor", "scan_layers")
+                       "expert_parallel", "expert_dispatch", "moe_capacity_factor", "grouped_matmul",
+                       "scan_layers")
 # Fields a run chooses for itself, never read from or compared with a checkpoint the model is loaded from: the
 # forward pass, the dtypes, the initialization of fresh params, and LoRA adapters (trained on top of the weights).
 RUN_CHOICE_FIELDS = FORWARD_PASS_FIELDS + ("dtype", "param_dtype", "init_std", "lora_rank", "lora_alpha",

@@ -78,7 +78,8 @@ class MoE(nn.Module):
                                                        token_axes=token_axes, capacity_factor=c.moe_capacity_factor,
                                                        exchange=c.expert_dispatch)
         else:
-            routed_NxD = moe_experts(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights)
+            routed_NxD = moe_experts(x_NxD, expert_ids_NxK, weights_NxK, *expert_weights,
+                                     grouped_matmul=c.grouped_matmul_kernel)
         out_BxTxD = routed_NxD.reshape(batch, seq, d)
         if c.num_shared_experts:
             out_BxTxD = out_BxTxD + MLP(c, c.num_shared_experts * f, "experts", name="shared")(x)

@@ -127,3 +127,24 @@ def test_capacity_factor_is_checked_and_a_run_choice():
     with pytest.raises(ValueError, match="applies to all-to-all expert dispatch only"):
         MLA_MOE.replace(expert_dispatch="all_to_all", moe_capacity_factor=1.25)  # not expert-parallel
     assert "moe_capacity_factor" in RUN_CHOICE_FIELDS and "moe_capacity_factor" not in architecture_fields()
+@pytest.mark.slow  # two compiles of a model forward+backward: ~40 s on 2 loaded cores
+def test_tiled_grouped_matmul_model_equals_ragged_dot_and_is_chosen_on_cpu():
+    base = MLA_MOE.replace(vocab_size=96, mtp_depth=0)
+    params = nn.unbox(init_params(base))
+    tokens = random_tokens(base, (2, 8))
+    probe = jax.random.normal(jax.random.key(3), (2, 8, base.d_model))
+
+    def loss_and_grads(config):
+        def loss(p):
+            return jnp.sum(Transformer(config).apply({"params": p}, tokens, method="features").hidden * probe)
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (tiled_loss, tiled_grads), (ragged_loss, ragged_grads) = (
+        loss_and_grads(base.replace(grouped_matmul=kind)) for kind in ("tiled", "ragged_dot"))
+    np.testing.assert_allclose(tiled_loss, ragged_loss, rtol=1e-5)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(tiled_grads), jax.tree_util.tree_leaves(ragged_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * np.abs(np.asarray(r)).max(), err_msg=str(path))
+    assert base.grouped_matmul == "auto" and base.grouped_matmul_kernel == "tiled"  # these tests run on CPU
+    with pytest.raises(ValueError, match="config.grouped_matmul='dense' must be"):
+        base.replace(grouped_matmul="dense")
+    assert "grouped_matmul" in RUN_CHOICE_FIELDS and "grouped_matmul" not in architecture_fields()
