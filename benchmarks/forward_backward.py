@@ -76,7 +76,8 @@ def run(name, make, batch, seq, repeats) -> None:
             times[label].append(seconds(step))
     millions = sum(p.numel() for p in reference.parameters()) / 1e6
     torch_median = float(np.median(times["transformers"]))
-    print(f"\n{name}: {millions:.1f}M parameters, batch {batch} x seq {seq}, float32, loss {losses['transformers']:.4f}")
+    print(f"\n{name}: {millions:.1f}M parameters, batch {batch} x seq {seq}, float32, "
+          f"loss {losses['transformers']:.4f}")
     print("| implementation | s / step (median) | tokens / s | vs transformers |")
     print("|---|---|---|---|")
     for label, runs in times.items():

@@ -203,18 +203,20 @@ def tiled_grouped_matmul(x_MxI: jax.Array, w_ExIxO: jax.Array, group_sizes: jax.
     group_ends_E, padded_ends_E = jnp.cumsum(group_sizes), jnp.cumsum(padded_sizes_E)
     shift_E = (padded_ends_E - padded_sizes_E) - (group_ends_E - group_sizes)  # padded position - row, in group e
     # Row r of expert e sits at padded position r + shift[e]; padded positions past their group take no row.
+    # searchsorted gives num_experts past the last group; clamped, those rows and positions read the last expert's
+    # entries and are masked out below.
     expert_of_row_M = jnp.searchsorted(group_ends_E, jnp.arange(rows), side="right")
     position_M = jnp.where(expert_of_row_M < num_experts,
                            jnp.arange(rows) + shift_E[jnp.minimum(expert_of_row_M, num_experts - 1)],
                            num_tiles * tile)
     position_P = jnp.arange(num_tiles * tile)
     expert_of_position_P = jnp.searchsorted(padded_ends_E, position_P, side="right")
-    row_P = position_P - shift_E[jnp.minimum(expert_of_position_P, num_experts - 1)]
-    row_P = jnp.where((expert_of_position_P < num_experts) & (row_P < group_ends_E[
-        jnp.minimum(expert_of_position_P, num_experts - 1)]), row_P, rows)
+    clamped_expert_P = jnp.minimum(expert_of_position_P, num_experts - 1)
+    row_P = position_P - shift_E[clamped_expert_P]
+    row_P = jnp.where((expert_of_position_P < num_experts) & (row_P < group_ends_E[clamped_expert_P]), row_P, rows)
     x_PxI = jnp.take(x_MxI, row_P, axis=0, mode="fill", fill_value=0)
     # Tiles past the last group hold only zero rows; any expert's weights do for them.
-    tile_expert_N = jnp.minimum(expert_of_position_P[::tile], num_experts - 1)
+    tile_expert_N = clamped_expert_P[::tile]
     x_NxUxI = x_PxI.reshape(num_tiles, tile, -1)
     out_NxUxO = jnp.einsum("nui,nio->nuo", x_NxUxI, w_ExIxO[tile_expert_N], preferred_element_type=jnp.float32)
     return jnp.take(out_NxUxO.reshape(num_tiles * tile, -1), position_M, axis=0, mode="fill", fill_value=0)

@@ -14,8 +14,8 @@ import jax
 from jaxopd.kernels.rope import RopeLayout, RopeScaling, check_rope_scaling
 
 __all__ = ["CONTEXT_EXTENSION_FIELDS", "FORWARD_PASS_FIELDS", "RUN_CHOICE_FIELDS", "AttentionImplementation",
-           "AttentionKind", "DTypeName", "ExpertDispatch", "GroupedMatmulChoice", "LoraTarget", "ModelConfig", "RematPolicy", "RopeScaling",
-           "RouterScore", "architecture_fields"]
+           "AttentionKind", "DTypeName", "ExpertDispatch", "GroupedMatmulChoice", "LoraTarget", "ModelConfig",
+           "RematPolicy", "RopeScaling", "RouterScore", "architecture_fields"]
 
 AttentionKind = Literal["gqa", "mla"]
 RouterScore = Literal["sigmoid", "softmax"]  # "sigmoid" (DeepSeek-V3) or "softmax" (V2, Qwen-MoE, Mixtral)
