@@ -38,10 +38,15 @@ def fim_token_ids(prefix: list[int], middle: list[int], suffix: list[int], fim_i
 
 
 class TokenizeDocument(grain.transforms.Map):
-    """(epoch, document index, raw bytes) -> {"tokens": int32 [length], "fim", "invalid_utf8", "empty", "index"}.
+    """(epoch, document index, raw) -> {"tokens": int32 [length], "prompt_tokens", "fim", "invalid_utf8", "empty",
+    "index"}.
 
-    Invalid UTF-8 is decoded with U+FFFD replacements and flagged; an empty document yields no tokens and is flagged.
-    The flags travel with the element so the main process can count them whatever the number of workers.
+    raw is a document's bytes, or (prompt bytes, completion bytes) from a source with data.prompt_field: then the two
+    are encoded on their own (as a sampler encodes a prompt) and "prompt_tokens" counts BOS + the prompt's tokens,
+    whose targets the packer leaves out of the loss (0 without a prompt). A prompted document is never FIM'd.
+    Invalid UTF-8 is decoded with U+FFFD replacements and flagged; an empty document (an empty completion, also after
+    a prompt) yields no tokens and is flagged. The flags travel with the element so the main process can count them
+    whatever the number of workers.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, seed: int, fim_rate: float = 0.0, fim_mode: str = "psm",
@@ -57,23 +62,29 @@ class TokenizeDocument(grain.transforms.Map):
         self.fim_ids = tokenizer.fim_ids if fim_rate > 0 else None
         self.prefix = [tokenizer.bos_id] if add_bos else []
 
-    def map(self, element: tuple[int, int, bytes | str]) -> dict[str, Any]:
+    def map(self, element: tuple[int, int, bytes | str | tuple[bytes, bytes]]) -> dict[str, Any]:
         epoch, index, raw = element
-        text, invalid = decode_document(raw)
-        result = {"index": index, "fim": False, "invalid_utf8": invalid, "empty": not text}
+        prompt, prompt_invalid = decode_document(raw[0]) if isinstance(raw, tuple) else ("", False)
+        text, invalid = decode_document(raw[1] if isinstance(raw, tuple) else raw)
+        result = {"index": index, "fim": False, "invalid_utf8": invalid or prompt_invalid, "empty": not text,
+                  "prompt_tokens": 0}
         if not text:
             result["tokens"] = np.zeros([0], np.int32)
             return result
         rng = np.random.default_rng([self.seed, epoch, index])
         encode = self.tokenizer.encode
-        if self.fim_ids is not None and rng.random() < self.fim_rate:
+        if isinstance(raw, tuple):
+            head = [*self.prefix, *encode(prompt)] if prompt else self.prefix
+            result["prompt_tokens"] = len(head)
+            body = encode(text)
+        elif self.fim_ids is not None and rng.random() < self.fim_rate:
             start, stop = sorted(rng.integers(0, len(text) + 1, size=2))
-            body = fim_token_ids(encode(text[:start]), encode(text[start:stop]), encode(text[stop:]),
-                                 self.fim_ids, self.fim_mode)
+            head, body = self.prefix, fim_token_ids(encode(text[:start]), encode(text[start:stop]),
+                                                    encode(text[stop:]), self.fim_ids, self.fim_mode)
             result["fim"] = True
         else:
-            body = encode(text)
-        result["tokens"] = np.asarray([*self.prefix, *body, self.tokenizer.eos_id], np.int32)
+            head, body = self.prefix, encode(text)
+        result["tokens"] = np.asarray([*head, *body, self.tokenizer.eos_id], np.int32)
         return result
 
 

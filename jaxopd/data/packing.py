@@ -1,6 +1,7 @@
 """Packing tokenized documents into fixed-length rows of the Batch contract.
 
     rows = BestFitPackDataset(documents, seq_len=2048, buffer_size=10_000)   # documents: {"tokens": [length] int}
+    # a document may also carry "prompt_tokens": int, its leading tokens that are no target of the loss
     row = next(iter(rows))   # {"tokens", "targets", "segment_ids", "positions", "loss_mask"}, each [seq_len]
 
 Conventions (the same for both packers):
@@ -16,6 +17,8 @@ Conventions (the same for both packers):
   also a continued one, as MaxText and DeepSeek do: a row cannot attend to the start of a cut document, so a
   continued piece is treated as a document of its own. Padding slots: tokens = targets = pad_id, positions 0,
   loss_mask 0.
+- A document's first `prompt_tokens` tokens (default 0) are inputs only: the pairs whose target is one of them have
+  loss_mask 0 and are not counted in loss_tokens (SFT on completions, data.prompt_field).
 
 Counts in `stats` (cumulative over the stream, saved in the iterator state so they survive a restore):
 documents (read from the parent), documents_skipped, documents_cut, pieces, rows, loss_tokens, padding_tokens.
@@ -106,7 +109,8 @@ def pack_best_fit(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
     return bins
 
 
-def _document_tokens(element: Any) -> np.ndarray:
+def _document_tokens(element: Any) -> tuple[np.ndarray, int]:
+    """A document's tokens and its first pair with a loss (the first whose target is past its prompt)."""
     tokens = element["tokens"] if isinstance(element, dict) else None
     if tokens is None:
         raise ValueError(f"packing expects dicts with a 'tokens' array, got {type(element).__name__}")
@@ -114,24 +118,37 @@ def _document_tokens(element: Any) -> np.ndarray:
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"'tokens' must be a 1-D integer array (one tokenized document), got shape {tokens.shape} "
                          f"dtype {tokens.dtype}")
-    return tokens
+    return tokens, max(int(element.get("prompt_tokens", 0)) - 1, 0)
 
 
-def _make_row(pieces: Sequence[tuple[np.ndarray, int, int]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """One Batch-contract row from pieces (document tokens, first pair, number of pairs), placed in order."""
+# A piece of a document placed in a row: (document tokens, first pair, number of pairs, the document's first pair
+# with a loss).
+Piece = tuple[np.ndarray, int, int, int]
+
+
+def _loss_range(piece: Piece) -> tuple[int, int]:
+    """The piece's slots with loss_mask 1, as [begin, end) counted from the piece's first slot."""
+    _, start, num_pairs, first_loss = piece
+    return min(max(first_loss - start, 0), num_pairs), num_pairs
+
+
+def _make_row(pieces: Sequence[Piece], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One Batch-contract row from pieces, placed in order."""
     tokens = np.full(seq_len, pad_id, np.int32)
     targets = np.full(seq_len, pad_id, np.int32)
     segment_ids = np.zeros(seq_len, np.int32)
     positions = np.zeros(seq_len, np.int32)
     loss_mask = np.zeros(seq_len, np.float32)
     offset = 0
-    for segment, (document, start, num_pairs) in enumerate(pieces, start=1):
+    for segment, piece in enumerate(pieces, start=1):
+        document, start, num_pairs, _ = piece
         end = offset + num_pairs
         tokens[offset:end] = document[start:start + num_pairs]
         targets[offset:end] = document[start + 1:start + num_pairs + 1]
         segment_ids[offset:end] = segment
         positions[offset:end] = np.arange(num_pairs, dtype=np.int32)
-        loss_mask[offset:end] = 1.0
+        begin, stop = _loss_range(piece)
+        loss_mask[offset + begin:offset + stop] = 1.0
         offset = end
     return {"tokens": tokens, "targets": targets, "segment_ids": segment_ids, "positions": positions,
             "loss_mask": loss_mask}
@@ -146,26 +163,27 @@ class _PackingIterator(grain.DatasetIterator):
         self.stats = stats if stats is not None else {}
         self.stats.update(dict.fromkeys(STATS_KEYS, 0))
 
-    def _next_document(self) -> tuple[np.ndarray, int] | None:
-        """The next document with at least one pair as (tokens, number of pairs); None at the end of the input."""
+    def _next_document(self) -> tuple[np.ndarray, int, int] | None:
+        """The next document with at least one pair as (tokens, number of pairs, first pair with a loss); None at
+        the end of the input."""
         while True:
             try:
-                tokens = _document_tokens(next(self._parent))
+                tokens, first_loss = _document_tokens(next(self._parent))
             except StopIteration:
                 return None
             self.stats["documents"] += 1
             if len(tokens) >= 2:
-                return tokens, len(tokens) - 1
+                return tokens, len(tokens) - 1, first_loss
             self.stats["documents_skipped"] += 1
 
-    def _count_row(self, pieces: Sequence[tuple[np.ndarray, int, int]]) -> None:
-        used = sum(num_pairs for _, _, num_pairs in pieces)
+    def _count_row(self, pieces: Sequence[Piece]) -> None:
+        used = sum(num_pairs for _, _, num_pairs, _ in pieces)
         self.stats["rows"] += 1
         self.stats["pieces"] += len(pieces)
-        self.stats["loss_tokens"] += used
+        self.stats["loss_tokens"] += sum(stop - begin for begin, stop in map(_loss_range, pieces))
         self.stats["padding_tokens"] += self.seq_len - used
 
-    def _emit(self, pieces: Sequence[tuple[np.ndarray, int, int]]) -> dict[str, np.ndarray]:
+    def _emit(self, pieces: Sequence[Piece]) -> dict[str, np.ndarray]:
         self._count_row(pieces)
         return _make_row(pieces, self.seq_len, self.pad_id)
 
@@ -184,24 +202,24 @@ class _BestFitIterator(_PackingIterator):
         self.buffer_size, self.shuffle_seed = buffer_size, shuffle_seed
         self._buffers = 0  # buffers started so far: keys the row shuffle of each buffer
         self._start_state = self._start_of_buffer()
-        self._rows: list[list[tuple[np.ndarray, int, int]]] = []
+        self._rows: list[list[Piece]] = []
         self._rows_emitted = 0
 
     def _start_of_buffer(self) -> dict[str, Any]:
         return {"parent": self._parent.get_state(), "stats": dict(self.stats), "buffer_index": self._buffers}
 
     def _fill_and_pack(self) -> None:
-        pieces: list[tuple[np.ndarray, int, int]] = []
+        pieces: list[Piece] = []
         while len(pieces) < self.buffer_size:
             document = self._next_document()
             if document is None:
                 break
-            tokens, num_pairs = document
+            tokens, num_pairs, first_loss = document
             if num_pairs > self.seq_len:
                 self.stats["documents_cut"] += 1
-            pieces.extend((tokens, start, min(self.seq_len, num_pairs - start))
+            pieces.extend((tokens, start, min(self.seq_len, num_pairs - start), first_loss)
                           for start in range(0, num_pairs, self.seq_len))
-        bins = pack_best_fit([num_pairs for _, _, num_pairs in pieces], self.seq_len)
+        bins = pack_best_fit([num_pairs for _, _, num_pairs, _ in pieces], self.seq_len)
         if self.shuffle_seed is not None:
             # Bins open longest piece first, so unshuffled the rows of a buffer run from long documents to many
             # short ones, and a batch of consecutive rows would be length-sorted.
@@ -275,12 +293,12 @@ class _ConcatThenSplitIterator(_PackingIterator):
 
     def __init__(self, parent: grain.DatasetIterator, *, seq_len: int, pad_id: int, stats: dict[str, int] | None):
         super().__init__(parent, seq_len=seq_len, pad_id=pad_id, stats=stats)
-        self._document: tuple[np.ndarray, int] | None = None
+        self._document: tuple[np.ndarray, int, int] | None = None
         self._done = 0  # pairs of self._document already emitted
         self._document_parent_state = self._parent.get_state()
 
     def __next__(self) -> dict[str, np.ndarray]:
-        pieces: list[tuple[np.ndarray, int, int]] = []
+        pieces: list[Piece] = []
         room = self.seq_len
         while room:
             if self._document is None:
@@ -288,11 +306,11 @@ class _ConcatThenSplitIterator(_PackingIterator):
                 self._document, self._done = self._next_document(), 0
                 if self._document is None:
                     break
-            tokens, num_pairs = self._document
+            tokens, num_pairs, first_loss = self._document
             take = min(room, num_pairs - self._done)
             if take < num_pairs - self._done and self._done == 0:
                 self.stats["documents_cut"] += 1
-            pieces.append((tokens, self._done, take))
+            pieces.append((tokens, self._done, take, first_loss))
             self._done += take
             room -= take
             if self._done == num_pairs:

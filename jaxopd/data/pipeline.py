@@ -52,6 +52,9 @@ class DataConfig:
     source: Literal["text", "jsonl", "array_record", "parquet"] = "jsonl"
     paths: str = "data/corpus/python_stdlib.jsonl.gz"  # comma-separated files or globs
     text_field: str = "text"  # jsonl / parquet: field or column holding the document
+    # jsonl: a field holding a prompt that comes before text_field's string in the document and is not trained on
+    # (loss on the completion only, as for SFT). None: the whole document is trained on.
+    prompt_field: Optional[str] = None
     separator: Optional[str] = None  # text: None = one document per file, else the string between documents
     tokenizer: str = "data/tokenizer.model"  # sentencepiece .model, or tokenizer.json / HF checkpoint directory
     tokenizer_kind: Literal["auto", "sentencepiece", "hf"] = "auto"
@@ -170,7 +173,7 @@ class _CountDocuments:
         if document.get("retrieval", False):  # only RetrievalDocuments set the flag
             self.stats["documents_retrieval"] += 1
             self.stats["tokens_retrieval"] += len(document["tokens"])
-        return {"tokens": document["tokens"]}
+        return {"tokens": document["tokens"], "prompt_tokens": document.get("prompt_tokens", 0)}
 
 
 def _derived_seed(seed: int, stream: int) -> int:
@@ -181,7 +184,8 @@ def _derived_seed(seed: int, stream: int) -> int:
 def _split_documents(data_config, split: str) -> tuple[grain.MapDataset, int, int]:
     """(the split's raw documents as (document index, bytes), documents held out for eval, documents in all)."""
     source = sources.open_source(data_config.source, _resolve_paths(data_config.paths),
-                                 text_field=data_config.text_field, separator=data_config.separator)
+                                 text_field=data_config.text_field, separator=data_config.separator,
+                                 prompt_field=data_config.prompt_field)
     documents = grain.MapDataset.source(source).map_with_index(lambda index, raw: (index, raw))
     num_eval = int(round(data_config.eval_fraction * len(documents)))
     if data_config.eval_fraction > 0 and num_eval == 0:
@@ -250,6 +254,10 @@ def make_pipeline(data_config: DataConfig | ml_collections.ConfigDict, *, seq_le
     if not 0.0 <= data_config.retrieval_weight <= 1.0:
         raise ValueError(f"data.retrieval_weight={data_config.retrieval_weight} must be in [0, 1] (the fraction of "
                          "training documents that are generated retrieval documents)")
+    if data_config.prompt_field is not None and (data_config.source != "jsonl" or data_config.fim_rate > 0):
+        raise ValueError(f"data.prompt_field={data_config.prompt_field!r} needs data.source='jsonl' (got "
+                         f"{data_config.source!r}) and data.fim_rate=0 (got {data_config.fim_rate}): a prompted "
+                         "document is not cut for FIM")
     if process_index is None or process_count is None:
         import jax
 

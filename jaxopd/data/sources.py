@@ -5,7 +5,8 @@ Every source is a grain `RandomAccessDataSource` (`__len__`, `__getitem__`) and 
 read from it. Random access lets grain shuffle the whole corpus with one seed and shard it by process.
 
 - "text": plain text files, one document per file, or documents separated by `separator` inside each file.
-- "jsonl": JSON Lines (optionally .gz) with the document in `text_field`.
+- "jsonl": JSON Lines (optionally .gz) with the document in `text_field` (and its untrained prompt in
+  `prompt_field`, when given: then a document is the pair of their bytes).
 - "array_record": ArrayRecord files whose records are the documents' UTF-8 bytes.
 - "parquet": Parquet files with the document in the `text_field` column (needs pyarrow).
 """
@@ -100,29 +101,36 @@ def _line_ranges(content: bytes):
 
 
 class JsonlSource(_ByteRangeSource):
-    """JSON Lines (optionally .gz) with the document in `text_field`; blank lines are not documents."""
+    """JSON Lines (optionally .gz) with the document in `text_field`; blank lines are not documents. With
+    `prompt_field` a document is the pair (that field's bytes, `text_field`'s bytes): a prompt, not trained on, and
+    its completion (data.prompt_field)."""
 
-    def __init__(self, paths: list[str], text_field: str = "text"):
+    def __init__(self, paths: list[str], text_field: str = "text", prompt_field: str | None = None):
         super().__init__(paths, _line_ranges)
-        self.text_field = text_field
+        self.text_field, self.prompt_field = text_field, prompt_field
 
-    def __getitem__(self, index: int) -> bytes:
+    def __getitem__(self, index: int) -> bytes | tuple[bytes, bytes]:
         line = super().__getitem__(index)
         # surrogateescape keeps invalid UTF-8 bytes through json.loads, so they are counted downstream.
         try:
-            text = json.loads(line.decode("utf-8", "surrogateescape"))[self.text_field]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(
-                f"document {index} ({self.paths[self.file_ids[index]]}, byte {self.starts[index]}): not a JSON "
-                f"object with a field {self.text_field!r} ({error!r}); set data.text_field"
-            ) from error
-        if not isinstance(text, str):
-            raise ValueError(f"document {index} ({self.paths[self.file_ids[index]]}): field {self.text_field!r} "
-                             "is not a string")
+            row = json.loads(line.decode("utf-8", "surrogateescape"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"document {index} ({self.paths[self.file_ids[index]]}, byte {self.starts[index]}): "
+                             f"not JSON ({error!r})") from error
+        text = self._field(row, self.text_field, "text_field", index)
+        return text if self.prompt_field is None else (self._field(row, self.prompt_field, "prompt_field", index),
+                                                       text)
+
+    def _field(self, row, field: str, key: str, index: int) -> bytes:
+        """`row[field]` as bytes; `key` is the data.* option naming the field, for the error."""
+        value = row.get(field) if isinstance(row, dict) else None
+        if not isinstance(value, str):
+            raise ValueError(f"document {index} ({self.paths[self.file_ids[index]]}, byte {self.starts[index]}): not "
+                             f"a JSON object with a string field {field!r}; set data.{key}")
         try:
-            return text.encode("utf-8", "surrogateescape")
+            return value.encode("utf-8", "surrogateescape")
         except UnicodeEncodeError:  # lone surrogates written as \ud800 escapes: pass them on as invalid UTF-8
-            return text.encode("utf-8", "surrogatepass")
+            return value.encode("utf-8", "surrogatepass")
 
 
 class ParquetSource:
@@ -169,15 +177,16 @@ class ParquetSource:
         return value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
 
 
-def open_source(kind: str, paths: str | Sequence[str], *, text_field: str = "text", separator: str | None = None):
-    """The random-access source of one kind over the files `paths` (globs allowed)."""
+def open_source(kind: str, paths: str | Sequence[str], *, text_field: str = "text", separator: str | None = None,
+                prompt_field: str | None = None):
+    """The random-access source of one kind over the files `paths` (globs allowed); `prompt_field` is jsonl's."""
     if kind not in SOURCE_KINDS:
         raise ValueError(f"data.source={kind!r} is not one of {SOURCE_KINDS}")
     files = expand_paths(paths)
     if kind == "text":
         return text_source(files, separator)
     if kind == "jsonl":
-        return JsonlSource(files, text_field)
+        return JsonlSource(files, text_field, prompt_field)
     if kind == "parquet":
         return ParquetSource(files, text_field)
     import grain

@@ -317,3 +317,24 @@ def test_restore_inside_a_grain_pipeline():
         assert len(rest) == len(expected) - stop
         for got, want in zip(rest, expected[stop:]):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("packer", ["best_fit", "concat"])
+def test_prompt_tokens_are_inputs_only(packer):
+    # Brute force: pair (document, position) has a loss exactly when its target, position + 1, is past the prompt,
+    # also across the cuts of documents longer than a row.
+    seq_len, rng = 8, np.random.default_rng(7)
+    documents = _random_documents(rng, 120, seq_len)
+    prompts = [int(rng.integers(0, len(d) + 1)) for d in documents]
+    elements = [{"tokens": np.asarray(d, np.int32), "prompt_tokens": p} for d, p in zip(documents, prompts)]
+    stats = {}
+    dataset = grain.MapDataset.source(elements).to_iter_dataset()
+    if packer == "best_fit":
+        dataset = BestFitPackDataset(dataset, seq_len=seq_len, buffer_size=16, pad_id=PAD, stats=stats)
+    else:
+        dataset = ConcatThenSplitDataset(dataset, seq_len=seq_len, pad_id=PAD, stats=stats)
+    trained = sorted(int(token) for row in dataset for token in row["tokens"][row["loss_mask"] == 1])
+    expected = sorted(100_000 * i + position for i, (d, p) in enumerate(zip(documents, prompts))
+                      for position in range(len(d) - 1) if position + 1 >= p)
+    assert trained == expected and stats["loss_tokens"] == len(expected)
+    assert any(0 < p < len(d) - 1 for d, p in zip(documents, prompts))

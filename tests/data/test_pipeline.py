@@ -297,3 +297,38 @@ def test_a_corpus_the_eval_split_empties_names_the_fix(tmp_path):
                                          r"of the 1\)"):
         make_pipeline(data_config(path, eval_fraction=0.02), seq_len=8, batch_size=1, seed=0, process_index=0,
                       process_count=1)
+
+
+def test_prompt_field_trains_on_the_completion_only(tmp_path, tokenizer):
+    rows = [{"prompt": f"def f{i}(x):", "text": f"\n    return x + {i}\n"} for i in range(12)]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = data_config(path, prompt_field="prompt", num_epochs=1, shuffle=False)
+    batches = list(make_pipeline(config, seq_len=64, batch_size=4, seed=0, process_index=0, process_count=1))
+    expected = {}
+    for row in rows:
+        prompt = [tokenizer.bos_id, *tokenizer.encode(row["prompt"])]
+        expected[tuple(prompt)] = [*tokenizer.encode(row["text"]), tokenizer.eos_id]
+    seen = {}
+    for batch in batches:
+        for tokens, targets, segment_ids, mask in zip(batch["tokens"], batch["targets"], batch["segment_ids"],
+                                                     batch["loss_mask"]):
+            for segment in range(1, segment_ids.max() + 1):
+                where = segment_ids == segment
+                document = [*tokens[where].tolist(), int(targets[where][-1])]
+                prompt = next(p for p in expected if tuple(document[:len(p)]) == p)
+                assert document[len(prompt):] == expected[prompt]
+                seen[prompt] = targets[where][mask[where] == 1].tolist()
+    assert seen == expected
+
+
+def test_prompt_field_errors_name_the_setting(tmp_path, tokenizer):
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"question": "a", "text": "b"}) + "\n")
+    with pytest.raises(ValueError, match="data.prompt_field"):
+        next(make_pipeline(data_config(path, prompt_field="prompt"), seq_len=16, batch_size=1, seed=0,
+                           process_index=0, process_count=1))
+    for overrides in ({"source": "text"}, {"fim_rate": 0.1}):
+        with pytest.raises(ValueError, match="data.prompt_field='question' needs"):
+            make_pipeline(data_config(path, prompt_field="question", **overrides), seq_len=16, batch_size=1, seed=0,
+                          process_index=0, process_count=1)
