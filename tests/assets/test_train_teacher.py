@@ -4,6 +4,7 @@ lengths and its CE rows whole, so no teacher is trained on cut documents or aske
 import pytest
 
 from jaxopd.assets.tasks import train_teacher
+from jaxopd.data.pipeline import make_pipeline
 from jaxopd.data.tokenizer import load_tokenizer
 from jaxopd.tasks import column_addition
 
@@ -30,6 +31,21 @@ def test_the_longest_problem_fits_the_sampler_and_a_training_row(name):
 def test_the_column_addition_corpus_is_prompts_with_their_worked_solutions():
     documents = train_teacher.column_addition_documents(count=3000)
     assert len(set(documents)) == len(documents) > 2900
-    for document in documents:
-        prompt, completion = document.split("=", 1)
-        assert completion == column_addition.solution(prompt + "=")
+    for prompt, completion in documents:
+        assert completion == column_addition.solution(prompt)
+
+
+def test_column_addition_teacher_rows_train_on_the_worked_solution_only(tmp_path):
+    task = train_teacher.TASKS["column_addition"]
+    documents = train_teacher.column_addition_documents(count=40)
+    corpus = tmp_path / "corpus.jsonl"
+    train_teacher.write_corpus(task, documents, corpus)
+    config = train_teacher.ce_config(task, tmp_path / "run", corpus, steps=1, model=task.teacher_model)
+    config.data.update(num_epochs=1, shuffle=False, read_threads=1)
+    batches = list(make_pipeline(config.data, seq_len=task.seq_len, batch_size=8, seed=0, process_index=0,
+                                 process_count=1))
+    tokenizer = load_tokenizer(task.directory / "tokenizer.json")
+    trained = sorted(tokenizer.decode([int(token) for token, mask in zip(targets, masks) if mask == 1
+                                       and token != tokenizer.eos_id])
+                     for batch in batches for targets, masks in zip(batch["targets"], batch["loss_mask"]))
+    assert trained == sorted(completion for _, completion in documents)

@@ -7,8 +7,10 @@
         [--teacher-steps N] [--student-steps N]
 
 Both are ordinary `jaxopd.train` runs with loss "ce": the teacher on a JSON Lines corpus of correct worked problems
-("347+85=432"; for column_addition prompt and worked solution), the student on the teacher's own temperature-1
-completions of the training prompts (SFT on teacher samples, packed like pretraining data). Only params are kept, in
+("347+85=" and "432"; for column_addition prompt and worked solution), the student on the teacher's own
+temperature-1 completions of the training prompts (SFT on teacher samples, packed like pretraining data). A task with
+`completion_only` trains on the completions alone (data.prompt_field: its prompts' random digits are unpredictable
+CE that only dilutes the gradient); the others on whole documents. Only params are kept, in
 the layer layout each Task sets (scan_layers written out). Each model's greedy accuracy on the task's eval prompts is
 printed at the end. The committed arithmetic checkpoints were trained unrolled and rewritten scanned when
 scan_layers became the default (same values, stacked, same saved configs), so the defaults read them without
@@ -42,7 +44,7 @@ class Task:
     """What differs between the bundled tasks: where they live, the teacher's corpus, the checker, the lengths."""
 
     name: str  # the directory under data/tasks/
-    documents: Callable[[], list[str]]  # correct worked problems, prompt and completion, for the teacher
+    documents: Callable[[], list[tuple[str, str]]]  # correct worked problems as (prompt, completion), for the teacher
     grade: Callable[[dict, str], float]
     seq_len: int  # CE rows; every document fits whole
     max_prompt_len: int  # BOS + prompt tokens, for sampling
@@ -51,21 +53,22 @@ class Task:
     student_model: dict
     teacher_steps: int
     student_steps: int
+    completion_only: bool  # no loss on the prompt tokens (the committed arithmetic models were trained with one)
 
     @property
     def directory(self) -> pathlib.Path:
         return TASKS_DIR / self.name
 
 
-def arithmetic_documents() -> list[str]:
-    return [row["prompt"] + row["answer"] for row in read_jsonl(TASKS_DIR / "arithmetic" / "train.jsonl")]
+def arithmetic_documents() -> list[tuple[str, str]]:
+    return [(row["prompt"], row["answer"]) for row in read_jsonl(TASKS_DIR / "arithmetic" / "train.jsonl")]
 
 
-def column_addition_documents(count: int = 60_000) -> list[str]:
+def column_addition_documents(count: int = 60_000) -> list[tuple[str, str]]:
     """Far more problems than the 2000 bundled training prompts (a teacher that saw only those would not generalize),
     drawn with another seed and never one of the eval prompts."""
     held_out = {row["prompt"] for row in read_jsonl(TASKS_DIR / "column_addition" / "eval.jsonl")}
-    return [row["prompt"] + row["solution"] for row in column_addition.make_problems(count, seed=1)
+    return [(row["prompt"], row["solution"]) for row in column_addition.make_problems(count, seed=1)
             if row["prompt"] not in held_out]
 
 
@@ -76,7 +79,7 @@ def _tiny_distill_student(**changes) -> dict:
 TASKS = {
     "arithmetic": Task("arithmetic", arithmetic_documents, arithmetic.grade, seq_len=48, max_prompt_len=8,
                        max_new_tokens=5, teacher_model=TEACHER_MODEL, student_model=_tiny_distill_student(),
-                       teacher_steps=2000, student_steps=250),
+                       teacher_steps=2000, student_steps=250, completion_only=False),
     # "<bos>" + 4 tagged four-digit numbers is 37 tokens, the longest solution 77 (+ EOS). No checkpoints ship yet.
     # Untagged (3-5 numbers of 3-5 digits), 300 teacher steps reached no correct eval answer, every first error in
     # step 0's digit copying. Tagged, 600 steps (32 min, shared 2 cores), greedy on 128 eval prompts: at 200 steps
@@ -93,7 +96,7 @@ TASKS = {
                                            "max_position_embeddings": 128},
                             student_model=_tiny_distill_student(vocab_size=len(column_addition.VOCAB),
                                                                 max_position_embeddings=128),
-                            teacher_steps=2000, student_steps=250),
+                            teacher_steps=2000, student_steps=250, completion_only=True),
 }
 
 
@@ -108,7 +111,7 @@ def ce_config(task: Task, workdir: pathlib.Path, corpus: pathlib.Path, steps: in
     config.eval_every = 0
     config.checkpoint_every = steps
     config.data.update(source="jsonl", paths=str(corpus), tokenizer=str(task.directory / "tokenizer.json"),
-                       fim_rate=0.0, eval_fraction=0.0)
+                       fim_rate=0.0, eval_fraction=0.0, prompt_field="prompt" if task.completion_only else None)
     config.mtp_weight = config.moe_bias_rate = config.optimizer.weight_decay = 0.0
     config.optimizer.schedule.update(kind="warmup_cosine", peak_lr=3e-3, warmup_steps=100, decay_end=steps,
                                      end_lr=1e-4)
@@ -144,13 +147,20 @@ def sample(task: Task, checkpoint: pathlib.Path, rows: list[dict], *, greedy: bo
     return completions, correct
 
 
+def write_corpus(task: Task, documents: list[tuple[str, str]], corpus: pathlib.Path) -> None:
+    """(prompt, completion) documents as JSON Lines: {"prompt", "text": completion} for a `completion_only` task
+    (ce_config names the prompt field), else {"text": prompt + completion}."""
+    rows = ({"prompt": prompt, "text": completion} if task.completion_only else {"text": prompt + completion}
+            for prompt, completion in documents)
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 def write_teacher_samples(task: Task, teacher: pathlib.Path, corpus: pathlib.Path) -> None:
-    """One temperature-1 teacher completion per training prompt, as "prompt + completion" documents."""
+    """One temperature-1 teacher completion per training prompt, as (prompt, completion) documents."""
     rows = list(read_jsonl(task.directory / "train.jsonl"))
     completions, correct = sample(task, teacher, rows, greedy=False)
-    with open(corpus, "w") as f:
-        for row, completion in zip(rows, completions):
-            f.write(json.dumps({"text": row["prompt"] + completion.split("<eos>")[0]}) + "\n")
+    write_corpus(task, [(row["prompt"], completion.split("<eos>")[0]) for row, completion in zip(rows, completions)],
+                 corpus)
     print(f"teacher samples: {correct:.3f} correct", flush=True)
 
 
@@ -165,7 +175,7 @@ def main() -> None:
     workdir = pathlib.Path(args.workdir or f"/tmp/jaxopd_{task.name}")
     workdir.mkdir(parents=True, exist_ok=True)
     corpus = workdir / "worked_problems.jsonl"
-    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in task.documents()))
+    write_corpus(task, task.documents(), corpus)
     train.train(ce_config(task, workdir / "teacher", corpus, args.teacher_steps or task.teacher_steps,
                           task.teacher_model))
     export(workdir / "teacher", task.directory / "teacher")
