@@ -8,10 +8,10 @@ from jaxopd.data.pipeline import make_pipeline
 from jaxopd.data.tokenizer import load_tokenizer
 from jaxopd.tasks import column_addition
 
-# The generators' largest problems: 2-digit addition (arithmetic's default), 4 numbers of 4 digits.
+# The generators' largest problems: 2-digit addition (arithmetic's default), 3 numbers of 3 digits (column_addition's).
 LONGEST = {"arithmetic": ("99+99=", "198"),
-           "column_addition": (column_addition.tagged(["9999"] * 4), column_addition.solution(
-               column_addition.tagged(["9999"] * 4)))}
+           "column_addition": (column_addition.tagged(["999"] * 3), column_addition.solution(
+               column_addition.tagged(["999"] * 3)))}
 
 
 @pytest.mark.parametrize("name", sorted(train_teacher.TASKS))

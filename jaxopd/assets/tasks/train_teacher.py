@@ -54,6 +54,7 @@ class Task:
     teacher_steps: int
     student_steps: int
     completion_only: bool  # no loss on the prompt tokens (the committed arithmetic models were trained with one)
+    batch_size: int  # CE rows a step
 
     @property
     def directory(self) -> pathlib.Path:
@@ -79,24 +80,17 @@ def _tiny_distill_student(**changes) -> dict:
 TASKS = {
     "arithmetic": Task("arithmetic", arithmetic_documents, arithmetic.grade, seq_len=48, max_prompt_len=8,
                        max_new_tokens=5, teacher_model=TEACHER_MODEL, student_model=_tiny_distill_student(),
-                       teacher_steps=2000, student_steps=250, completion_only=False),
-    # "<bos>" + 4 tagged four-digit numbers is 37 tokens, the longest solution 77 (+ EOS). No checkpoints ship yet.
-    # Untagged (3-5 numbers of 3-5 digits), 300 teacher steps reached no correct eval answer, every first error in
-    # step 0's digit copying. Tagged, 600 steps (32 min, shared 2 cores), greedy on 128 eval prompts: at 200 steps
-    # 0.0 (first error at the first digit), 400: 0.0 (18% of solution tokens right before the first error), 600:
-    # 0.031 answers, 45% of tokens before the first error, first errors mostly in step 2 (column sums, then copying
-    # in the higher columns); train CE 0.85 / 0.60 / 0.41. How many steps reach 90% is not measured.
-    # A bigger teacher (d_model 128, 4 layers, mlp_dim 384) at peak LR 4e-3, 800 steps (38 min, shared 2 cores)
-    # learned no faster: train CE 0.87 / 0.65 / 0.49 / 0.43 at 200 / 400 / 600 / 800, greedy 0.0 at 200 (64 eval
-    # prompts, first error at the first digit) and 0.004 at 800 (256); its temperature-1 samples of the 2000
-    # training prompts 0.002 right (benchmarks/RESULTS.md).
-    "column_addition": Task("column_addition", column_addition_documents, column_addition.grade, seq_len=128,
-                            max_prompt_len=37, max_new_tokens=78,
+                       teacher_steps=2000, student_steps=250, completion_only=False, batch_size=64),
+    # "<bos>" + 3 tagged three-digit numbers is 22 tokens, the longest solution 49 (+ EOS). Runs on 3-4 numbers of 3-4
+    # digits (0.031 greedy after 600 steps, 0.004 for a bigger teacher after 800) and the first of 3 numbers of 3
+    # digits (0.27 after 500 steps, whole documents): benchmarks/RESULTS.md.
+    "column_addition": Task("column_addition", column_addition_documents, column_addition.grade, seq_len=72,
+                            max_prompt_len=22, max_new_tokens=50,
                             teacher_model={**TEACHER_MODEL, "vocab_size": len(column_addition.VOCAB),
-                                           "max_position_embeddings": 128},
+                                           "max_position_embeddings": 72},
                             student_model=_tiny_distill_student(vocab_size=len(column_addition.VOCAB),
-                                                                max_position_embeddings=128),
-                            teacher_steps=2000, student_steps=250, completion_only=True),
+                                                                max_position_embeddings=72),
+                            teacher_steps=1000, student_steps=250, completion_only=True, batch_size=32),
 }
 
 
@@ -105,7 +99,7 @@ def ce_config(task: Task, workdir: pathlib.Path, corpus: pathlib.Path, steps: in
     config.workdir = str(workdir)
     config.model = model_config_dict(model)
     config.steps = steps
-    config.batch_size = config.microbatch_size = 64
+    config.batch_size = config.microbatch_size = task.batch_size
     config.seq_len = config.loss_chunk_size = task.seq_len
     config.log_every = 50
     config.eval_every = 0
