@@ -1,7 +1,7 @@
 """Sums of several multi-digit numbers worked column by column with carries, every digit tagged with a letter (an
 index hint) so that a small model finds it by content rather than by position: a task whose completions are long
-(48-49 tokens for the bundled 3 numbers of 3 digits) and where one early mistake reaches the answer. A generator, an exact checker, the
-first wrong step of a completion, and a character-level tokenizer. Write the bundled files with
+(48-49 tokens for the bundled 3 numbers of 3 digits) and where one early mistake reaches the answer. A generator,
+an exact checker, the first wrong step of a completion, and a character-level tokenizer. Write the bundled files with
 
     python -m jaxopd.tasks.column_addition --out data/tasks/column_addition
 
