@@ -77,16 +77,14 @@ def step_costs(model, params, batch: int, prompt: int, calls: int) -> tuple[floa
                                     method="decode_mtp")
         return logits, mtp_logits
 
-    costs = {}
-    for name, fn in (("plain", plain), ("speculative", speculative)):
-        jax.block_until_ready(fn(params, cache))
-    times = {"plain": [], "speculative": []}
+    steps = {"plain": plain, "speculative": speculative}
+    for fn in steps.values():
+        jax.block_until_ready(fn(params, cache))  # compile
+    times = {name: [] for name in steps}
     for _ in range(calls):
-        for name, fn in (("plain", plain), ("speculative", speculative)):
+        for name, fn in steps.items():
             times[name].append(timed(lambda: fn(params, cache))[0])
-    for name, values in times.items():
-        costs[name] = statistics.median(values)
-    return costs["plain"], costs["speculative"]
+    return statistics.median(times["plain"]), statistics.median(times["speculative"])
 
 
 def main() -> None:

@@ -165,6 +165,7 @@ def _completion_marginals(model, params, prompt, options, positions):
     return laws
 
 
+@pytest.mark.slow  # 6000 rows, four compiled samplers: about a minute on 2 loaded cores
 @pytest.mark.parametrize("options", [dict(temperature=1.0), dict(temperature=0.8, top_k=8)])
 def test_sampled_tokens_are_distributed_as_the_main_model(model_and_params, options, monkeypatch):
     """Completion tokens 1 and 2 of one prompt over many rows (token 1 is always a verified draft or its

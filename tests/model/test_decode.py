@@ -65,12 +65,17 @@ def test_decode_mtp_equals_the_forward_pass_mtp_logits():
     ones = jnp.ones((batch, total), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32), (batch, total))
     # The last position's next token lies past the row (features zeroes its embedding): compare the others.
+    @jax.jit
+    def step(chunk, next_tokens, segment_ids, chunk_positions, cache, begin):
+        hidden, cache = model.apply({"params": params}, chunk, segment_ids, chunk_positions, cache, begin,
+                                    method="decode_hidden")
+        return model.apply({"params": params}, hidden, next_tokens, segment_ids, chunk_positions, cache, begin,
+                           method="decode_mtp")
+
     for begin, end in [(0, 4), (4, 5), (5, 6)]:
         window = slice(begin, end)
-        hidden, cache = model.apply({"params": params}, tokens[:, window], ones[:, window], positions[:, window],
-                                    cache, jnp.int32(begin), method="decode_hidden")
-        logits, cache = model.apply({"params": params}, hidden, tokens[:, begin + 1:end + 1], ones[:, window],
-                                    positions[:, window], cache, jnp.int32(begin), method="decode_mtp")
+        logits, cache = step(tokens[:, window], tokens[:, begin + 1:end + 1], ones[:, window], positions[:, window],
+                             cache, jnp.int32(begin))
         np.testing.assert_allclose(np.asarray(logits), expected[:, window], atol=5e-5, err_msg=f"slots {window}")
 
 
