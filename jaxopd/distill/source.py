@@ -32,6 +32,7 @@ from jaxopd.distill import teacher as teacher_lib
 from jaxopd.distill.policy_gradient import group_normalized_advantages
 from jaxopd.distill.engine import ContinuousSampler
 from jaxopd.distill.sampling import Sampler
+from jaxopd.distill.speculative import SpeculativeSampler
 from jaxopd.kernels import losses
 from jaxopd.model import unembedding
 from jaxopd.training import sharding
@@ -94,8 +95,9 @@ def _sampler(config: RunConfig, model: Any, tokenizer: Any) -> Sampler | Continu
     if distill.decode_slots:
         return ContinuousSampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,),
                                  tokenizer.pad_id, slots=distill.decode_slots, cache_dtype=distill.kv_cache_dtype)
-    return Sampler(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id,
-                   cache_dtype=distill.kv_cache_dtype, microbatch=distill.sampling_microbatch)
+    sampler_cls = SpeculativeSampler if distill.speculative == "mtp" else Sampler
+    return sampler_cls(model, distill.max_prompt_len, distill.max_new_tokens, (tokenizer.eos_id,), tokenizer.pad_id,
+                       cache_dtype=distill.kv_cache_dtype, microbatch=distill.sampling_microbatch)
 
 
 def _load_teacher(config: RunConfig, run: Run, path: str, tokenizer_path: str, tokenizer: Any, *,

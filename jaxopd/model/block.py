@@ -70,15 +70,24 @@ class MTPModule(nn.Module):
 
     @nn.compact
     def __call__(
-        self, hidden: jnp.ndarray, next_embeddings: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray
-    ) -> tuple[jnp.ndarray, jnp.ndarray, MoEStats]:
+        self,
+        hidden: jnp.ndarray,
+        next_embeddings: jnp.ndarray,
+        positions: jnp.ndarray,
+        segment_ids: jnp.ndarray,
+        cache: Optional[dict] = None,
+        cache_index: Optional[jnp.ndarray] = None,
+        cache_segment_ids: Optional[jnp.ndarray] = None,
+    ) -> tuple[jnp.ndarray, jnp.ndarray, MoEStats, Optional[dict]]:
         """hidden h^{k-1} `[batch, t, d]`, next_embeddings Emb(t_{i+k}) `[batch, t, d]` ->
-        (h^k `[batch, t, d]` for the next depth, normalized output `[batch, t, d]`, MoE stats or None)."""
+        (h^k `[batch, t, d]` for the next depth, normalized output `[batch, t, d]`, MoE stats or None, the block's
+        updated cache or None). With a cache (decode, as `Block`), slot i holds the block's keys for main position i."""
         c = self.config
         projection = param(self, "projection", (2 * c.d_model, c.d_model), (None, "embed"))
         joined_BxTx2D = jnp.concatenate(
             [RMSNorm(c, name="embed_norm")(next_embeddings), RMSNorm(c, name="hidden_norm")(hidden)], axis=-1
         )
         x = jnp.einsum("bte,ed->btd", joined_BxTx2D, compute(self, projection))
-        x, stats, _ = self.block_cls(c, self.layer, name="block")(x, positions, segment_ids)
-        return x, RMSNorm(c, name="norm")(x), stats
+        x, stats, new_cache = self.block_cls(c, self.layer, name="block")(x, positions, segment_ids, cache, cache_index,
+                                                                           cache_segment_ids)
+        return x, RMSNorm(c, name="norm")(x), stats, new_cache

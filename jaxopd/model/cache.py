@@ -4,6 +4,7 @@ Layout (`max_len` slots per row; slot i of every layer holds the token written a
   {"segment_ids": [batch, max_len] int32,      # 0 = empty slot (or padding), never attended to
    "layers": (per decoder layer, in order; with config.scan_layers per stack of layers
               (`jaxopd.model.stacking.layer_stacks`), each array with a leading [layers of the stack] axis)
+   "mtp": one layer's arrays as below, only with init_cache(mtp=True) (speculative decoding's drafter)
        GQA: {"k": [batch, max_len, kv_heads, head_dim], "v": [batch, max_len, kv_heads, head_dim]}
        MLA: {"latent": [batch, max_len, kv_lora_rank],   # c_kv after kv_a_norm (DeepSeek-V2 eq. 9)
              "k_rope": [batch, max_len, qk_rope_head_dim]}}   # the shared key, rotary embedding applied
@@ -24,9 +25,10 @@ from jaxopd.model.config import ModelConfig
 from jaxopd.model.stacking import layer_stacks
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "bfloat16") -> dict:
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "bfloat16", mtp: bool = False) -> dict:
     """An empty cache for `batch` rows of `max_len` tokens (layout in the module docstring), keys/values in `dtype`
-    ("auto": the model's compute dtype `config.dtype`)."""
+    ("auto": the model's compute dtype `config.dtype`). mtp: also an "mtp" entry, one layer's keys/values (as a
+    "layers" entry unstacked) for MTP depth 1's block, which `Transformer.decode_mtp` drafts with."""
     if batch < 1 or max_len < 1:
         raise ValueError(f"init_cache: batch={batch} and max_len={max_len} must both be >= 1")
     if isinstance(dtype, str) and dtype == "auto":
@@ -44,7 +46,10 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "bflo
                        for group in layer_stacks(config))
     else:
         layers = tuple(dict(layer) for _ in range(config.num_layers))
-    return {"segment_ids": jnp.zeros((batch, max_len), jnp.int32), "layers": layers}
+    cache = {"segment_ids": jnp.zeros((batch, max_len), jnp.int32), "layers": layers}
+    if mtp:
+        cache["mtp"] = dict(layer)
+    return cache
 
 
 def row_slots(cache_index: jnp.ndarray | int, batch: int, t: int) -> jnp.ndarray:

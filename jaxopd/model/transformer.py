@@ -7,6 +7,9 @@ Usage:
   features = model.apply({"params": params}, tokens, segment_ids, positions, method="features")   # `Features`
   logits, cache = model.apply({"params": params}, tokens, positions=..., segment_ids=..., cache=cache,
                               cache_index=i, method="decode")         # cache from `init_cache`
+  hidden, cache = model.apply(..., method="decode_hidden")            # decode before the output head
+  mtp_logits, cache = model.apply({"params": params}, hidden, next_tokens, segment_ids, positions, cache, i,
+                                  method="decode_mtp")                # MTP depth 1 drafts (init_cache(mtp=True))
 segment_ids default to ones (one document per row; 0 marks padding) and positions to per-document aranges
 (restarting at 0 wherever the segment id changes).
 
@@ -176,8 +179,8 @@ class Transformer(nn.Module):
         # MTP weights; each depth then passes on its block output before its own norm.
         previous, mtp_hidden = hidden, []
         for depth, module in enumerate(self.mtp, start=1):
-            previous, output, depth_stats = module(previous, self._shifted_embeddings(tokens, segment_ids, depth),
-                                                   positions, segment_ids)
+            previous, output, depth_stats, _ = module(previous, self._shifted_embeddings(tokens, segment_ids, depth),
+                                                      positions, segment_ids)
             mtp_hidden.append(output)
             stats.append(_one_layer(depth_stats))
         stats = [s for s in stats if s is not None]
@@ -211,10 +214,23 @@ class Transformer(nn.Module):
         segment_ids `[b, t]`: 1 for real tokens, 0 for padding (padding is never attended to); default ones.
         positions `[b, t]`: RoPE positions; default the slot indices cache_index + arange(t), right for rows that
         start at slot 0. For left-padded prompts pass them, restarting at 0 on each row's first real token.
-        Returns (logits `[b, t, vocab]` float32, the updated cache). The MTP modules are not run.
+        Returns (logits `[b, t, vocab]` float32, the updated cache). The MTP modules are not run (`decode_mtp`).
         last_only: logits of the last column only, `[b, 1, vocab]`: all a sampler needs after a prefill, and the
         prompt's float32 `[b, t, vocab]` (tens of GB for a 150K vocabulary and long prompts) never exists.
         """
+        hidden, cache = self.decode_hidden(tokens, segment_ids, positions, cache, cache_index)
+        return self.logits(hidden[:, -1:] if last_only else hidden), cache
+
+    def decode_hidden(
+        self,
+        tokens: jnp.ndarray,
+        segment_ids: Optional[jnp.ndarray] = None,
+        positions: Optional[jnp.ndarray] = None,
+        cache: Optional[dict] = None,
+        cache_index: jnp.ndarray | int = 0,
+    ) -> tuple[jnp.ndarray, dict]:
+        """`decode` stopping before the output head: (hidden `[b, t, d]` after the final norm, the updated cache);
+        `logits(hidden)` are decode's logits and `hidden` is what `decode_mtp` drafts from (as `Features.hidden`)."""
         c = self.config
         if cache is None:
             raise ValueError("decode needs cache=init_cache(config, batch, max_len, dtype)")
@@ -224,10 +240,31 @@ class Transformer(nn.Module):
         cache_segment_ids = write(cache["segment_ids"], segment_ids, cache_index)
         x, _, layer_caches = self._blocks(self.embed(tokens), positions, segment_ids, cache["layers"], cache_index,
                                           cache_segment_ids)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.logits(self.final_norm(x))
-        return logits, {"segment_ids": cache_segment_ids, "layers": layer_caches}
+        return self.final_norm(x), {**cache, "segment_ids": cache_segment_ids, "layers": layer_caches}
+
+    def decode_mtp(
+        self,
+        hidden: jnp.ndarray,
+        next_tokens: jnp.ndarray,
+        segment_ids: jnp.ndarray,
+        positions: jnp.ndarray,
+        cache: dict,
+        cache_index: jnp.ndarray | int,
+        last_only: bool = False,
+    ) -> tuple[jnp.ndarray, dict]:
+        """MTP depth 1 against its own KV cache (`init_cache(..., mtp=True)`): main positions at slots
+        [cache_index, cache_index + t) with their `decode_hidden` output `hidden [b, t, d]` and the token after each,
+        `next_tokens [b, t]` -> (logits `[b, t, vocab]` float32 predicting the token after `next_tokens`, the cache).
+        The main model's `decode_hidden` must have written these slots first: their segment ids are its.
+        last_only: logits of the last column only, `[b, 1, vocab]` (as `decode`'s)."""
+        c = self.config
+        if c.mtp_depth < 1 or "mtp" not in cache:
+            raise ValueError(f"decode_mtp needs a model with mtp_depth >= 1 (it has {c.mtp_depth}) and a cache from "
+                             "init_cache(config, batch, max_len, dtype, mtp=True)")
+        next_embeddings = self.embed(next_tokens) * (segment_ids > 0)[..., None].astype(c.dtype)
+        _, output, _, mtp_cache = self.mtp[0](hidden, next_embeddings, positions, segment_ids, cache["mtp"],
+                                              cache_index, cache["segment_ids"])
+        return self.logits(output[:, -1:] if last_only else output), {**cache, "mtp": mtp_cache}
 
 
 def unembedding(params: dict, config: ModelConfig) -> jnp.ndarray:

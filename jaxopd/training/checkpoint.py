@@ -54,6 +54,8 @@ MAY_CHANGE_ON_RESUME = (
     "distill.eval_prompts", "distill.eval_prompts_count", "export_hf",
     # how rollouts are batched, never which tokens are drawn (each row draws from its own key)
     "distill.sampling_microbatch", "distill.scoring_microbatch", "distill.decode_slots",
+    # how tokens are drawn, not from which distribution (the main model's either way; the draws differ)
+    "distill.speculative",
     # how the forward pass runs, not the architecture (jaxopd/model/config.py)
     *(f"model.{name}" for name in FORWARD_PASS_FIELDS),
 )

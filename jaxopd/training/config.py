@@ -203,6 +203,10 @@ class DistillConfig:
     # as its row stops, so long-tailed completion lengths do not leave the batch idle; 0: one static batch per call.
     # Sampled tokens do not depend on it (each row draws from its own key).
     decode_slots: int = 0
+    # MTP self-speculative sampling (jaxopd.distill.speculative): the model's MTP module drafts a token per step that
+    # the main model verifies; tokens stay distributed exactly as without it, and log-probs are the main model's.
+    # Needs model.mtp_depth >= 1 and the static sampler (decode_slots=0).
+    speculative: Literal["off", "mtp"] = "off"
 
     def __post_init__(self):
         check_choices(self, "distill")
@@ -406,6 +410,12 @@ def _distill_problems(run: RunConfig, process_count: int) -> list[str]:
     elif distill.decode_slots and distill.sampling_microbatch:
         problems.append(f"distill.decode_slots={distill.decode_slots} and distill.sampling_microbatch="
                         f"{distill.sampling_microbatch} both bound the rows decoded at once: set one of them to 0")
+    if distill.speculative == "mtp" and run.model.mtp_depth < 1:
+        problems.append(f"distill.speculative='mtp' drafts with the MTP module, but model.mtp_depth="
+                        f"{run.model.mtp_depth}: set distill.speculative='off' or use a model with mtp_depth >= 1")
+    if distill.speculative == "mtp" and distill.decode_slots:
+        problems.append(f"distill.speculative='mtp' runs in the static sampler only, but distill.decode_slots="
+                        f"{distill.decode_slots}: set one of them off (decode_slots=0 or speculative='off')")
     prompts_per_step = run.batch_size // max(distill.group_size, 1)
     if prompts_per_step % process_count or distill.eval_prompts_count % process_count:
         problems.append(f"each of the {process_count} processes samples an equal share of the prompts: batch_size / "

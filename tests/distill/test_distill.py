@@ -222,3 +222,13 @@ def test_continuous_batching_trains_as_the_static_sampler_does(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     with pytest.raises(ValueError, match="decode_slots=8 and distill.sampling_microbatch=4 both bound"):
         config_for("reverse_kl", **{"distill.decode_slots": 8, "distill.sampling_microbatch": 4})
+
+
+def test_speculative_sampling_needs_an_mtp_module_and_the_static_sampler():
+    with pytest.raises(ValueError, match=r"distill.speculative='mtp' .* model.mtp_depth=0"):
+        config_for("reverse_kl", **{"distill.speculative": "mtp"})
+    with pytest.raises(ValueError, match=r"distill.speculative='mtp' runs in the static sampler only, but "
+                                         r"distill.decode_slots=8"):
+        config_for("reverse_kl", **{"distill.speculative": "mtp", "distill.decode_slots": 8, "model.mtp_depth": 1})
+    config = config_for("reverse_kl", **{"distill.speculative": "mtp", "model.mtp_depth": 1})
+    assert config.distill.speculative == "mtp"

@@ -50,6 +50,45 @@ def test_prefill_then_steps_equal_full_forward_with_left_padding(name):
     assert not np.asarray(cache["segment_ids"][:, total:]).any()
 
 
+def test_decode_mtp_equals_the_forward_pass_mtp_logits():
+    """MTP depth 1 decoded against its own cache (a prefill chunk, then one position at a time, each after the main
+    model's decode_hidden of the same slots) gives the logits of `features`' first MTP output."""
+    config = CONFIGS["mla_moe"]
+    params = init_params(config)
+    model = Transformer(config)
+    batch, total = 2, 7
+    tokens = random_tokens(config, (batch, total))
+    features = model.apply({"params": params}, tokens, method="features")
+    expected = np.asarray(model.apply({"params": params}, features.mtp_hidden[0], method="logits"))
+    cache = init_cache(config, batch, total + 1, "float32", mtp=True)
+    assert set(cache["mtp"]) == {"latent", "k_rope"}
+    ones = jnp.ones((batch, total), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32), (batch, total))
+    # The last position's next token lies past the row (features zeroes its embedding): compare the others.
+    @jax.jit
+    def step(chunk, next_tokens, segment_ids, chunk_positions, cache, begin):
+        hidden, cache = model.apply({"params": params}, chunk, segment_ids, chunk_positions, cache, begin,
+                                    method="decode_hidden")
+        return model.apply({"params": params}, hidden, next_tokens, segment_ids, chunk_positions, cache, begin,
+                           method="decode_mtp")
+
+    for begin, end in [(0, 4), (4, 5), (5, 6)]:
+        window = slice(begin, end)
+        logits, cache = step(tokens[:, window], tokens[:, begin + 1:end + 1], ones[:, window], positions[:, window],
+                             cache, jnp.int32(begin))
+        np.testing.assert_allclose(np.asarray(logits), expected[:, window], atol=5e-5, err_msg=f"slots {window}")
+
+
+def test_decode_mtp_needs_an_mtp_cache():
+    config = CONFIGS["mla_moe"]
+    params = init_params(config)
+    hidden = jnp.zeros((1, 1, config.d_model))
+    tokens = jnp.ones((1, 1), jnp.int32)
+    with pytest.raises(ValueError, match=r"init_cache\(config, batch, max_len, dtype, mtp=True\)"):
+        Transformer(config).apply({"params": params}, hidden, tokens, tokens, tokens, init_cache(config, 1, 4),
+                                  jnp.int32(0), method="decode_mtp")
+
+
 def test_last_only_prefill_gives_the_last_column_and_the_same_cache():
     config = CONFIGS["mla_moe"]
     params = init_params(config)
