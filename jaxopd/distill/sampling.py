@@ -123,14 +123,19 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, *, temperature: float, top
                   top_p: Optional[float], greedy: bool) -> tuple[jax.Array, jax.Array]:
     """The next token of each row `[batch]` int32 from its logits `[batch, vocab]` (argmax, or drawn with the row's
     key `keys [batch]`), and its log-prob `[batch]` under the distribution it was drawn from."""
-    if greedy:
-        token = jnp.argmax(logits, axis=-1)
-        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    else:
-        filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        token = jax.vmap(jax.random.categorical)(keys, filtered)
-        logprobs = jax.nn.log_softmax(filtered, axis=-1)
+    scored = scoring_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+    token = jnp.argmax(logits, axis=-1) if greedy else jax.vmap(jax.random.categorical)(keys, scored)
+    logprobs = jax.nn.log_softmax(scored, axis=-1)
     return token.astype(jnp.int32), jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+
+
+def scoring_logits(logits: jax.Array, *, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                   greedy: bool) -> jax.Array:
+    """Float32 logits `[batch, vocab]` whose log-softmax is a sampled token's log-prob: `filter_logits`' when
+    sampling, the model's own with `greedy` (argmax has no distribution of its own to report)."""
+    if greedy:
+        return logits.astype(jnp.float32)
+    return filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 def row_budgets(budgets: Optional[jax.Array], batch: int, max_new_tokens: int) -> jax.Array:

@@ -33,7 +33,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxopd.distill.sampling import Sampler, SampleOutput, choose_tokens, filter_logits, prompt_layout
+from jaxopd.distill.sampling import Sampler, SampleOutput, choose_tokens, prompt_layout, scoring_logits
 from jaxopd.model import init_cache
 
 
@@ -94,7 +94,9 @@ class SpeculativeSampler(Sampler):
         apply = lambda method, *args, **kwargs: self.model.apply({"params": params}, *args, method=method, **kwargs)
         row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, row_ids)
         step_keys = lambda step, n: jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, step), n))(row_keys)
-        filtered = lambda logits: filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        # filter_logits' when sampling (the only case verify_draft sees), the model's own with greedy
+        filtered = lambda logits: scoring_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                 greedy=greedy)
         stop_tokens = jnp.asarray(self.stop_tokens, jnp.int32)
         rows = jnp.arange(batch)
 
@@ -103,8 +105,7 @@ class SpeculativeSampler(Sampler):
             return choose_tokens(logits, keys, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
 
         def logprob_of(logits, token):
-            logprobs = jax.nn.log_softmax(logits.astype(jnp.float32) if greedy else filtered(logits), axis=-1)
-            return jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+            return jnp.take_along_axis(jax.nn.log_softmax(filtered(logits), axis=-1), token[:, None], axis=-1)[:, 0]
 
         def emit(out, index, token, logprob, on):
             """Write token/log-prob/mask at column index `[batch]` of the rows where `on`."""
