@@ -64,8 +64,10 @@ class TokenizeDocument(grain.transforms.Map):
 
     def map(self, element: tuple[int, int, bytes | str | tuple[bytes, bytes]]) -> dict[str, Any]:
         epoch, index, raw = element
-        prompt, prompt_invalid = decode_document(raw[0]) if isinstance(raw, tuple) else ("", False)
-        text, invalid = decode_document(raw[1] if isinstance(raw, tuple) else raw)
+        prompted = isinstance(raw, tuple)
+        prompt_raw, raw = raw if prompted else (None, raw)
+        prompt, prompt_invalid = decode_document(prompt_raw) if prompted else ("", False)
+        text, invalid = decode_document(raw)
         result = {"index": index, "fim": False, "invalid_utf8": invalid or prompt_invalid, "empty": not text,
                   "prompt_tokens": 0}
         if not text:
@@ -73,7 +75,7 @@ class TokenizeDocument(grain.transforms.Map):
             return result
         rng = np.random.default_rng([self.seed, epoch, index])
         encode = self.tokenizer.encode
-        if isinstance(raw, tuple):
+        if prompted:
             head = [*self.prefix, *encode(prompt)] if prompt else self.prefix
             result["prompt_tokens"] = len(head)
             body = encode(text)
