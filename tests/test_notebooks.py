@@ -17,6 +17,8 @@ import types
 
 import pytest
 
+from tests.xla_env import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 STEPS = 3
@@ -62,7 +64,7 @@ def run_notebook(name: str, tmp_path: pathlib.Path) -> tuple[list[dict], dict]:
             assert cell["outputs"] == [] and cell["execution_count"] is None, f"{name}: clear the outputs"
     env = {**os.environ, "JAXOPD_NOTEBOOK_STEPS": str(STEPS), "MPLBACKEND": "Agg", "TMPDIR": str(tmp_path)}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # as `pip install -e .`
-    env.pop("XLA_FLAGS", None)  # one device, as on Colab, instead of the test suite's eight host devices
+    env["XLA_FLAGS"] = xla_flags(None)  # one device, as on Colab, instead of the test suite's eight host devices
     result_file = tmp_path / "result.json"
     process = subprocess.run([sys.executable, __file__, str(NOTEBOOKS / name), str(result_file)], cwd=NOTEBOOKS,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.xla_env import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -23,7 +25,7 @@ def launch(config: pathlib.Path, workdir: pathlib.Path, overrides: dict, num_pro
     """Runs `config` with `--config.<key>=<value>` overrides as `num_processes` processes writing to `workdir`; returns
     their outputs and fails the test with the end of any that exits non-zero (with succeed=False: that exits 0)."""
     address = f"127.0.0.1:{_free_port()}"
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices_per_process),
            "JAX_PLATFORMS": "cpu"}
     workers = [
         subprocess.Popen(
