@@ -149,3 +149,21 @@ def test_prompts_and_solutions_round_trip_through_the_tokenizer_at_30_to_150_tok
         lengths.append(len(tokenizer.encode(row["solution"])))
     assert 30 <= min(lengths) and max(lengths) <= 150
     assert (min(lengths), max(lengths)) == (48, 49)  # 3 three-digit numbers, without and with a final carry
+
+
+def test_the_distill_config_fits_its_student_checkpoint_and_the_bundled_lengths():
+    from jaxopd.bundled import resolve_path
+    from jaxopd.training import config as config_lib
+    from jaxopd.training.checkpoint import read_model_fields
+
+    config = config_lib.load_config_file("column_addition_distill")
+    run = config_lib.to_run_config(config)
+    _, student_fields = read_model_fields(resolve_path(config.init_from.path))
+    assert config_lib.to_model_config(config.model) == config_lib.to_model_config(
+        config_lib.model_config_dict(student_fields))
+    tokenizer = load_tokenizer(resolve_path(config.data.tokenizer))
+    rows = _bundled()
+    # BOS + prompt fits max_prompt_len, the longest solution + EOS max_new_tokens, and both the model's window.
+    assert max(len(tokenizer.encode(row["prompt"])) + 1 for row in rows) == run.distill.max_prompt_len
+    assert max(len(tokenizer.encode(row["solution"])) + 1 for row in rows) == run.distill.max_new_tokens
+    assert run.seq_len == run.distill.max_prompt_len + run.distill.max_new_tokens <= run.model.max_position_embeddings

@@ -76,7 +76,7 @@ def test_saved_config_is_the_resolved_one(config_file, tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny_pretrain", "tiny_distill", "llama3_1b_gpu", "deepseek_v3_671b_pretrain",
                                   "deepseek_v3_671b_32k", "deepseek_v3_671b_128k", "tiny_long_256", "tiny_long_2k",
-                                  "tiny_long_2k:plain"])
+                                  "tiny_long_2k:plain", "column_addition_distill"])
 def test_shipped_configs_load_and_validate(name):
     config = config_lib.load_config_file(name)
     config_lib.to_run_config(config)
