@@ -6,11 +6,14 @@ Everything else is the 32K stage's: the same YaRN (s = 40, alpha = 1, beta = 32,
 uses the same hyperparameters in both stages), constant learning rate 7.3e-6 with the AdamW moments carried over
 (`init_from.optimizer="carry"`), best-fit packed per-document rows, blockwise attention, full remat.
 
-Mesh (v5p-2048, 1024 chips): 480 rows split over at most 32 batch shards (480 = 32 x 15), so tensor=32 (4 of the 128
-heads per chip), expert=32 (8 of the 256 routed experts per chip): microbatches of 32 rows, one 128K row per 32-chip
-group, 15 accumulated per step. One row's 61 block inputs alone are 131072 x 7168 bf16 x 61 = 115 GB, more than a
-v5p chip's 95 GB: this stage needs the sequence of a row split over chips too (context parallelism, issue 15 item 2),
-which `python -m jaxopd.plan` will show once it lands; until then the config is the recipe, not a run that fits.
+Mesh (v5p-2048, 1024 chips): expert=16 x context=64. One row's 61 block inputs alone are 131072 x 7168 bf16 x 61 =
+115 GB, more than a v5p chip's 95 GB, so each row is split over 64 chips (2048 tokens a chip; context parallelism,
+jaxopd/kernels/context_parallel.py: MLA all-gathers the row's compressed keys/values, 151 MB a layer in bf16, not
+its 128 heads' full ones). 480 rows = 2^5 x 15 leave at most 32 batch shards; 16 (expert=16: 16 routed experts per
+group) keep the context groups at 64 chips: microbatches of 16 rows, 30 per step. Weights and AdamW moments are
+sharded over all 1024 chips (ZeRO-3 over fsdp x expert x context, the expert weights over expert x context), 7.7 GiB
+a chip as in pretraining. `python -m jaxopd.plan --config=deepseek_v3_671b_128k --topology=v5p:8x8x16` compiles it
+for the slice (benchmarks/RESULTS.md).
 
     python -m jaxopd.train --config=configs/deepseek_v3_671b_128k.py   # after the 32K stage, on every worker
 """
@@ -27,6 +30,6 @@ def get_config():
     config.workdir = "/mnt/gcs/deepseek_v3_671b_128k"
     config.seq_len = SEQ_LEN
     config.batch_size = BATCH_SIZE
-    config.microbatch_size = 32
-    config.mesh.update(data=1, fsdp=1, expert=32, tensor=32)
+    config.microbatch_size = 16
+    config.mesh.update(data=1, fsdp=1, expert=16, context=64, tensor=1)
     return config

@@ -1,7 +1,7 @@
 """Device mesh, logical-axis rules and multi-host start-up.
 
 The mesh has five axes, outermost first: "data" (pure data parallel; across slices/hosts), "fsdp" (data parallel
-with params and optimizer state sharded, ZeRO-3 style), "expert" (MoE experts split; tokens are sharded over it
+with params and optimizer state sharded, ZeRO-3 style, over it and the expert and context axes), "expert" (MoE experts split; tokens are sharded over it
 too, so it also acts as data parallelism for the dense layers), "context" (the sequence of each row split: every
 token-wise op runs on its block, attention all-gathers keys/values, `jaxopd.kernels.context_parallel`; it
 communicates every attention layer, so it sits inside the data axes) and "tensor" (Megatron-style heads/MLP split,
@@ -38,9 +38,12 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("expert_mlp", "tensor"),
     ("experts", "expert"),
-    # Dense weights are sharded over every data-like axis they can use (ZeRO-3 over fsdp x expert); expert weights
-    # already use "expert" for their expert dimension and fall back to fsdp alone.
-    ("embed", ("fsdp", "expert")),
+    # Weights are sharded over every axis that does not already split them (ZeRO-3 over fsdp x expert x context:
+    # the context axis holds a block of every row's tokens, so for weights it is one more data-parallel axis, and a
+    # 128K-token stage, whose chips are mostly context shards, needs it to fit the state); expert weights already
+    # use "expert" for their expert dimension and fall back to fsdp x context.
+    ("embed", ("fsdp", "expert", "context")),
+    ("embed", ("fsdp", "context")),
     ("embed", "fsdp"),
     # Activations' sequence axis: split over "context" (context parallelism; size 1 leaves it whole).
     ("seq", "context"),
@@ -48,7 +51,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # MLA's low-rank axes: the up-projections q_b [r, h, q] and kv_b [c, h, q] would otherwise sit whole on every
     # device when tensor=1 (DeepSeek-V3: 0.65 GiB a layer in fp32, x3 with Adam). Their down-projections q_a/kv_a
     # [d, r] already use fsdp for "embed", so they keep the rank whole.
+    ("q_lora", ("fsdp", "context")),
     ("q_lora", "fsdp"),
+    ("kv_lora", ("fsdp", "context")),
     ("kv_lora", "fsdp"),
     ("norm", None),
     # the stacked axis of scanned decoder layers (jaxopd.model.stacking): every device holds its shard of each layer

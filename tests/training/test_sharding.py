@@ -42,13 +42,14 @@ def test_batch_not_divisible_by_batch_shards():
 
 
 @pytest.mark.parametrize("names, expected", [
-    (("embed", "mlp"), P(("fsdp", "expert"), "tensor")),
-    (("vocab", "embed"), P("tensor", ("fsdp", "expert"))),
-    (("experts", "embed", "expert_mlp"), P("expert", "fsdp", "tensor")),
-    (("embed", "q_lora"), P(("fsdp", "expert"), None)),
-    # MLA's up-projections q_b / kv_b: the low rank over fsdp, not replicated on every device
-    (("q_lora", "q_heads", "head_dim"), P("fsdp", "tensor", None)),
-    (("kv_lora", "q_heads", "head_dim"), P("fsdp", "tensor", None)),
+    # Weights: ZeRO-3 over every data-like axis, the context axis included.
+    (("embed", "mlp"), P(("fsdp", "expert", "context"), "tensor")),
+    (("vocab", "embed"), P("tensor", ("fsdp", "expert", "context"))),
+    (("experts", "embed", "expert_mlp"), P("expert", ("fsdp", "context"), "tensor")),
+    (("embed", "q_lora"), P(("fsdp", "expert", "context"), None)),
+    # MLA's up-projections q_b / kv_b: the low rank over fsdp x context, not replicated on every device
+    (("q_lora", "q_heads", "head_dim"), P(("fsdp", "context"), "tensor", None)),
+    (("kv_lora", "q_heads", "head_dim"), P(("fsdp", "context"), "tensor", None)),
     (("norm",), P(None)),
     (("batch", "seq", "embed"), P(("data", "fsdp", "expert"), "context", None)),
     (("batch", "seq", "vocab"), P(("data", "fsdp", "expert"), "context", "tensor")),
@@ -70,7 +71,7 @@ def test_logical_shardings_reject_indivisible_dims():
     with pytest.raises(ValueError, match=r"\['w'\] of shape \(12, 16\) cannot be split over mesh axes"):
         sharding.logical_shardings(boxed, mesh)
     boxed = {"w": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((16, 12), "float32"), ("embed", "mlp"))}
-    assert sharding.logical_shardings(boxed, mesh)["w"].spec == P(("fsdp", "expert"), "tensor")
+    assert sharding.logical_shardings(boxed, mesh)["w"].spec == P(("fsdp", "expert", "context"), "tensor")
 
 
 def test_state_bytes_per_device_and_too_large_model_error():

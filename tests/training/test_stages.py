@@ -49,6 +49,11 @@ def test_deepseek_v3_stage_configs_hold_the_report_numbers(name):
     shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(stage.mesh, POD_CHIPS)))
     batch_shards = math.prod(shape[axis] for axis in sharding.BATCH_AXES)
     assert stage.batch_size % stage.microbatch_size == 0 and stage.microbatch_size % batch_shards == 0
+    # Each row split over the context axis into blocks no longer than a pretraining row (4K tokens a chip, as the
+    # 4K stage that fits: a 128K row's 61 block inputs alone are 115 GB, more than a chip holds), and the weights and
+    # moments over every chip (data=1: ZeRO-3 over fsdp x expert x context).
+    assert stage.seq_len % shape["context"] == 0 and stage.seq_len // shape["context"] <= 4096
+    assert shape["data"] == 1 and math.prod(shape.values()) == POD_CHIPS
 
 
 def test_deepseek_v3_pretrains_with_plain_rope_over_4k():
