@@ -416,9 +416,10 @@ class RolloutSource:
 
 
 class DistillEvaluator:
-    """Per set with held-out prompts: eval/accuracy (greedy, the set's grader; sets without one report none) and
+    """Per set with held-out prompts: eval/accuracy (greedy, the set's grader; sets without one report none),
     eval/reverse_kl (exact per-token KL(student || its teacher) on one temperature-`distill.temperature` student
-    sample per held-out prompt), the same samples at every eval; at the start also the teacher's greedy accuracy
+    sample per held-out prompt, the same keys at every eval) and eval/sample_accuracy (those samples graded: the
+    policy as OPD samples it, which can differ far from greedy); at the start also the teacher's greedy accuracy
     (eval/teacher_accuracy). With several sets each gets `/<set>` metrics and the unsuffixed ones pool them."""
 
     def __init__(self, d: Distiller):
@@ -427,20 +428,24 @@ class DistillEvaluator:
         self.sets = [prompt_set for prompt_set in d.sets if prompt_set.eval]
         self.headline = (("eval/accuracy",) if any(s.grader for s in self.sets) else ()) + ("eval/reverse_kl",)
 
-    def _accuracy(self, params_by_set: Callable[[PromptSet], tuple[Sampler, Any]], key: str) -> dict[str, float]:
+    def _graded(self, key: str, rollouts_by_set: Callable[[PromptSet], Any]) -> dict[str, float]:
+        """`key` (per set and pooled): the fraction of each graded set's held-out rollouts its grader scores right."""
         correct, total, values = 0.0, 0, {}
         for prompt_set in self.sets:
             if prompt_set.grader is None:
                 continue
-            sampler, params = params_by_set(prompt_set)
-            greedy = _sample(self.d, sampler, params, prompt_set.eval, self.rng, 1, greedy=True)
-            grades = graders.grade(prompt_set.grader, [p.row for p in greedy.prompts], greedy.completions)
+            rollouts = rollouts_by_set(prompt_set)
+            grades = graders.grade(prompt_set.grader, [p.row for p in rollouts.prompts], rollouts.completions)
             right = sharding.process_sum({"correct": float(grades.rewards.sum())})["correct"]
             values[prompt_set.suffix(key)] = _mean(right, self.d.config.distill.eval_prompts_count)
             correct, total = correct + right, total + self.d.config.distill.eval_prompts_count
         if total and len(self.sets) > 1:
             values[key] = _mean(correct, total)
         return values
+
+    def _accuracy(self, params_by_set: Callable[[PromptSet], tuple[Sampler, Any]], key: str) -> dict[str, float]:
+        return self._graded(key, lambda prompt_set: _sample(self.d, *params_by_set(prompt_set), prompt_set.eval,
+                                                            self.rng, 1, greedy=True))
 
     def start(self, params: Any) -> dict[str, float]:
         teacher = self._accuracy(lambda s: (self.d.teachers[s.teacher].sampler, self.d.teachers[s.teacher].params),
@@ -450,15 +455,16 @@ class DistillEvaluator:
     def __call__(self, params: Any) -> dict[str, float]:
         d = self.d
         values = self._accuracy(lambda s: (d.student_sampler, params), "eval/accuracy")
-        kl_total, count_total = 0.0, 0.0
+        kl_total, count_total, samples = 0.0, 0.0, {}
         for prompt_set in self.sets:
             teacher = d.teachers[prompt_set.teacher]
-            sampled = _sample(d, d.student_sampler, params, prompt_set.eval, self.rng, 1,
-                              temperature=d.config.distill.temperature)
+            sampled = samples[prompt_set.name] = _sample(d, d.student_sampler, params, prompt_set.eval, self.rng, 1,
+                                                         temperature=d.config.distill.temperature)
             with sharding.mesh_context(d.run.mesh):
                 kl_sum, count = jax.device_get(teacher.eval_kl(params, teacher.params, sampled.layout))
             values[prompt_set.suffix("eval/reverse_kl")] = float(kl_sum / max(count, 1.0))
             kl_total, count_total = kl_total + float(kl_sum), count_total + float(count)
         if len(self.sets) > 1:
             values["eval/reverse_kl"] = kl_total / max(count_total, 1.0)
+        values.update(self._graded("eval/sample_accuracy", lambda prompt_set: samples[prompt_set.name]))
         return values

@@ -232,3 +232,17 @@ def test_speculative_sampling_needs_an_mtp_module_and_the_static_sampler():
         config_for("reverse_kl", **{"distill.speculative": "mtp", "distill.decode_slots": 8, "model.mtp_depth": 1})
     config = config_for("reverse_kl", **{"distill.speculative": "mtp", "model.mtp_depth": 1})
     assert config.distill.speculative == "mtp"
+
+
+def test_sampled_eval_accuracy_grades_the_kl_samples_and_is_the_greedy_one_near_temperature_0(tmp_path):
+    # The bundled SFT'd student: greedy accuracy well above 0, so the equality means something. Near temperature 0 its
+    # samples are its greedy completions, so grading them must give the greedy accuracy.
+    config = load_config_file("tiny_distill", {
+        "workdir": str(tmp_path), "steps": 1, "eval_every": 1, "progress_bar": False, "batch_size": 16,
+        "microbatch_size": 16, "distill.eval_prompts_count": 64, "distill.temperature": 1e-3})
+    train.train(config)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if "eval/accuracy" in row]
+    assert [row["step"] for row in evals] == [0, 1]
+    for row in evals:
+        assert row["eval/sample_accuracy"] == row["eval/accuracy"] > 0.2
