@@ -147,7 +147,11 @@ def _blockwise_forward(q_blocks, k_blocks, v_blocks, q_segment_blocks, kv_segmen
     inputs = (q_blocks, k_blocks, v_blocks, q_segment_blocks, kv_segment_blocks, q_position_blocks, kv_position_blocks)
     visible_tiles = _visible_tiles(q_segment_blocks, kv_segment_blocks, q_position_blocks, kv_position_blocks,
                                    sliding_window)
-    out_blocks, logsumexp_blocks = _forward(*inputs, visible_tiles, scale, sliding_window)
+    # Checkpointed: differentiated inside an outer scan (scan_layers), the forward's per-tile lax.cond otherwise
+    # had every tile's float32 logits saved as scan residuals, [q blocks, key blocks, tile] per layer (jaxpr
+    # f32[nq, nk, ...]; DeepSeek-V3's 128K stage asked for 128 GiB a chip), though the backward recomputes them.
+    out_blocks, logsumexp_blocks = jax.checkpoint(_forward, static_argnums=(8, 9))(*inputs, visible_tiles, scale,
+                                                                                 sliding_window)
     return out_blocks, (inputs, visible_tiles, out_blocks, logsumexp_blocks)
 
 
