@@ -3,8 +3,8 @@
 A step goes wrong when its loss or gradient norm is not finite (unless `skip_nonfinite_steps`, and then when
 `max_skipped_steps` steps in a row are skipped), or, once `divergence_warmup_steps` healthy steps are seen, when it
 diverges: its gradient norm (or, for the pretraining losses, its loss) exceeds `divergence_factor` times the median of
-the recent healthy steps, or its gradient norm is exactly 0 after non-zero ones (a dead model: saturated or overflowed
-activations give no gradient).
+the recent healthy steps, or its gradient norm is exactly 0 after non-zero ones while its loss is not (a dead model: saturated or
+overflowed activations give no gradient).
 
 Step s's loss is computed on the params that the checkpoint of step s - 1 holds, so when step b is the first bad one
 the checkpoint of step b - 1 is already diverged: the last good checkpoint is the newest one at step b - 2 or before.
@@ -55,7 +55,9 @@ class Guard:
         factor = self._config.divergence_factor
         if factor <= 0:
             return None
-        if grad_norm == 0 and any(self._grad_norms):
+        # A loss of exactly 0 with it is no dead model: a policy-gradient step whose advantages are all 0 (GRPO when
+        # every group's samples score alike, as all wrong at a hard start) has neither loss nor gradient.
+        if grad_norm == 0 and loss != 0 and any(self._grad_norms):
             return f"the grad norm is exactly 0 at step {step} after non-zero ones (the model no longer learns)"
         if len(self._grad_norms) < self._config.divergence_warmup_steps:
             return None

@@ -115,6 +115,8 @@ def test_guard_stops_on_a_loss_spike_and_on_a_dead_gradient():
     assert first_bad == 7 and "loss 2e+07 at step 7 is over 50 times its running median" in message
     message, first_bad = _check_all(Guard(ObjectiveConfig()), healthy[:2] + [(8.0, 0.0)])
     assert first_bad == 3 and "grad norm is exactly 0 at step 3" in message
+    # GRPO with every group's rewards alike (all samples wrong): advantages, loss and gradient exactly 0, a healthy step
+    assert _check_all(Guard(ObjectiveConfig(loss="grpo")), healthy[:2] + [(0.0, 0.0), (-0.0, 0.0)] + healthy) is None
     assert _check_all(Guard(ObjectiveConfig(divergence_factor=0)), healthy + [(2e7, 0.0)]) is None
 
 
