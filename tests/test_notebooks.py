@@ -90,6 +90,8 @@ def test_distillation_notebook_logs_eval_against_flops_and_shows_the_penalty_vie
     assert all("eval/reverse_kl" in m and "flops/total" in m for m in evals)
     assert evals[0]["flops/total"] == 0 < evals[-1]["flops/total"]
     assert result["displayed_html"] and all('class="token"' in page for page in result["displayed_html"])
+    # and a wrong column_addition solution of the bundled student, its first wrong step found
+    assert sum("column_addition: " in page for page in result["displayed_html"]) == 1
 
 
 if __name__ == "__main__":
