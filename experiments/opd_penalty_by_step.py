@@ -164,7 +164,14 @@ def results_section(summary: dict, shown: dict, args: argparse.Namespace) -> str
              + ", ".join(f"{curve[o][0]:.3f}" for o in range(1, 5)) + ".", "",
              f"Drawn in the figure: `{shown['row']['prompt']}{shown['completion']}` (first wrong token at "
              f"{shown['first_wrong']}, step {shown['wrong_step']}; the worked solution is "
-             f"`{column_addition.solution(shown['row']['prompt'])}`)."]
+             f"`{column_addition.solution(shown['row']['prompt'])}`).", "",
+             # Written after the run RESULTS.md shows (bundled student, seed 0).
+             "Reading: the seed's picture holds on this task: the teacher's penalty falls on the token that first "
+             "goes wrong, never on the right prefix before it; the tokens after it still carry the larger share in "
+             "sum (more of them), with a second peak 14 tokens on, where the next column's sum is written (a second "
+             "mistake, or one the teacher sees from the carried error). For OPD's update those post-mistake tokens "
+             "are most of the batch when most samples go wrong (experiments/RESULTS.md, the column_addition "
+             "comparison)."]
     return "\n".join(lines) + "\n"
 
 
