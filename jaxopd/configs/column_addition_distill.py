@@ -10,7 +10,7 @@ experiments/opd_vs_baselines.py --task column_addition compares the methods from
 """
 
 from jaxopd.tasks import column_addition
-from jaxopd.training.config import base_config, model_config_dict
+from jaxopd.training.config import load_config_file, model_config_dict
 
 TASK = "data/tasks/column_addition"
 # The student's shape (its weights come from student_init): the tiny_distill student with this task's vocabulary.
@@ -19,11 +19,11 @@ STUDENT_MODEL = dict(vocab_size=len(column_addition.VOCAB), d_model=48, num_laye
 
 
 def get_config():
-    config = base_config()
+    # tiny_distill's loop, loss, optimizer and cadence; this task's data, models, lengths and batch.
+    config = load_config_file("tiny_distill")
     config.workdir = "workdirs/column_addition_distill"
     config.model = model_config_dict(STUDENT_MODEL)
-    config.init_from.update(kind="checkpoint", path=f"{TASK}/student_init")
-    config.loss = "reverse_kl"
+    config.init_from.path = f"{TASK}/student_init"
     config.distill.update(
         prompts=f"{TASK}/train.jsonl",
         eval_prompts=f"{TASK}/eval.jsonl",
@@ -33,19 +33,9 @@ def get_config():
         max_new_tokens=50,  # the longest solution (49) + EOS
     )
     config.steps = 200
-    config.batch_size = 256  # rollouts per step: 64 prompts x group_size 4
-    config.microbatch_size = 256
-    config.seq_len = config.distill.max_prompt_len + config.distill.max_new_tokens
-    config.loss_chunk_size = config.seq_len
+    config.batch_size = config.microbatch_size = 256  # rollouts per step: 64 prompts x group_size 4
+    config.seq_len = config.loss_chunk_size = config.distill.max_prompt_len + config.distill.max_new_tokens
     config.log_every = 10
-    config.eval_every = 25
-    config.checkpoint_every = 50
     config.data.tokenizer = f"{TASK}/tokenizer.json"
-    config.data.fim_rate = 0.0
-    config.mtp_weight = 0.0
-    config.moe_bias_rate = 0.0
-    config.optimizer.weight_decay = 0.0
-    config.optimizer.schedule.update(kind="warmup_cosine", peak_lr=5e-4, warmup_steps=10, decay_start=10,
-                                     decay_end=200, end_lr=5e-5)
-    config.mesh.update(data=-1)
+    config.optimizer.schedule.decay_end = config.steps
     return config
