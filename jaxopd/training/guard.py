@@ -3,8 +3,8 @@
 A step goes wrong when its loss or gradient norm is not finite (unless `skip_nonfinite_steps`, and then when
 `max_skipped_steps` steps in a row are skipped), or, once `divergence_warmup_steps` healthy steps are seen, when it
 diverges: its gradient norm (or, for the pretraining losses, its loss) exceeds `divergence_factor` times the median of
-the recent healthy steps, or its gradient norm is exactly 0 after non-zero ones while its loss is not (a dead model: saturated or
-overflowed activations give no gradient).
+the recent healthy steps, or its gradient norm is exactly 0 after non-zero ones while its loss is not (a dead model:
+saturated or overflowed activations give no gradient).
 
 Step s's loss is computed on the params that the checkpoint of step s - 1 holds, so when step b is the first bad one
 the checkpoint of step b - 1 is already diverged: the last good checkpoint is the newest one at step b - 2 or before.
