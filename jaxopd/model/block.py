@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxopd.model.attention import GQAAttention
+from jaxopd.model.cache import StackedLayerCache
 from jaxopd.model.config import ModelConfig
 from jaxopd.model.layers import MLP, RMSNorm, compute, param
 from jaxopd.model.mla import MLAttention
@@ -22,7 +23,8 @@ class Block(nn.Module):
     (GQAAttention or MLAttention), `mlp_norm/scale`, `mlp/*` (MLP of width mlp_dim, or MoE).
 
     scan_body: as the body of `nn.scan` (`jaxopd.model.stacking`), return the block's output as the scan's carry and
-    the rest as its per-layer outputs, `(x, (stats, cache))`."""
+    its MoE stats as its per-layer output, `(carry, (stats, None))`. Without a cache the carry is x; in decode it is
+    `(x, the stack's cache arrays)` and `cache` is this layer's index in the stack (`StackedLayerCache`)."""
 
     config: ModelConfig
     layer: int
@@ -40,6 +42,9 @@ class Block(nn.Module):
     ) -> tuple[jnp.ndarray, MoEStats, Optional[dict]] | tuple[jnp.ndarray, tuple[MoEStats, Optional[dict]]]:
         """x `[batch, t, d]` -> (`[batch, t, d]`, MoE stats or None, updated layer cache or None)."""
         c = self.config
+        if self.scan_body and cache is not None:
+            x, stack = x
+            cache = StackedLayerCache(stack, cache)
         attention_cls = MLAttention if c.attention == "mla" else GQAAttention
         attended, new_cache = attention_cls(c, name="attention")(
             RMSNorm(c, name="attention_norm")(x), positions, segment_ids, cache, cache_index, cache_segment_ids
@@ -51,7 +56,9 @@ class Block(nn.Module):
         else:
             mlp_out, stats = MLP(c, c.mlp_dim, name="mlp")(normed), None
         x = nn.with_logical_constraint(x + mlp_out, ("batch", "seq", "embed"))
-        return (x, (stats, new_cache)) if self.scan_body else (x, stats, new_cache)
+        if self.scan_body:
+            return (x if new_cache is None else (x, new_cache.arrays)), (stats, None)
+        return x, stats, new_cache
 
 
 class MTPModule(nn.Module):

@@ -17,6 +17,8 @@ embeddings use the caller's token positions, so left-padded prompts (pad slots w
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -71,6 +73,39 @@ def write(cache_array: jnp.ndarray, new: jnp.ndarray, cache_index: jnp.ndarray |
     return jax.lax.dynamic_update_slice_in_dim(cache_array, new, cache_index, axis=1)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StackedLayerCache:
+    """One layer's cache inside a scanned stack: the stack's whole `arrays` (`[layers, batch, max_len, ...]`, the
+    layer dicts of the module docstring with a leading layers axis) and this layer's index `layer` (`[]` int32).
+
+    Scanned decode carries the stack's cache through the layer scan rather than scanning over it: scanned over, every
+    step would copy each layer's cache out of the stack and the updated one into a new stack, O(max_len) of copying
+    per token per layer; carried, a step writes only its new keys/values in place."""
+
+    arrays: dict
+    layer: jax.Array
+
+    def write(self, new: dict, cache_index: jnp.ndarray | int) -> "StackedLayerCache":
+        """`new` (`[batch, t, ...]` per name) written at this layer's slots [cache_index, cache_index + t)."""
+
+        def write_layer(stack, value):
+            value = value.astype(stack.dtype)[None]
+            zeros = (0,) * (value.ndim - 3)
+            if jnp.ndim(cache_index) == 1:  # each row its own start: rows are axis 1 of the stack
+                one_row = lambda s, v, start: jax.lax.dynamic_update_slice(s, v, (self.layer, start, *zeros))
+                return jax.vmap(one_row, in_axes=(1, 1, 0), out_axes=1)(stack, value, cache_index)
+            return jax.lax.dynamic_update_slice(stack, value, (self.layer, 0, cache_index, *zeros))
+
+        return StackedLayerCache({name: write_layer(self.arrays[name], value) for name, value in new.items()},
+                                 self.layer)
+
+    def read(self) -> dict:
+        """This layer's arrays, `[batch, max_len, ...]` per name."""
+        return {name: jax.lax.dynamic_index_in_dim(stack, self.layer, 0, keepdims=False)
+                for name, stack in self.arrays.items()}
+
+
 def slot_positions(batch: int, q_len: int, max_len: int, cache_index: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Positions for the attention mask in decode: the queries' slots `[batch, q_len]` and all slots `[batch, max_len]`."""
     q_slots = row_slots(cache_index, batch, q_len)
@@ -89,19 +124,24 @@ def attention_context(
     """What the queries of one attention layer attend to.
 
     Training/forward (`cache` None): the new keys/values themselves, masked by token positions and segment ids.
-    Decode: `new` ([batch, t, ...] arrays) written into the layer's `cache` at `cache_index`; the queries attend to the
-    whole cache, masked by slot and by `cache_segment_ids` (the cache's segment ids with this step's already written).
+    Decode: `new` ([batch, t, ...] arrays) written into the layer's `cache` (a dict, or a `StackedLayerCache` in
+    scanned decode) at `cache_index`; the queries attend to the whole cache, masked by slot and by `cache_segment_ids`
+    (the cache's segment ids with this step's already written).
 
     Returns (arrays to attend to, keyword arguments for the kernels' mask, the updated layer cache or None).
     """
     if cache is None:
         mask = dict(q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions, kv_positions=positions)
         return new, mask, None
-    updated = {name: write(cache[name], value, cache_index) for name, value in new.items()}
+    if isinstance(cache, StackedLayerCache):
+        updated = cache.write(new, cache_index)
+        attended = updated.read()
+    else:
+        updated = attended = {name: write(cache[name], value, cache_index) for name, value in new.items()}
     batch, q_len = segment_ids.shape
     q_slots, kv_slots = slot_positions(batch, q_len, cache_segment_ids.shape[1], cache_index)
     mask = dict(q_segment_ids=segment_ids, kv_segment_ids=cache_segment_ids, q_positions=q_slots, kv_positions=kv_slots)
-    return updated, mask, updated
+    return attended, mask, updated
 
 
 def self_attention_shards(cache: dict | None, initializing: bool) -> int:

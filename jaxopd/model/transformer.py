@@ -115,8 +115,9 @@ class Transformer(nn.Module):
             for group in layer_stacks(c):
                 scanned = nn.scan(remat_block(Block, c.remat, in_scan=True), variable_axes={"params": 0},
                                   split_rngs={"params": True, "dropout": True}, length=group.count,
-                                  # carry x; positions, segment_ids, cache_index, cache_segment_ids are the same for
-                                  # every layer; each layer's cache is its slice of the stacked one.
+                                  # carry x (in decode, with the stack's cache: `Block`); positions, segment_ids,
+                                  # cache_index, cache_segment_ids are the same for every layer; scanned over, in
+                                  # decode, is each layer's index in the stack.
                                   in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
                                   metadata_params={nn.PARTITION_NAME: "layers"})
                 setattr(self, group.name, scanned(c, group.first, scan_body=True))
@@ -150,12 +151,17 @@ class Transformer(nn.Module):
         """The decoder layers: x `[b, t, d]` -> (x, MoE stats of each stack or layer in order, the updated caches:
         one per stack (`[layers, ...]` arrays) when scanned, else one per layer; None entries without a cache)."""
         c = self.config
-        modules = [getattr(self, group.name) for group in layer_stacks(c)] if c.scan_layers else self.layers
+        groups = layer_stacks(c) if c.scan_layers else [None] * c.num_layers
+        modules = [getattr(self, group.name) for group in groups] if c.scan_layers else self.layers
         caches = (None,) * len(modules) if caches is None else caches
         stats, new_caches = [], []
-        for module, cache in zip(modules, caches):
-            if c.scan_layers:
-                x, (module_stats, cache) = module(x, positions, segment_ids, cache, cache_index, cache_segment_ids)
+        for module, group, cache in zip(modules, groups, caches):
+            if c.scan_layers and cache is not None:
+                layer_in_stack = jnp.arange(group.count, dtype=jnp.int32)
+                (x, cache), (module_stats, _) = module((x, cache), positions, segment_ids, layer_in_stack, cache_index,
+                                                       cache_segment_ids)
+            elif c.scan_layers:
+                x, (module_stats, _) = module(x, positions, segment_ids, None, cache_index, cache_segment_ids)
             else:
                 x, module_stats, cache = module(x, positions, segment_ids, cache, cache_index, cache_segment_ids)
                 module_stats = _one_layer(module_stats)

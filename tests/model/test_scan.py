@@ -129,7 +129,12 @@ def test_scanned_decode_equals_unrolled(name):
         model, cache = Transformer(config), init_cache(config, 2, 12, "float32")
         logits, cache = model.apply({"params": p}, tokens, cache=cache, cache_index=0, method="decode")
         step, cache = model.apply({"params": p}, tokens[:, :1], cache=cache, cache_index=9, method="decode")
-        return logits, step
+        # Rows at their own slots, as continuous batching writes them (each then attends to the other's last write).
+        rows, cache = model.apply({"params": p}, tokens[:, 1:2], cache=cache, cache_index=jnp.array([10, 11]),
+                                  method="decode")
+        last, _ = model.apply({"params": p}, tokens[:, 2:3], cache=cache, cache_index=jnp.array([11, 10]),
+                              method="decode")
+        return logits, step, rows, last
 
     outputs = [prefill_and_step(params), prefill_and_step(stacked)]
     if scanned.num_experts:
