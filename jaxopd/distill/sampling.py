@@ -36,6 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopd.model import init_cache
+from jaxopd.model.cache import grow_cache
+
+# The decode loop's cache starts this many new-token slots long and doubles as rows pass its end.
+FIRST_CACHE_BUCKET = 64
 
 
 def map_row_chunks(fn: Callable[[Any], Any], rows_tree: Any, rows_per_chunk: int) -> Any:
@@ -138,6 +142,15 @@ def scoring_logits(logits: jax.Array, *, temperature: float, top_k: Optional[int
     return filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
+def cache_buckets(max_new_tokens: int) -> list[int]:
+    """New-token lengths of the decode cache, in order: FIRST_CACHE_BUCKET doubled until max_new_tokens, which ends
+    the list. A step attends over the current bucket's slots only, not over the longest completion's from step 0."""
+    buckets = [min(FIRST_CACHE_BUCKET, max_new_tokens)]
+    while buckets[-1] < max_new_tokens:
+        buckets.append(min(2 * buckets[-1], max_new_tokens))
+    return buckets
+
+
 def row_budgets(budgets: Optional[jax.Array], batch: int, max_new_tokens: int) -> jax.Array:
     """Per-row token budgets `[batch]` int32 (a row stops after its budget's tokens as after a stop token);
     None: max_new_tokens for every row."""
@@ -155,7 +168,12 @@ class Sampler:
     """Jitted generation for one model and fixed shapes: prompts `[batch, max_prompt_len]`, completions
     `[batch, max_new_tokens]`. Call it with params, left-padded prompts, their lengths and an RNG key; sampling
     options are static (each new combination compiles once). `microbatch`: rows decoded together (0: all; it must
-    divide the batch); `cache_dtype`: the KV cache's ("auto": the model's compute dtype)."""
+    divide the batch); `cache_dtype`: the KV cache's ("auto": the model's compute dtype).
+
+    The decode loop's cache grows in `cache_buckets` (64 new tokens, doubled as rows reach the end) rather than
+    holding max_new_tokens slots from the first step: early steps attend over what exists. A growth copies the cache
+    into the longer one, so at the last one the old and the full cache are live together (at most 1.5x the full
+    cache)."""
 
     model: nn.Module
     max_prompt_len: int
@@ -189,11 +207,14 @@ class Sampler:
         return self._jitted(params, prompts, prompt_lengths, budgets, rng, temperature=float(temperature),
                             top_k=top_k, top_p=top_p, greedy=greedy)
 
-    def prefill(self, params: Any, prompts: jax.Array, prompt_lengths: jax.Array) -> tuple[jax.Array, Any]:
-        """(logits `[batch, 1, vocab]` at each prompt's last token, the cache holding the prompts): generation's
-        first pass, traceable on its own (jaxopd.plan compiles it apart)."""
+    def prefill(self, params: Any, prompts: jax.Array, prompt_lengths: jax.Array,
+                new_slots: Optional[int] = None) -> tuple[jax.Array, Any]:
+        """(logits `[batch, 1, vocab]` at each prompt's last token, the cache holding the prompts and `new_slots`
+        empty slots, default max_new_tokens): generation's first pass, traceable on its own (jaxopd.plan compiles it
+        apart)."""
         batch, prompt_len = prompts.shape
-        cache = init_cache(self.model.config, batch, prompt_len + self.max_new_tokens, self.cache_dtype)
+        new_slots = self.max_new_tokens if new_slots is None else new_slots
+        cache = init_cache(self.model.config, batch, prompt_len + new_slots, self.cache_dtype)
         positions, segment_ids = prompt_layout(prompt_lengths, prompt_len)
         return self.model.apply({"params": params}, prompts, positions=positions, segment_ids=segment_ids,
                                 cache=cache, cache_index=jnp.int32(0), last_only=True, method="decode")
@@ -215,7 +236,8 @@ class Sampler:
                        greedy):
         batch, prompt_len = prompts.shape
         row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, row_ids)
-        logits, cache = self.prefill(params, prompts, prompt_lengths)
+        buckets = cache_buckets(self.max_new_tokens)
+        logits, cache = self.prefill(params, prompts, prompt_lengths, buckets[0])
         stop_tokens = jnp.asarray(self.stop_tokens, jnp.int32)
         options = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
 
@@ -234,14 +256,16 @@ class Sampler:
                                                   live.astype(jnp.int32)[:, None], cache, prompt_len + step)
             return step + 1, next_logits[:, -1], cache, done, tokens, logprobs, mask
 
-        def cond(carry):
-            step, done = carry[0], carry[3]
-            return (step < self.max_new_tokens) & jnp.logical_not(jnp.all(done))
-
         shape = (batch, self.max_new_tokens)
-        init = (jnp.int32(0), logits[:, -1], cache, jnp.zeros(batch, bool), jnp.full(shape, self.pad_id, jnp.int32),
-                jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
-        _, _, _, _, tokens, logprobs, mask = jax.lax.while_loop(cond, body, init)
+        carry = (jnp.int32(0), logits[:, -1], cache, jnp.zeros(batch, bool), jnp.full(shape, self.pad_id, jnp.int32),
+                 jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+        for bucket, next_bucket in zip(buckets, buckets[1:] + [None]):
+            # Steps up to `bucket` write inside this cache; then it grows (loops after the last row stops run 0 times).
+            in_bucket = lambda carry, bucket=bucket: (carry[0] < bucket) & jnp.logical_not(jnp.all(carry[3]))
+            carry = jax.lax.while_loop(in_bucket, body, carry)
+            if next_bucket is not None:
+                carry = (*carry[:2], grow_cache(self.model.config, carry[2], prompt_len + next_bucket), *carry[3:])
+        _, _, _, _, tokens, logprobs, mask = carry
         return SampleOutput(tokens=tokens, logprobs=logprobs, mask=mask, lengths=mask.sum(-1).astype(jnp.int32))
 
 

@@ -54,6 +54,19 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: str = "bflo
     return cache
 
 
+def grow_cache(config: ModelConfig, cache: dict, max_len: int) -> dict:
+    """`cache` (from `init_cache(config, ...)`) with empty slots appended up to `max_len` slots a row: the slots
+    already written keep their contents and indices, so decoding goes on as in a cache made that long at first."""
+    grow = lambda array, axis: jnp.pad(array, [(0, max_len - array.shape[axis]) if i == axis else (0, 0)
+                                               for i in range(array.ndim)])
+    slot_axis = 2 if config.scan_layers else 1  # scanned stacks lead with [layers]
+    grown = {"segment_ids": grow(cache["segment_ids"], 1),
+             "layers": jax.tree.map(lambda array: grow(array, slot_axis), cache["layers"])}
+    if "mtp" in cache:
+        grown["mtp"] = jax.tree.map(lambda array: grow(array, 1), cache["mtp"])
+    return grown
+
+
 def row_slots(cache_index: jnp.ndarray | int, batch: int, t: int) -> jnp.ndarray:
     """The cache slots `[batch, t]` that `t` new tokens per row are written at: [cache_index, cache_index + t) for
     one index shared by all rows (`[]`), or from each row's own (`[batch]`, rows decoding at different lengths as in

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxopd.model import ModelConfig, Transformer
-from jaxopd.distill.sampling import Sampler, filter_logits, left_pad, sequence_layout
+from jaxopd.distill import sampling
+from jaxopd.distill.sampling import Sampler, cache_buckets, filter_logits, left_pad, sequence_layout
 
 PAD, EOS = 0, 2
 PROMPTS = [[1, 5, 6, 13, 7], [1, 9], [1, 7, 15, 4]]
@@ -62,7 +63,10 @@ def test_tempered_top_k_logprobs_are_those_of_the_filtered_distribution(model_an
     np.testing.assert_allclose(np.asarray(layout["target_sampler_logprobs"])[mask], expected[mask], atol=2e-5)
 
 
-def test_greedy_equals_argmax_loop_without_cache_and_ignores_left_padding(model_and_params):
+@pytest.mark.parametrize("first_bucket", [64, 2])  # one cache for all 6 steps; a cache grown 2 -> 4 -> 6
+def test_greedy_equals_argmax_loop_without_cache_and_ignores_left_padding(model_and_params, first_bucket,
+                                                                          monkeypatch):
+    monkeypatch.setattr(sampling, "FIRST_CACHE_BUCKET", first_bucket)
     model, params = model_and_params
     new = 6
     prompts, lengths = left_pad(PROMPTS, 7, PAD)
@@ -139,3 +143,20 @@ def test_unrolled_model_samples_what_the_scanned_one_does(model_and_params):
             for m, p in ((model, params), (unrolled, unstack_layers(model.config, dict(params))))]
     np.testing.assert_array_equal(outs[1].tokens, outs[0].tokens)
     np.testing.assert_allclose(outs[1].logprobs, outs[0].logprobs, atol=1e-6)
+
+
+def test_a_growing_cache_samples_what_a_whole_one_does(model_and_params, monkeypatch):
+    """The decode cache grows in buckets (2, 4, 8, 11 new slots here); tokens and log-probs are those of a cache
+    holding all 11 from the start, rows that stop early included."""
+    model, params = model_and_params
+    prompts, lengths = left_pad(PROMPTS * 3, 6, PAD)
+    outputs = []
+    for first_bucket in (64, 2):
+        monkeypatch.setattr(sampling, "FIRST_CACHE_BUCKET", first_bucket)
+        outputs.append(Sampler(model, 6, 11, (EOS,), PAD)(params, prompts, lengths, jax.random.key(8), temperature=1.5))
+    assert cache_buckets(11) == [2, 4, 8, 11]
+    whole, grown = outputs
+    np.testing.assert_array_equal(grown.tokens, whole.tokens)
+    np.testing.assert_array_equal(grown.mask, whole.mask)
+    np.testing.assert_allclose(grown.logprobs, whole.logprobs, atol=1e-5)
+    assert 0 < np.asarray(whole.lengths).min() < 11 == np.asarray(whole.lengths).max()  # some stop, some run out
