@@ -76,14 +76,19 @@ def row_slots(cache_index: jnp.ndarray | int, batch: int, t: int) -> jnp.ndarray
     return jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
 
 
-def write(cache_array: jnp.ndarray, new: jnp.ndarray, cache_index: jnp.ndarray | int) -> jnp.ndarray:
+def write(cache_array: jnp.ndarray, new: jnp.ndarray, cache_index: jnp.ndarray | int,
+          layer: jnp.ndarray | None = None) -> jnp.ndarray:
     """`cache_array [batch, max_len, ...]` with `new [batch, t, ...]` written at slots [cache_index, cache_index + t);
-    `cache_index` is `[]` (all rows) or `[batch]` (each row's own)."""
-    new = new.astype(cache_array.dtype)
-    if jnp.ndim(cache_index) == 1:
-        write_row = lambda row, new_row, start: jax.lax.dynamic_update_slice_in_dim(row, new_row, start, axis=0)
-        return jax.vmap(write_row)(cache_array, new, cache_index)
-    return jax.lax.dynamic_update_slice_in_dim(cache_array, new, cache_index, axis=1)
+    `cache_index` is `[]` (all rows) or `[batch]` (each row's own). With `layer` (`[]`), `cache_array` is a scanned
+    stack's `[layers, batch, max_len, ...]` and the write goes to that layer, in place."""
+    lead = () if layer is None else (layer,)
+    new = new.astype(cache_array.dtype)[(None,) * len(lead)]
+    trailing = (0,) * (new.ndim - 2 - len(lead))  # the dims after the slot axis
+    if jnp.ndim(cache_index) == 1:  # rows are the axis after `lead`
+        write_row = lambda row, new_row, start: jax.lax.dynamic_update_slice(row, new_row, (*lead, start, *trailing))
+        rows = len(lead)
+        return jax.vmap(write_row, in_axes=(rows, rows, 0), out_axes=rows)(cache_array, new, cache_index)
+    return jax.lax.dynamic_update_slice(cache_array, new, (*lead, 0, cache_index, *trailing))
 
 
 @jax.tree_util.register_dataclass
@@ -101,17 +106,8 @@ class StackedLayerCache:
 
     def write(self, new: dict, cache_index: jnp.ndarray | int) -> "StackedLayerCache":
         """`new` (`[batch, t, ...]` per name) written at this layer's slots [cache_index, cache_index + t)."""
-
-        def write_layer(stack, value):
-            value = value.astype(stack.dtype)[None]
-            zeros = (0,) * (value.ndim - 3)
-            if jnp.ndim(cache_index) == 1:  # each row its own start: rows are axis 1 of the stack
-                one_row = lambda s, v, start: jax.lax.dynamic_update_slice(s, v, (self.layer, start, *zeros))
-                return jax.vmap(one_row, in_axes=(1, 1, 0), out_axes=1)(stack, value, cache_index)
-            return jax.lax.dynamic_update_slice(stack, value, (self.layer, 0, cache_index, *zeros))
-
-        return StackedLayerCache({name: write_layer(self.arrays[name], value) for name, value in new.items()},
-                                 self.layer)
+        return StackedLayerCache({name: write(self.arrays[name], value, cache_index, self.layer)
+                                  for name, value in new.items()}, self.layer)
 
     def read(self) -> dict:
         """This layer's arrays, `[batch, max_len, ...]` per name."""
