@@ -198,11 +198,17 @@ class Transformer(nn.Module):
         return Features(hidden, tuple(mtp_hidden), moe_load, balance)
 
     def _shifted_embeddings(self, tokens: jnp.ndarray, segment_ids: jnp.ndarray, depth: int) -> jnp.ndarray:
-        """Emb(t_{i+depth}) `[b, t, d]`, zero where token i + depth is past the row or in another document."""
+        """Emb(t_{i+depth}) `[b, t, d]`, zero where token i + depth is past the row or in another document.
+
+        The embeddings are shifted, not the tokens: looking up shifted tokens gives the lookup's gradient another
+        sharding than the main path's when the sequence is split over devices (context parallelism), and the TPU
+        partitioner then gathered every token's f32 embedding gradient on every chip (120 GB at DeepSeek-V3's 32K
+        stage); shifted activations only pass `depth` positions to the neighbouring block."""
         seq = tokens.shape[1]
-        shift = lambda a: jnp.pad(a, ((0, 0), (0, depth)))[:, depth : depth + seq]
+        shift = lambda a: jnp.pad(a, ((0, 0), (0, depth)) + ((0, 0),) * (a.ndim - 2))[:, depth : depth + seq]
         valid = (shift(segment_ids) == segment_ids) & (segment_ids > 0)
-        return self.embed(shift(tokens)) * valid[..., None].astype(self.config.dtype)
+        shifted = nn.with_logical_constraint(shift(self.embed(tokens)), ("batch", "seq", "embed"))
+        return shifted * valid[..., None].astype(shifted.dtype)
 
     def decode(
         self,
