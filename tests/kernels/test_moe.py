@@ -384,6 +384,9 @@ def test_expert_parallel_lora_updates_and_their_gradients_equal_single_device():
     got = jax.jit(jax.grad(lambda u: loss(parallel, u)))(updates)
     want = jax.grad(lambda u: loss(moe.moe_experts, u))(updates)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+        # The gradients reach a few hundred: float32 sums in another order differ by ~1e-7 of the largest entry,
+        # which is more than 1e-4 of an entry near zero.
+        r = np.asarray(r)
+        np.testing.assert_allclose(np.asarray(g), r, rtol=1e-4, atol=1e-6 * np.abs(r).max())
     out = jax.jit(parallel)(x, ids, weights, *w, updates)
     np.testing.assert_allclose(np.asarray(out), _numpy_lora_moe(x, ids, weights, w, updates), rtol=1e-5, atol=1e-5)
