@@ -176,8 +176,10 @@ def _matmul_flops(jaxpr: Any, *, loops: bool = True) -> float:
         if name == "scan":
             total += (eqn.params["length"] if loops else 1) * sum(inner)
         elif name == "shard_map":
+            # Only the axes this shard_map makes manual split its body (context parallelism's is one axis of
+            # several); jax names them "newly_manual_axes" (0.10), "manual_axes" before.
             mesh = eqn.params["mesh"]
-            axes = eqn.params.get("manual_axes", mesh.axis_names)
+            axes = eqn.params.get("newly_manual_axes", eqn.params.get("manual_axes", mesh.axis_names))
             total += math.prod(mesh.shape[axis] for axis in axes) * sum(inner)
         elif name == "cond":
             total += max(inner, default=0.0)

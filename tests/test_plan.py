@@ -122,6 +122,21 @@ def test_matmul_flops_count_loop_trips_remat_shard_map_and_ragged_dots():
     assert plan_lib._matmul_flops(backward) == (5 * scan + grouped + gram) + 5 * scan + 2 * (5 * scan + grouped + gram)
 
 
+def test_matmul_flops_of_a_shard_map_manual_over_one_axis_of_two():
+    """Context parallelism's shard_map is manual over one mesh axis only: its body runs once per device of that axis,
+    the other axis's sharding staying automatic (its body sees that axis whole)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("data", "context"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    gram = lambda x: jax.shard_map(lambda u: jnp.einsum("btd,bsd->bts", u, u), mesh=mesh, in_specs=P(None, "context"),
+                                   out_specs=P(None, "context"), axis_names={"context"})(x)
+    with jax.set_mesh(mesh):
+        traced = jax.jit(gram).trace(jnp.ones((6, 8, 16))).jaxpr.jaxpr
+    assert plan_lib._matmul_flops(traced) == 4 * (2 * 6 * 2 * 2 * 16)  # [6, 2, 2] outputs of 16 products, 4 blocks
+
+
 @pytest.fixture
 def libtpu():
     if not plan_lib.libtpu_available():  # a failure, not a skip: the `test` extra brings libtpu
