@@ -22,7 +22,8 @@ microbatch, as in pretraining (whose plan fits): 128 batch shards of one 32K row
 microbatches per step. The experts and their dispatch buffers are pretraining's (expert=8: 32 routed experts per
 group), and the weights and AdamW moments are sharded over all 1024 chips (ZeRO-3 over fsdp x expert x context), so
 the per-chip state is pretraining's 7.7 GiB. tensor=1: no all-reduce per matmul. `python -m jaxopd.plan
---config=deepseek_v3_671b_32k --topology=v5p:8x8x16` compiles it for the slice (benchmarks/RESULTS.md).
+--config=deepseek_v3_671b_32k --topology=v5p:8x8x16` compiles it for the slice: 83.1 GiB a chip of 95, it fits
+(benchmarks/RESULTS.md).
 
     python -m jaxopd.train --config=configs/deepseek_v3_671b_32k.py   # after the pretraining run, on every worker
 """
