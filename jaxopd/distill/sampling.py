@@ -151,6 +151,22 @@ def cache_buckets(max_new_tokens: int) -> list[int]:
     return buckets
 
 
+def while_in_cache_buckets(cond: Callable[[Any], jax.Array], body: Callable[[Any], Any], carry: Any, config: Any,
+                           prompt_len: int, buckets: list[int], new_slots_needed: Callable[[Any], jax.Array],
+                           cache_at: int) -> Any:
+    """`jax.lax.while_loop(cond, body, carry)` with the decode cache (`carry[cache_at]`, made with `buckets[0]` new
+    slots) grown through `buckets` (`grow_cache`): each bucket's loop runs while `cond` holds and the next step's
+    writes fit, `new_slots_needed(carry) <= bucket` (the new-token slots the next step writes up to, all rows); the
+    last bucket must hold every step's. Loops after the last row stopped run zero times."""
+    for bucket, next_bucket in zip(buckets, buckets[1:] + [None]):
+        fits = lambda carry, bucket=bucket: cond(carry) & (new_slots_needed(carry) <= bucket)
+        carry = jax.lax.while_loop(fits, body, carry)
+        if next_bucket is not None:
+            grown = grow_cache(config, carry[cache_at], prompt_len + next_bucket)
+            carry = (*carry[:cache_at], grown, *carry[cache_at + 1:])
+    return carry
+
+
 def row_budgets(budgets: Optional[jax.Array], batch: int, max_new_tokens: int) -> jax.Array:
     """Per-row token budgets `[batch]` int32 (a row stops after its budget's tokens as after a stop token);
     None: max_new_tokens for every row."""
@@ -259,12 +275,9 @@ class Sampler:
         shape = (batch, self.max_new_tokens)
         carry = (jnp.int32(0), logits[:, -1], cache, jnp.zeros(batch, bool), jnp.full(shape, self.pad_id, jnp.int32),
                  jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
-        for bucket, next_bucket in zip(buckets, buckets[1:] + [None]):
-            # Steps up to `bucket` write inside this cache; then it grows (loops after the last row stops run 0 times).
-            in_bucket = lambda carry, bucket=bucket: (carry[0] < bucket) & jnp.logical_not(jnp.all(carry[3]))
-            carry = jax.lax.while_loop(in_bucket, body, carry)
-            if next_bucket is not None:
-                carry = (*carry[:2], grow_cache(self.model.config, carry[2], prompt_len + next_bucket), *carry[3:])
+        # Step s writes new-token slot s; every row is done by step max_new_tokens (its budget).
+        carry = while_in_cache_buckets(lambda carry: jnp.logical_not(jnp.all(carry[3])), body, carry,
+                                       self.model.config, prompt_len, buckets, lambda carry: carry[0] + 1, cache_at=2)
         _, _, _, _, tokens, logprobs, mask = carry
         return SampleOutput(tokens=tokens, logprobs=logprobs, mask=mask, lengths=mask.sum(-1).astype(jnp.int32))
 

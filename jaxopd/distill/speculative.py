@@ -33,7 +33,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxopd.distill.sampling import Sampler, SampleOutput, choose_tokens, prompt_layout, scoring_logits
+from jaxopd.distill.sampling import (Sampler, SampleOutput, cache_buckets, choose_tokens, prompt_layout,
+                                     scoring_logits, while_in_cache_buckets)
 from jaxopd.model import init_cache
 
 
@@ -119,8 +120,10 @@ class SpeculativeSampler(Sampler):
 
         # Prefill: the prompts through the main model, the first token from its last column, then the MTP block over
         # the prompt (each position with the token after it, the first sampled token after the last) for the first
-        # draft. One slot past prompt + budget: a finished row's verify pass may write there.
-        cache = init_cache(self.model.config, batch, prompt_len + self.max_new_tokens + 1, self.cache_dtype, mtp=True)
+        # draft. The cache (main model's and MTP block's) grows in buckets as the Sampler's does, up to one slot past
+        # prompt + max_new_tokens: a finished row's verify pass may write there.
+        buckets = cache_buckets(self.max_new_tokens + 1)
+        cache = init_cache(self.model.config, batch, prompt_len + buckets[0], self.cache_dtype, mtp=True)
         positions, segment_ids = prompt_layout(prompt_lengths, prompt_len)
         hidden, cache = apply("decode_hidden", prompts, segment_ids, positions, cache, jnp.int32(0))
         keys = step_keys(0, 2)
@@ -172,7 +175,11 @@ class SpeculativeSampler(Sampler):
         zeros = jnp.zeros(batch, jnp.int32)
         init = (jnp.int32(1), jnp.ones(batch, jnp.int32), first, draft, q_logits[:, 0], cache,
                 stops(first, jnp.ones(batch, jnp.int32)), zeros, zeros, out)
-        carry = jax.lax.while_loop(cond, body, init)
+        # A step writes the pair at new-token slots count - 1 and count of each row. A live row's count is below its
+        # budget; a finished row's may pass the cache's end (a last accepted draft), where its writes, clamped into
+        # its own last slots, change nothing that is read again.
+        needed = lambda carry: jnp.max(jnp.where(carry[6], 0, carry[1])) + 1
+        carry = while_in_cache_buckets(cond, body, init, self.model.config, prompt_len, buckets, needed, cache_at=5)
         (tokens, logprobs, mask), drafted, accepted = carry[-1], carry[-3], carry[-2]
         return SpeculativeOutput(tokens=tokens, logprobs=logprobs, mask=mask, lengths=mask.sum(-1).astype(jnp.int32),
                                  drafted=drafted, accepted=accepted)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from jaxopd.distill import speculative
+from jaxopd.distill import sampling, speculative
 from jaxopd.distill.sampling import Sampler, filter_logits, left_pad, sequence_layout
 from jaxopd.distill.speculative import SpeculativeSampler, acceptance_rate, output_distribution, verify_draft
 from jaxopd.model import ModelConfig, Transformer
@@ -111,7 +111,10 @@ def test_verify_draft_draws_pass_chi_square_and_always_accepting_fails():
     assert not _chi_square_passes(np.bincount(np.asarray(draft), minlength=vocab), p)
 
 
-def test_greedy_equals_plain_greedy_row_by_row(model_and_params):
+# One cache for the whole run; a cache grown 2 -> 4 -> 8 -> 13 new slots while rows are 1 or 2 tokens apart.
+@pytest.mark.parametrize("first_bucket", [64, 2])
+def test_greedy_equals_plain_greedy_row_by_row(model_and_params, first_bucket, monkeypatch):
+    monkeypatch.setattr(sampling, "FIRST_CACHE_BUCKET", first_bucket)
     model, params = model_and_params
     prompts, lengths = left_pad(PROMPTS, 6, PAD)
     budgets = np.asarray([12, 3, 12, 12, 12], np.int32)
@@ -130,8 +133,10 @@ def test_greedy_equals_plain_greedy_row_by_row(model_and_params):
     assert 0 < acceptance_rate(out) < 1
 
 
-@pytest.mark.parametrize("options", [dict(temperature=1.0), dict(temperature=0.7, top_k=6, top_p=0.9)])
-def test_logprobs_equal_full_forward(model_and_params, options):
+@pytest.mark.parametrize("options, first_bucket", [(dict(temperature=1.0), 64),
+                                                   (dict(temperature=0.7, top_k=6, top_p=0.9), 2)])
+def test_logprobs_equal_full_forward(model_and_params, options, first_bucket, monkeypatch):
+    monkeypatch.setattr(sampling, "FIRST_CACHE_BUCKET", first_bucket)
     model, params = model_and_params
     prompts, lengths = left_pad(PROMPTS, 6, PAD)
     out = SpeculativeSampler(model, 6, 10, (EOS,), PAD)(params, prompts, lengths, jax.random.key(3), **options)
