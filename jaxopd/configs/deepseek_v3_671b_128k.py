@@ -12,7 +12,7 @@ alone are 131072 x 7168 bf16 x 61 = 115 GB, more than a v5p chip's 95 GB, so eac
 keys/values, not its 128 heads' full ones). The naive MLA of the backward still expands that latent into every
 head's keys and values for the whole 128K row on each chip; tensor=8 leaves each chip 16 of the 128 heads, which is
 what makes it fit. Measured with the TPU compiler (`python -m jaxopd.plan --config=deepseek_v3_671b_128k
---topology=v5p:8x8x16`, benchmarks/RESULTS.md): 90.2 GiB a chip; expert=16 x context=64 needed 155.8 GiB and
+--topology=v5p:8x8x16`, benchmarks/RESULTS.md): 90.3 GiB a chip; expert=16 x context=64 needed 155.8 GiB and
 expert=8 x context=16 x tensor=8 103.4 GiB. Weights and AdamW moments are sharded over all 1024 chips (ZeRO-3 over
 fsdp x expert x context, heads and MLP columns over tensor).
 
