@@ -13,3 +13,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 # Every program, not only those that took a second to compile (JAX's default): the resume tests relaunch the same
 # run several times, and most of its programs compile in under a second each.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_collection_modifyitems(items):
+    """Test files with the most slow-marked tests run first (each file's own order kept): the two xdist workers
+    (`--dist loadfile`) then end on short files together instead of one waiting while the other runs a long one."""
+    import collections
+
+    slow_tests = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow_tests[item.path])
