@@ -67,9 +67,11 @@ def _assert_close(got, expected, tol):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=tol, atol=tol * np.abs(np.asarray(e)).max())
 
 
+# At 8K tokens the blockwise local kernel only: the "xla" one's float32 logits of a device's queries against the whole
+# row made its 8K case the suite's slowest kernel test (55 s) for the same gather and masks the 1024 case checks.
 @pytest.mark.parametrize("seq, implementation, mesh_shape, sliding_window", [
     (1024, "xla", (1, 8), None), (1024, "blockwise", (2, 4), None), (1024, "blockwise", (1, 8), 70),
-    pytest.param(8192, "xla", (1, 8), None, marks=SLOW), pytest.param(8192, "blockwise", (2, 4), 700, marks=SLOW),
+    pytest.param(8192, "blockwise", (1, 8), None, marks=SLOW), pytest.param(8192, "blockwise", (2, 4), 700, marks=SLOW),
 ])
 def test_gqa_equals_single_device_in_values_and_gradients(seq, implementation, mesh_shape, sliding_window):
     rng = np.random.default_rng(0)
