@@ -135,7 +135,7 @@ class Transformer(nn.Module):
         if self.is_initializing():
             return self.logits(self.features(tokens, segment_ids, positions).hidden)
         segment_ids, positions = check_inputs(self.config, tokens, segment_ids, positions)
-        hidden, _ = self._trunk(tokens, positions, segment_ids)
+        hidden, _ = self._trunk(self._embed(tokens), positions, segment_ids)
         return self.logits(hidden)
 
     def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
@@ -169,8 +169,11 @@ class Transformer(nn.Module):
             new_caches.append(cache)
         return x, stats, tuple(new_caches)
 
-    def _trunk(self, tokens, positions, segment_ids) -> tuple[jnp.ndarray, list[StackedStats]]:
-        x = nn.with_logical_constraint(self.embed(tokens), ("batch", "seq", "embed"))
+    def _embed(self, tokens: jnp.ndarray) -> jnp.ndarray:
+        return nn.with_logical_constraint(self.embed(tokens), ("batch", "seq", "embed"))
+
+    def _trunk(self, x, positions, segment_ids) -> tuple[jnp.ndarray, list[StackedStats]]:
+        """The embedded tokens x `[b, t, d]` through the decoder layers and the final norm."""
         x, stats, _ = self._blocks(x, positions, segment_ids)
         return self.final_norm(x), stats
 
@@ -180,12 +183,13 @@ class Transformer(nn.Module):
         """tokens `[b, t]` -> `Features` (hidden states for chunked losses, MTP outputs, MoE statistics)."""
         c = self.config
         segment_ids, positions = check_inputs(c, tokens, segment_ids, positions)
-        hidden, stats = self._trunk(tokens, positions, segment_ids)
+        embedded = self._embed(tokens)
+        hidden, stats = self._trunk(embedded, positions, segment_ids)
         # Depth 1 starts from the main model's output after its final norm, as inference engines feed DeepSeek's
         # MTP weights; each depth then passes on its block output before its own norm.
         previous, mtp_hidden = hidden, []
         for depth, module in enumerate(self.mtp, start=1):
-            previous, output, depth_stats, _ = module(previous, self._shifted_embeddings(tokens, segment_ids, depth),
+            previous, output, depth_stats, _ = module(previous, self._shifted_embeddings(embedded, segment_ids, depth),
                                                       positions, segment_ids)
             mtp_hidden.append(output)
             stats.append(_one_layer(depth_stats))
@@ -197,17 +201,19 @@ class Transformer(nn.Module):
             moe_load, balance = jnp.zeros((0, c.num_experts), jnp.float32), jnp.zeros((), jnp.float32)
         return Features(hidden, tuple(mtp_hidden), moe_load, balance)
 
-    def _shifted_embeddings(self, tokens: jnp.ndarray, segment_ids: jnp.ndarray, depth: int) -> jnp.ndarray:
-        """Emb(t_{i+depth}) `[b, t, d]`, zero where token i + depth is past the row or in another document.
+    @staticmethod
+    def _shifted_embeddings(embedded: jnp.ndarray, segment_ids: jnp.ndarray, depth: int) -> jnp.ndarray:
+        """Emb(t_{i+depth}) `[b, t, d]` from the main path's embeddings `embedded` = Emb(t_i), zero where token
+        i + depth is past the row or in another document.
 
         The embeddings are shifted, not the tokens: looking up shifted tokens gives the lookup's gradient another
         sharding than the main path's when the sequence is split over devices (context parallelism), and the TPU
         partitioner then gathered every token's f32 embedding gradient on every chip (120 GB at DeepSeek-V3's 32K
         stage); shifted activations only pass `depth` positions to the neighbouring block."""
-        seq = tokens.shape[1]
+        seq = embedded.shape[1]
         shift = lambda a: jnp.pad(a, ((0, 0), (0, depth)) + ((0, 0),) * (a.ndim - 2))[:, depth : depth + seq]
         valid = (shift(segment_ids) == segment_ids) & (segment_ids > 0)
-        shifted = nn.with_logical_constraint(shift(self.embed(tokens)), ("batch", "seq", "embed"))
+        shifted = nn.with_logical_constraint(shift(embedded), ("batch", "seq", "embed"))
         return shifted * valid[..., None].astype(shifted.dtype)
 
     def decode(
